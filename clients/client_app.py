@@ -1,0 +1,101 @@
+"""The Flower ClientApp: one hospital. Trains the global model on its local share and replies
+with its weights, its example count and its own metrics."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.local_data import local_share, partition_id
+from fedmed.job import JOB_KEY, decode_job, encode_job
+from fedmed.models import build_model
+from fedmed.serialization import load_arrays, model_to_arrays
+from fedmed.site_shift import apply_site_shift
+from fedmed.train import derive_seed, evaluate, make_optimizer, resolve_device, train_local
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn.Module:
+    # A Ray worker plays many clients: build the architecture once; every call overwrites all
+    # of its weights with the server's arrays. No ImageNet weights needed here for that reason.
+    model_cfg = decode_job(job_text)["model"]
+    return build_model(
+        model_cfg["name"], num_classes, in_channels, pretrained=False,
+        freeze_backbone=bool(model_cfg["freeze_backbone"]), norm=model_cfg["norm"],
+    )
+
+
+def _model_for(job: dict, num_classes: int, in_channels: int, arrays: ArrayRecord) -> torch.nn.Module:
+    model = _cached_model(encode_job({"model": job["model"]}), num_classes, in_channels)
+    load_arrays(model, arrays)
+    return model
+
+
+def _site_transform(share, seed: int, device: torch.device):
+    if share.site_shift is None:
+        return None
+    generator = torch.Generator(device).manual_seed(seed)
+    return lambda x: apply_site_shift(x, share.site_shift, generator)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tells the server which partition this node holds (simulation), for seeded sampling."""
+    pid = partition_id(context.node_config, context.node_id)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    job = decode_job(str(config[JOB_KEY]))
+    server_round = int(config["server-round"])
+    pid = partition_id(context.node_config, context.node_id)
+    share = local_share(job, context.node_config)
+    device = resolve_device(job["device"])
+    seed = derive_seed(job["seed"], server_round, pid)
+    torch.manual_seed(seed)
+    model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
+    client_cfg = job["client"]
+    optimizer = make_optimizer(
+        model.parameters(), client_cfg["optimizer"], float(client_cfg["lr"]),
+        float(client_cfg["momentum"]), float(client_cfg["weight_decay"]),
+    )
+    result = train_local(
+        model, share.images, share.labels, share.train_indices,
+        epochs=int(client_cfg["epochs"]), batch_size=int(client_cfg["batch_size"]),
+        optimizer=optimizer, device=device, seed=seed, augment=bool(client_cfg["augment"]),
+        transform=_site_transform(share, seed, device),
+    )
+    metrics = MetricRecord({
+        "num-examples": len(share.train_indices),
+        "partition-id": pid,
+        "train_loss": result["loss"],
+        "train_accuracy": result["accuracy"],
+    })
+    reply = RecordDict({"arrays": model_to_arrays(model), "metrics": metrics})
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """The global model on this client's held-out share (the weakest site matters in medicine)."""
+    config = msg.content["config"]
+    job = decode_job(str(config[JOB_KEY]))
+    pid = partition_id(context.node_config, context.node_id)
+    share = local_share(job, context.node_config)
+    device = resolve_device(job["device"])
+    model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
+    seed = derive_seed(job["seed"], int(config["server-round"]), pid, 1)
+    result = evaluate(
+        model, share.images, share.labels, share.val_indices, batch_size=256, device=device,
+        transform=_site_transform(share, seed, device),
+    )
+    metrics = {"num-examples": len(share.val_indices), "partition-id": pid}
+    metrics.update({f"val_{k}": v for k, v in result.items() if v is not None})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,3 @@
+"""fedmed: federated learning for adversarially robust medical-image classification."""
+
+__version__ = "0.1.0"

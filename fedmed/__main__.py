@@ -1,0 +1,3 @@
+from fedmed.runner import main
+
+main()

@@ -1,0 +1,168 @@
+"""From configuration to arrays: which dataset, and which share of it a client holds.
+
+Results are cached per process, so a Ray worker that plays many virtual clients loads the
+dataset once and every client holds only index arrays into it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.dataset import ArrayDataset, Split
+from fedmed.partition import partition_indices
+from fedmed.site_shift import SiteShift, site_shifts
+from fedmed.train import derive_seed
+
+
+def load_dataset(
+    name: str,
+    *,
+    seed: int,
+    root: str | None = None,
+    size: int = 28,
+    verify_md5: bool = True,
+    channels: int = 1,
+    num_classes: int = 3,
+    n_train: int = 2000,
+    n_val: int = 300,
+    n_test: int = 600,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> ArrayDataset:
+    """The dataset named by ``dataset.name``: ``synthetic``, ``imagefolder`` or a MedMNIST 2D name."""
+    return _load_dataset_cached(
+        name, seed, root, size, verify_md5, channels, num_classes, n_train, n_val, n_test,
+        val_fraction, test_fraction,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset_cached(
+    name, seed, root, size, verify_md5, channels, num_classes, n_train, n_val, n_test,
+    val_fraction, test_fraction,
+) -> ArrayDataset:
+    if name == "synthetic":
+        from fedmed.synthetic import make_synthetic
+
+        return make_synthetic(
+            num_classes=num_classes, channels=channels, size=size,
+            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+        )
+    if name == "imagefolder":
+        from fedmed.imagefolder import load_imagefolder
+
+        if not root:
+            raise ValueError("dataset=imagefolder needs dataset.root=<folder with one sub-folder per class>")
+        return load_imagefolder(
+            root, size=size, channels=channels, val_fraction=val_fraction,
+            test_fraction=test_fraction, seed=seed,
+        )
+    from fedmed.medmnist import load_medmnist
+
+    return load_medmnist(name, size=size, root=root, verify_md5=verify_md5)
+
+
+def dataset_from_config(dataset_cfg: dict, seed: int) -> ArrayDataset:
+    """``load_dataset`` on the ``dataset`` section of the configuration."""
+    return load_dataset(seed=seed, **dataset_cfg)
+
+
+@dataclass(frozen=True)
+class ClientShare:
+    """What one client trains and validates on: indices into shared arrays, plus its site shift."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    num_classes: int
+    site_shift: SiteShift | None
+
+
+@functools.lru_cache(maxsize=2)
+def _partitions(labels_key: str, labels_bytes: bytes, num_clients: int, method: str, seed: int,
+                alpha: float, min_partition_size: int) -> list[np.ndarray]:
+    labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    return partition_indices(labels, num_clients, method, seed=seed, alpha=alpha,
+                             min_partition_size=min_partition_size)
+
+
+def client_partitions(
+    labels: np.ndarray, num_clients: int, partition_cfg: dict, seed: int, dataset_name: str = ""
+) -> list[np.ndarray]:
+    """Train-split indices of every client (deterministic from ``seed``, cached per process)."""
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    return _partitions(
+        dataset_name, labels.tobytes(), num_clients, partition_cfg["name"], seed,
+        float(partition_cfg.get("alpha", 0.5)), int(partition_cfg.get("min_partition_size", 10)),
+    )
+
+
+def split_holdout(indices: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of one client's indices into local train and local validation."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(indices)
+    n_val = int(round(len(indices) * val_fraction))
+    if val_fraction > 0 and len(indices) >= 4:
+        n_val = max(n_val, 1)
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
+
+
+def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientShare:
+    """The share of partition ``partition_id`` in a simulated federation described by ``job``."""
+    seed = int(job["seed"])
+    dataset = dataset_from_config(job["dataset"], seed)
+    partitions = client_partitions(
+        dataset.train.labels, num_partitions, job["partition"], seed, dataset.name
+    )
+    if not 0 <= partition_id < len(partitions):
+        raise ValueError(f"partition-id {partition_id} outside 0..{len(partitions) - 1}")
+    train_idx, val_idx = split_holdout(
+        partitions[partition_id], float(job["client"]["val_fraction"]), derive_seed(seed, partition_id)
+    )
+    shift = None
+    if job["partition"]["name"] == "site":
+        shift = site_shifts(num_partitions, seed, float(job["partition"].get("site_strength", 1.0)))[partition_id]
+    return ClientShare(dataset.train.images, dataset.train.labels, train_idx, val_idx,
+                       dataset.num_classes, shift)
+
+
+def site_share(data_path: str, job: dict) -> ClientShare:
+    """A deployed hospital's own data: a MedMNIST-layout ``.npz`` (train/val keys) or an image folder."""
+    path = Path(data_path).expanduser()
+    seed = int(job["seed"])
+    if path.is_dir():
+        from fedmed.imagefolder import load_imagefolder
+
+        ds = load_imagefolder(str(path), size=int(job["dataset"]["size"]),
+                              channels=int(job["dataset"]["channels"]), seed=seed)
+        train, val, num_classes = ds.train, ds.val, ds.num_classes
+    else:
+        train, val = _read_site_npz(path)
+        num_classes = int(job.get("num_classes") or max(train.labels.max(), val.labels.max()) + 1)
+    images = np.concatenate([train.images, val.images])
+    labels = np.concatenate([train.labels, val.labels])
+    n = len(train)
+    return ClientShare(images, labels, np.arange(n), np.arange(n, len(labels)), num_classes, None)
+
+
+def _read_site_npz(path: Path) -> tuple[Split, Split]:
+    if not path.is_file():
+        raise FileNotFoundError(f"site data file {path} (node_config data-path) does not exist")
+    try:
+        with np.load(path) as arrays:
+            splits = []
+            for split in ("train", "val"):
+                images = arrays[f"{split}_images"]
+                if images.ndim == 3:
+                    images = images[..., None]
+                splits.append(Split(images.astype(np.uint8, copy=False),
+                                    arrays[f"{split}_labels"].reshape(-1).astype(np.int64)))
+    except KeyError as err:
+        raise ValueError(f"site data file {path} lacks {err}: it needs train_images, train_labels, "
+                         "val_images, val_labels (MedMNIST layout)") from err
+    return splits[0], splits[1]

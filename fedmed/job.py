@@ -1,0 +1,31 @@
+"""The part of the configuration that travels to clients with every message.
+
+The server sends it as JSON in the message's ConfigRecord, so that simulated clients and real
+SuperNodes at hospitals are configured the same way, by the run they take part in.
+"""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+JOB_KEY = "fedmed-job"
+CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "attack")
+
+
+def job_from_config(cfg: DictConfig) -> dict:
+    """Plain dict of what a client needs: data, model, local training, seed and device."""
+    job = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in CLIENT_SECTIONS}
+    job["seed"] = int(cfg.seed)
+    job["device"] = str(cfg.device)
+    job["num_clients"] = int(cfg.federation.num_clients)
+    return job
+
+
+def encode_job(job: dict) -> str:
+    return json.dumps(job, sort_keys=True)
+
+
+def decode_job(text: str) -> dict:
+    return json.loads(text)

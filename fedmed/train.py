@@ -1,0 +1,160 @@
+"""Local training and evaluation on uint8 image arrays.
+
+Batches are gathered from the (possibly memory-mapped) uint8 arrays by index, moved to the
+device, and only there turned into floats, augmented and, for a site, shifted: whole batches at
+once, no per-sample transforms (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmed.metrics import classification_metrics
+
+BatchTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but torch sees no CUDA device; use device=cpu or auto")
+    return torch.device(device)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from the run seed and integers such as round and partition id."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def gather_batch(images: np.ndarray, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, C) rows -> float (B, C, H, W) in [0, 1] on ``device``."""
+    rows = torch.from_numpy(np.ascontiguousarray(images[indices]))
+    rows = rows.to(device, non_blocking=True)
+    return rows.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flip and a small random affine (rotate, scale, shift) per image, in one grid_sample."""
+    n = x.shape[0]
+    rand = torch.rand(n, 5, generator=generator, device=x.device)
+    angle = (rand[:, 0] - 0.5) * (2 * math.radians(10.0))
+    scale = 1.0 + (rand[:, 1] - 0.5) * 0.2
+    shift = (rand[:, 2:4] - 0.5) * 0.2
+    flip = torch.where(rand[:, 4] < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def make_optimizer(
+    params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    trainable = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"client.optimizer={name!r} is not known; use sgd, adam or adamw")
+
+
+def batch_order(indices: np.ndarray, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+    """Shuffled batches of ``indices``; a last batch of one image is dropped because BatchNorm
+    cannot normalise a single sample in training mode (it rotates out with the shuffle)."""
+    order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    seed: int,
+    augment: bool = False,
+    transform: BatchTransform | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place for ``epochs`` over ``images[indices]``; returns mean loss and accuracy."""
+    if len(indices) < 2:
+        raise ValueError(f"a client needs at least 2 training images, got {len(indices)}")
+    generator = torch.Generator().manual_seed(seed)
+    device_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+    model.to(device).train()
+    label_tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
+    for _ in range(epochs):
+        for batch in batch_order(np.asarray(indices), batch_size, generator):
+            x = gather_batch(images, batch, device)
+            y = label_tensor[batch].to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            if augment:
+                x = augment_batch(x, device_generator)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(batch)
+            total_correct += int((logits.detach().argmax(1) == y).sum())
+            total_seen += len(batch)
+            steps += 1
+    return {"loss": total_loss / total_seen, "accuracy": total_correct / total_seen, "steps": steps}
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images: np.ndarray,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    transform: BatchTransform | None = None,
+) -> np.ndarray:
+    """Softmax probabilities (N, num_classes) for ``images[indices]`` in eval mode."""
+    model.to(device).eval()
+    outputs = []
+    for start in range(0, len(indices), batch_size):
+        x = gather_batch(images, indices[start : start + batch_size], device)
+        if transform is not None:
+            x = transform(x)
+        outputs.append(torch.softmax(model(x).double(), dim=1).cpu())
+    return torch.cat(outputs).numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray | None = None,
+    *,
+    batch_size: int = 256,
+    device: torch.device,
+    transform: BatchTransform | None = None,
+) -> dict[str, float | None]:
+    """Loss, accuracy, balanced accuracy and macro AUC of ``model`` on ``images[indices]``."""
+    if indices is None:
+        indices = np.arange(len(labels))
+    probs = predict_probs(model, images, indices, batch_size=batch_size, device=device, transform=transform)
+    return classification_metrics(np.asarray(labels)[indices], probs)

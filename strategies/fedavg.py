@@ -1,0 +1,174 @@
+"""FedAvg with what a real server needs around it.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017 — aggregation is Flower's own ``FedAvg``. On top of it this class
+
+* samples clients by partition id with a seeded ``random.Random``, so the same seed picks the same
+  clients (Flower samples node ids, which are random per run);
+* rejects replies with NaN/Inf, wrong keys or shapes, or no example count, and skips failed
+  clients, logging each (``strategies.replies``);
+* aggregates in partition-id order, so the floating-point sum is the same in every run;
+* keeps each client's own metrics per round instead of only their average.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from strategies.replies import WEIGHT_KEY, Rejection, reply_partition_id, training_reply_problem
+
+
+def _metrics_of(msg: Message) -> dict:
+    return dict(next(iter(msg.content.metric_records.values())))
+
+
+class FedMedAvg(FedAvg):
+    """FedAvg with seeded sampling, reply validation and per-client metrics.
+
+    Parameters
+    ----------
+    partition_of_node : dict[int, int]
+        Node id -> partition id, as the nodes reported it (see ``discover_partitions``).
+    clients_per_round : int
+        How many nodes train each round.
+    seed : int
+        Seeds the sampling of nodes.
+    fraction_evaluate : float
+        Share of nodes that evaluate the global model on their local hold-out each round.
+    """
+
+    def __init__(
+        self,
+        partition_of_node: dict[int, int],
+        clients_per_round: int,
+        seed: int,
+        fraction_evaluate: float = 0.0,
+    ) -> None:
+        num_nodes = len(partition_of_node)
+        if not 1 <= clients_per_round <= num_nodes:
+            raise ValueError(
+                f"federation.clients_per_round={clients_per_round} must be between 1 and "
+                f"federation.num_clients={num_nodes}"
+            )
+        if not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError(f"federation.fraction_evaluate={fraction_evaluate} must be in [0, 1]")
+        super().__init__(
+            fraction_train=clients_per_round / num_nodes,
+            # configure_evaluate below samples with `local_eval_fraction`; 1.0 here only keeps
+            # Flower from warning that evaluation is off.
+            fraction_evaluate=1.0,
+            min_train_nodes=clients_per_round,
+            min_evaluate_nodes=0,
+            min_available_nodes=num_nodes,
+            train_metrics_aggr_fn=_average_without_ids,
+        )
+        self.local_eval_fraction = fraction_evaluate
+        self.partition_of_node = dict(partition_of_node)
+        self.clients_per_round = clients_per_round
+        self.rng = random.Random(seed)
+        self._global_arrays: ArrayRecord | None = None
+        # per round: the replies' own metrics, the rejected ones, the local evaluations
+        self.client_train_metrics: dict[int, list[dict]] = {}
+        self.rejections: dict[int, list[Rejection]] = {}
+        self.client_eval_metrics: dict[int, list[dict]] = {}
+
+    def sample_partitions(self, count: int) -> list[int]:
+        """Node ids of ``count`` partitions drawn by the seeded generator, in partition order."""
+        node_of_partition = {p: n for n, p in self.partition_of_node.items()}
+        chosen = sorted(self.rng.sample(sorted(node_of_partition), count))
+        return [node_of_partition[p] for p in chosen]
+
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str,
+                  server_round: int) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, kind)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global_arrays = arrays
+        node_ids = self.sample_partitions(self.clients_per_round)
+        return self._messages(arrays, config, node_ids, MessageType.TRAIN, server_round)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        count = int(round(self.local_eval_fraction * len(self.partition_of_node)))
+        if count == 0:
+            return []
+        node_ids = self.sample_partitions(count)
+        return self._messages(arrays, config, node_ids, MessageType.EVALUATE, server_round)
+
+    def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Valid replies in partition order; the others are logged and recorded as rejected."""
+        assert self._global_arrays is not None, "configure_train must run before aggregate_train"
+        accepted, rejected = [], []
+        for msg in replies:
+            pid = reply_partition_id(msg, self.partition_of_node)
+            problem = training_reply_problem(msg, self._global_arrays)
+            if problem is None:
+                accepted.append((pid, msg))
+            else:
+                log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
+                rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
+        accepted.sort(key=lambda item: (item[0] is None, item[0]))
+        self.rejections[server_round] = rejected
+        self.client_train_metrics[server_round] = [_metrics_of(msg) for _, msg in accepted]
+        return [msg for _, msg in accepted]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accepted_replies(server_round, replies)
+        if not accepted:
+            log(WARNING, "round %d: no valid reply; the global model stays as it was", server_round)
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        results = []
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "round %d: local evaluation failed on node %d: %s", server_round,
+                    msg.metadata.src_node_id, msg.error.reason)
+                continue
+            results.append(_metrics_of(msg))
+        results.sort(key=lambda m: m.get("partition-id", -1))
+        self.client_eval_metrics[server_round] = results
+        return None
+
+
+def _average_without_ids(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    averaged = aggregate_metricrecords(records, weighted_by_key)
+    averaged.pop("partition-id", None)
+    return averaged
+
+
+def discover_partitions(grid: Grid, num_nodes: int, timeout: float = 600.0) -> dict[int, int]:
+    """Ask every node which partition it holds (one small query message each)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < num_nodes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(node_ids)} of {num_nodes} nodes connected in {timeout:.0f} s")
+        time.sleep(0.5)
+    messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    mapping = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed the partition query: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+    if sorted(mapping.values()) != sorted(set(mapping.values())):
+        raise RuntimeError(f"two nodes report the same partition id: {sorted(mapping.values())}")
+    return mapping

@@ -1,0 +1,162 @@
+"""The Flower ServerApp: runs the rounds, evaluates the global model on the official test split
+every round (round 0 included) and writes the run's outputs (DESIGN.md's contract)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from fedmed.data import client_partitions, dataset_from_config
+from fedmed.job import JOB_KEY, encode_job, job_from_config
+from fedmed.models import build_model
+from fedmed.partition import format_label_table, label_count_table, plot_label_counts
+from fedmed.report import MetricsLog, plot_rounds, print_summary, round_line, write_summary
+from fedmed.serialization import load_arrays, model_to_arrays, save_model
+from fedmed.train import evaluate, resolve_device
+from strategies.fedavg import FedMedAvg, discover_partitions
+
+
+def seed_everything(seed: int) -> None:
+    # Flower samples with Python's `random`; our strategy has its own seeded generator too.
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int]) -> FedMedAvg:
+    name = cfg.strategy.name
+    if name != "fedavg":
+        raise ValueError(f"strategy={name!r} is not available yet; use strategy=fedavg")
+    return FedMedAvg(
+        partition_of_node,
+        clients_per_round=int(cfg.federation.clients_per_round),
+        seed=int(cfg.seed),
+        fraction_evaluate=float(cfg.federation.fraction_evaluate),
+    )
+
+
+def log_partitions(cfg: DictConfig, dataset, plots_dir: Path, console: Console) -> None:
+    partitions = client_partitions(
+        dataset.train.labels, int(cfg.federation.num_clients), OmegaConf.to_container(cfg.partition),
+        int(cfg.seed), dataset.name,
+    )
+    counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
+    if cfg.progress:
+        console.print(format_label_table(counts, list(dataset.class_names)))
+    plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png")
+
+
+def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
+    """The whole run on the server side; returns the summary it also writes to summary.json."""
+    started = time.monotonic()
+    console = Console()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir = output_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    seed = int(cfg.seed)
+    seed_everything(seed)
+
+    dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
+    log_partitions(cfg, dataset, plots_dir, console)
+    device = resolve_device(str(cfg.device))
+    model = build_model(
+        cfg.model.name, dataset.num_classes, dataset.channels, pretrained=bool(cfg.model.pretrained),
+        weights_path=cfg.model.weights_path, freeze_backbone=bool(cfg.model.freeze_backbone),
+        norm=str(cfg.model.norm),
+    )
+    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients))
+    strategy = build_strategy(cfg, partition_of_node)
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl")
+    total_rounds = int(cfg.federation.rounds)
+    test = dataset.test
+    eval_every = max(1, int(cfg.eval.every))
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        row: dict = {"round": server_round}
+        if server_round % eval_every == 0 or server_round == total_rounds:
+            load_arrays(model, arrays)
+            row.update(evaluate(model, test.images, test.labels, batch_size=int(cfg.eval.batch_size),
+                                device=device))
+        clients = strategy.client_train_metrics.get(server_round, [])
+        row["num_clients"] = len(clients)
+        if clients:
+            total = sum(c["num-examples"] for c in clients)
+            row["train_loss"] = sum(c["train_loss"] * c["num-examples"] for c in clients) / total
+        row["clients"] = clients
+        row["rejected"] = [vars(r) for r in strategy.rejections.get(server_round, [])]
+        if strategy.client_eval_metrics.get(server_round):
+            row["client_eval"] = strategy.client_eval_metrics[server_round]
+        row["time_s"] = time.monotonic() - started
+        metrics_log.append(row)
+        if cfg.progress:
+            done = max(server_round, 1)
+            per_round = (row["time_s"] - metrics_log.rows[0]["time_s"]) / done if server_round else None
+            left = per_round * (total_rounds - server_round) if per_round is not None else None
+            console.print(round_line(row, total_rounds, left))
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=model_to_arrays(model),
+        num_rounds=total_rounds,
+        timeout=float(cfg.federation.round_timeout_s),
+        train_config=ConfigRecord({JOB_KEY: encode_job(job_from_config(cfg))}),
+        evaluate_config=ConfigRecord({JOB_KEY: encode_job(job_from_config(cfg))}),
+        evaluate_fn=evaluate_global,
+    )
+    load_arrays(model, result.arrays)
+    save_model(model, output_dir / "model.safetensors")
+    title = f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients, {cfg.strategy.name}"
+    plot_rounds(metrics_log.rows, plots_dir / "accuracy.png", title)
+    summary = write_summary(
+        output_dir / "summary.json", metrics_log.rows, time.monotonic() - started,
+        {"rejected_replies": sum(len(r) for r in strategy.rejections.values()),
+         "config": OmegaConf.to_container(cfg, resolve=True)},
+    )
+    if cfg.progress:
+        print_summary(metrics_log.rows, title, console)
+    return summary
+
+
+def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
+    """`flwr run .`: compose the Hydra config from the run config's ``overrides`` string."""
+    from hydra import compose, initialize_config_module
+
+    from fedmed.config import register_configs
+
+    register_configs()
+    overrides = str(run_config.get("overrides", "")).split()
+    with initialize_config_module(config_module="configs", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    output_dir = Path(cfg.output_dir or f"outputs/flwr-run-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg, output_dir
+
+
+def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
+    """A ServerApp bound to an already composed configuration (used by `fedmed-sim`)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, output_dir)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, output_dir = config_from_run_config(dict(context.run_config))
+    logging.getLogger("flwr").info("fedmed: writing outputs to %s", output_dir.resolve())
+    run_federation(grid, cfg, output_dir)

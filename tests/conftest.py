@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Extracted arrays and MD5 results go to a temporary cache, never into ~ or shared/."""
+    os.environ["FEDMED_CACHE"] = str(tmp_path_factory.mktemp("fedmed-cache"))
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    yield
+
+
+@pytest.fixture
+def medmnist_root() -> Path:
+    if not (SHARED_MEDMNIST / "pneumoniamnist.npz").exists():
+        pytest.skip(f"{SHARED_MEDMNIST} is not beside the repository")
+    return SHARED_MEDMNIST

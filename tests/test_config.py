@@ -1,0 +1,65 @@
+"""The Hydra configuration: contract keys, typed fields, clear errors for typos."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fedmed.runner import backend_config, check_config
+from tests.helpers import compose_config
+
+CONTRACT_KEYS = [
+    "dataset.name", "dataset.root", "dataset.size", "model.name", "model.pretrained", "partition.name",
+    "partition.alpha", "federation.num_clients", "federation.clients_per_round", "federation.rounds",
+    "client.epochs", "client.batch_size", "client.lr", "defense.name", "attack.name", "strategy.name",
+    "eval.every", "eval.attacks", "eval.eps", "seed", "device", "ray.address", "ray.num_cpus_per_client",
+    "ray.num_gpus_per_client",
+]
+
+
+def test_default_has_every_contract_key():
+    cfg = compose_config()
+    for key in CONTRACT_KEYS:
+        node = cfg
+        for part in key.split("."):
+            assert part in node, key
+            node = node[part]
+    assert cfg.dataset.name == "synthetic"
+
+
+@pytest.mark.parametrize("name", ["pneumoniamnist", "breastmnist", "retinamnist", "dermamnist", "bloodmnist",
+                                  "pathmnist", "organamnist", "imagefolder"])
+def test_dataset_group_has_every_contract_dataset(name):
+    assert compose_config(f"dataset={name}").dataset.name == name
+
+
+@pytest.mark.parametrize("name", ["densenet121", "mobilenet_v2", "resnet50", "resnet18"])
+def test_model_group(name):
+    assert compose_config(f"model={name}").model.name == name
+
+
+def test_typo_in_key_is_an_error_naming_it():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        compose_config("federation.num_clinets=3")
+    assert "num_clinets" in str(err.value) or "num_clinets" in str(err.value.__cause__)
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config("federation.rounds=many")
+
+
+def test_unknown_group_option_lists_the_available_ones():
+    with pytest.raises(ConfigCompositionException, match="fedavg"):
+        compose_config("strategy=fedavgg")
+
+
+def test_clients_per_round_checked_before_starting():
+    with pytest.raises(ValueError, match="clients_per_round"):
+        check_config(compose_config("federation.num_clients=3", "federation.clients_per_round=4"))
+
+
+def test_backend_config_maps_ray_keys():
+    cfg = compose_config("ray.num_cpus_per_client=2", "ray.num_gpus_per_client=0.25", "ray.address=auto")
+    backend = backend_config(cfg.ray)
+    assert backend["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
+    assert backend["init_args"]["address"] == "auto"
