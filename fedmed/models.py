@@ -1,0 +1,462 @@
+"""Classifiers for medical images: torchvision backbones behind one pixel-space wrapper.
+
+Every model takes float pixels in [0, 1], shaped (N, C, H, W) with C = 1 (grey) or 3 (RGB).
+Grey expansion, resizing of too small images and ImageNet normalisation all happen inside
+:class:`MedicalClassifier`, so attacks, epsilons and DP noise work in pixel space
+(see DESIGN.md): epsilon 8/255 means the same for every dataset and every architecture.
+
+One builder per architecture (as in ``torchvision.models``), plus :func:`build_model`,
+which dispatches by name for the configuration (``model=densenet121`` and so on).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models import (
+    DenseNet121_Weights,
+    MobileNet_V2_Weights,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    WeightsEnum,
+)
+from torchvision.models import densenet as _tv_densenet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+__all__ = [
+    "ARCHITECTURES",
+    "MedicalClassifier",
+    "build_model",
+    "densenet121",
+    "min_input_size",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet50",
+]
+
+ARCHITECTURES: tuple[str, ...] = ("densenet121", "mobilenet_v2", "resnet50", "resnet18")
+
+NORMS: tuple[str, ...] = ("batch", "group")
+
+# Smallest square input (pixels) each torchvision backbone accepts, found by trying every size
+# from 1 px up (eval and train mode, batch of 2). DenseNet121's three transition layers each
+# halve the map with a 2x2 average pool; at 28 px the map reaches 0x0 in the last one, 29 px is
+# the first size that survives. ResNets and MobileNetV2 end in adaptive pooling and their
+# strided convs are padded, so any size works; 28 px MedMNIST images go in unresized.
+_MIN_INPUT_SIZE: dict[str, int] = {
+    "densenet121": 29,
+    "mobilenet_v2": 1,
+    "resnet50": 1,
+    "resnet18": 1,
+}
+
+# The classification head of each torchvision model (the module we replace and leave trainable).
+_HEAD: dict[str, str] = {
+    "densenet121": "classifier",
+    "mobilenet_v2": "classifier.1",
+    "resnet50": "fc",
+    "resnet18": "fc",
+}
+
+# ImageNet statistics, the ones every torchvision ImageNet weight set was trained with.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A download that cannot reach the host should fail within this many seconds, not hang:
+# the socket timeout bounds each connect and read (DNS failures are immediate anyway).
+_DOWNLOAD_TIMEOUT_S = 20.0
+
+
+def min_input_size(name: str) -> int:
+    """Smallest height/width (pixels) the architecture accepts; smaller inputs are resized up."""
+    _check_name(name)
+    return _MIN_INPUT_SIZE[name]
+
+
+class MedicalClassifier(nn.Module):
+    """A torchvision backbone that takes pixels in [0, 1].
+
+    ``forward(x)``: ``x`` float (N, C, H, W), C = ``in_channels``. Grey images are expanded to the
+    backbone's 3-channel stem, images smaller than ``min_size`` are resized up (bilinear), then
+    ImageNet normalisation is applied. Mean and std are non-persistent buffers: they move with
+    ``.to(device)`` but are not in the state_dict, so they are never averaged, attacked or sent.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, arch: str, num_classes: int, in_channels: int, min_size: int
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.arch = arch
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.min_size = min_size
+        self.register_buffer(
+            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def head(self) -> nn.Module:
+        """The classification layer (the only trainable part with ``freeze_backbone=True``)."""
+        return self.backbone.get_submodule(_HEAD[self.arch])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.arch} built for in_channels={self.in_channels} expects input "
+                f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if self.in_channels == 1:
+            # A view, not a copy: the stem's 3 input channels all see the same grey pixels.
+            x = x.expand(-1, 3, -1, -1)
+        height, width = x.shape[-2:]
+        if height < self.min_size or width < self.min_size:
+            size = (max(height, self.min_size), max(width, self.min_size))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = (x - self.mean) / self.std
+        return self.backbone(x)
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+def densenet121(
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+    norm: str = "batch",
+) -> MedicalClassifier:
+    """DenseNet121 (ImageNet weights: ``DenseNet121_Weights.IMAGENET1K_V1``)."""
+    return _build(
+        "densenet121",
+        torchvision.models.densenet121,
+        DenseNet121_Weights.IMAGENET1K_V1,
+        num_classes,
+        in_channels,
+        pretrained,
+        weights_path,
+        freeze_backbone,
+        norm,
+    )
+
+
+def mobilenet_v2(
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+    norm: str = "batch",
+) -> MedicalClassifier:
+    """MobileNetV2 (ImageNet weights: ``MobileNet_V2_Weights.IMAGENET1K_V1``)."""
+    return _build(
+        "mobilenet_v2",
+        torchvision.models.mobilenet_v2,
+        MobileNet_V2_Weights.IMAGENET1K_V1,
+        num_classes,
+        in_channels,
+        pretrained,
+        weights_path,
+        freeze_backbone,
+        norm,
+    )
+
+
+def resnet50(
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+    norm: str = "batch",
+) -> MedicalClassifier:
+    """ResNet50 (ImageNet weights: ``ResNet50_Weights.IMAGENET1K_V2``, the better of the two)."""
+    return _build(
+        "resnet50",
+        torchvision.models.resnet50,
+        ResNet50_Weights.IMAGENET1K_V2,
+        num_classes,
+        in_channels,
+        pretrained,
+        weights_path,
+        freeze_backbone,
+        norm,
+    )
+
+
+def resnet18(
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+    norm: str = "batch",
+) -> MedicalClassifier:
+    """ResNet18 (ImageNet weights: ``ResNet18_Weights.IMAGENET1K_V1``)."""
+    return _build(
+        "resnet18",
+        torchvision.models.resnet18,
+        ResNet18_Weights.IMAGENET1K_V1,
+        num_classes,
+        in_channels,
+        pretrained,
+        weights_path,
+        freeze_backbone,
+        norm,
+    )
+
+
+_BUILDERS: dict[str, Callable[..., MedicalClassifier]] = {
+    "densenet121": densenet121,
+    "mobilenet_v2": mobilenet_v2,
+    "resnet50": resnet50,
+    "resnet18": resnet18,
+}
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+    norm: str = "batch",
+) -> MedicalClassifier:
+    """Build the architecture called ``name`` (one of :data:`ARCHITECTURES`).
+
+    ``pretrained=True`` loads torchvision's ImageNet weights (from the torch hub cache,
+    ``$TORCH_HOME/hub/checkpoints``, or by download); ``weights_path`` loads a state dict in
+    torchvision's layout (ImageNet 1000-class head included) from a file instead.
+    ``freeze_backbone=True`` leaves only the new head trainable. ``norm="group"`` swaps every
+    BatchNorm for GroupNorm through Opacus, as DP-SGD needs (per-sample gradients).
+    """
+    _check_name(name)
+    return _BUILDERS[name](
+        num_classes,
+        in_channels,
+        pretrained=pretrained,
+        weights_path=weights_path,
+        freeze_backbone=freeze_backbone,
+        norm=norm,
+    )
+
+
+# --- internals -----------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(
+            f"unknown model {name!r} (config key `model`); valid names: {', '.join(ARCHITECTURES)}"
+        )
+
+
+def _build(
+    arch: str,
+    constructor: Callable[..., nn.Module],
+    weights: WeightsEnum,
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool,
+    weights_path: str | None,
+    freeze_backbone: bool,
+    norm: str,
+) -> MedicalClassifier:
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{arch}: num_classes must be a positive integer, got {num_classes!r}")
+    if in_channels not in (1, 3):
+        raise ValueError(
+            f"{arch}: in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}; "
+            "check the dataset's channel count"
+        )
+    if norm not in NORMS:
+        raise ValueError(
+            f"{arch}: unknown norm {norm!r} (config key `model.norm`); valid: {', '.join(NORMS)}"
+        )
+
+    # Built with torchvision's own 1000-class head so that ImageNet checkpoints load strictly
+    # (every key checked); the head is replaced only afterwards.
+    backbone = constructor()
+    if weights_path is not None:
+        _load_into(backbone, arch, _read_weights_file(weights_path, arch), str(weights_path))
+    elif pretrained:
+        state_dict, source = _read_imagenet_weights(weights, arch)
+        _load_into(backbone, arch, state_dict, source)
+
+    _replace_head(backbone, arch, num_classes)
+
+    if norm == "group":
+        # Opacus replaces each BatchNorm by GroupNorm(min(32, C), C), the same fix the DP-SGD
+        # client applies. It must run before freezing: it only visits modules with trainable
+        # parameters. Pretrained BatchNorm statistics and affine parameters are dropped.
+        from opacus.validators import ModuleValidator
+
+        backbone = ModuleValidator.fix(backbone)
+        _remove_inplace_ops(backbone)
+
+    if freeze_backbone:
+        backbone.requires_grad_(False)
+        backbone.get_submodule(_HEAD[arch]).requires_grad_(True)
+
+    return MedicalClassifier(backbone, arch, num_classes, in_channels, _MIN_INPUT_SIZE[arch])
+
+
+def _replace_head(backbone: nn.Module, arch: str, num_classes: int) -> None:
+    if arch in ("resnet18", "resnet50"):
+        backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
+    elif arch == "mobilenet_v2":
+        backbone.classifier[1] = nn.Linear(backbone.classifier[1].in_features, num_classes)
+    elif arch == "densenet121":
+        backbone.classifier = nn.Linear(backbone.classifier.in_features, num_classes)
+    else:  # pragma: no cover - guarded by _check_name
+        raise AssertionError(arch)
+
+
+# --- norm="group": no in-place ops, for Opacus -----------------------------------------------
+#
+# Opacus computes per-sample gradients with full backward hooks on every layer with parameters
+# (conv, GroupNorm, linear). Autograd forbids modifying such a layer's output in place, and
+# torchvision's models do exactly that: ReLU(inplace=True) after each norm, `out += identity` at
+# the end of each ResNet block, F.relu(features, inplace=True) in DenseNet.forward. Left as they
+# are, the first DP-SGD step fails with "Output 0 of BackwardHookFunction is a view and is being
+# modified inplace". The classes below are torchvision's own with those lines made out of place;
+# modules, parameters and state_dict keys stay the same.
+
+
+class _OutOfPlaceBasicBlock(BasicBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class _OutOfPlaceBottleneck(Bottleneck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class _OutOfPlaceDenseNet(_tv_densenet.DenseNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.features(x))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+        return self.classifier(out)
+
+
+_OUT_OF_PLACE = {
+    BasicBlock: _OutOfPlaceBasicBlock,
+    Bottleneck: _OutOfPlaceBottleneck,
+    _tv_densenet.DenseNet: _OutOfPlaceDenseNet,
+}
+
+
+def _remove_inplace_ops(backbone: nn.Module) -> None:
+    for module in backbone.modules():
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            module.inplace = False
+        elif type(module) in _OUT_OF_PLACE:
+            # Same object and submodules, only forward changes (a module-level class, so copies
+            # and pickles of the model keep working).
+            module.__class__ = _OUT_OF_PLACE[type(module)]
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def _cache_path(weights: WeightsEnum) -> str:
+    # The same path torch.hub.load_state_dict_from_url uses; get_dir() reads TORCH_HOME now.
+    file_name = os.path.basename(urlparse(weights.url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+
+
+def _read_imagenet_weights(weights: WeightsEnum, arch: str) -> tuple[dict[str, Any], str]:
+    cache_path = _cache_path(weights)
+    if os.path.exists(cache_path):
+        return weights.get_state_dict(progress=False, check_hash=True), cache_path
+
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+    # URLError (no network, DNS) is an OSError, as are timeouts; both named for the reader.
+    except (urllib.error.URLError, OSError) as err:
+        raise RuntimeError(
+            f"ImageNet weights for {arch} ({weights}) are not available: no file at "
+            f"{cache_path} (torch hub cache, $TORCH_HOME/hub/checkpoints) and the download of "
+            f"{weights.url} failed ({err}). Either put that file at {cache_path} (download it "
+            f"where there is network access), or pass a local copy in torchvision's layout with "
+            f"`model.weights_path=/path/to/{os.path.basename(cache_path)}` (build_model("
+            f"weights_path=...)); or train from scratch with `model.pretrained=false`."
+        ) from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return state_dict, weights.url
+
+
+def _read_weights_file(path: str | os.PathLike, arch: str) -> dict[str, Any]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{arch}: weights file {path!r} (model.weights_path) does not exist; give the path "
+            "of a state dict saved from the torchvision model (e.g. the ImageNet .pth file)"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        # weights_only: a weights file should hold tensors only, never code to unpickle.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{arch}: could not read weights file {path!r} (model.weights_path) as a torch "
+            f"state dict: {err}"
+        ) from err
+    if not isinstance(state_dict, dict):
+        raise ValueError(
+            f"{arch}: weights file {path!r} holds a {type(state_dict).__name__}, not a state "
+            "dict; save it with torch.save(model.state_dict(), path)"
+        )
+    return state_dict
+
+
+class _HeldWeights:
+    """Stands in for a WeightsEnum holding a state dict we have already read, so torchvision's
+    own DenseNet loader (which renames the old checkpoint keys, 'norm.1' -> 'norm1' and so on)
+    serves both the cache route and the weights_path route."""
+
+    def __init__(self, state_dict: dict[str, Any]) -> None:
+        self._state_dict = state_dict
+
+    def get_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._state_dict
+
+
+def _load_into(backbone: nn.Module, arch: str, state_dict: dict[str, Any], source: str) -> None:
+    try:
+        if arch == "densenet121":
+            _tv_densenet._load_state_dict(backbone, _HeldWeights(state_dict), progress=False)
+        else:
+            backbone.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{arch}: the weights in {source} do not match torchvision's {arch} (with its "
+            f"1000-class ImageNet head): {err}. Use a state dict saved from "
+            f"torchvision.models.{arch}() or its ImageNet checkpoint."
+        ) from err
