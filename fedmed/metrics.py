@@ -17,7 +17,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     num_classes = probs.shape[1]
     predictions = probs.argmax(axis=1)
     class_ids = np.arange(num_classes)
-    loss = log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=class_ids)
+    loss = log_loss(labels, probs, labels=class_ids)
     auc: float | None = None
     if len(np.unique(labels)) > 1:
         if num_classes == 2:

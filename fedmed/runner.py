@@ -54,9 +54,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
+    from fedmed.data import dataset_from_config
     from strategies.server_app import make_server_app
 
     check_config(cfg)
+    # Load (and verify) the data here, before Ray starts: a missing or corrupt file fails at
+    # once with its own message, and the server's copy is then cached in this process.
+    dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     summary_path = output_dir / "summary.json"

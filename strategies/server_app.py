@@ -65,6 +65,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     seed = int(cfg.seed)
     seed_everything(seed)
 
+    # Ask the nodes first: in simulation this waits until Ray has started its processes, and
+    # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
+    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients))
     dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
     log_partitions(cfg, dataset, plots_dir, console)
     device = resolve_device(str(cfg.device))
@@ -73,7 +76,6 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
         weights_path=cfg.model.weights_path, freeze_backbone=bool(cfg.model.freeze_backbone),
         norm=str(cfg.model.norm),
     )
-    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients))
     strategy = build_strategy(cfg, partition_of_node)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
     total_rounds = int(cfg.federation.rounds)
