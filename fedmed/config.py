@@ -38,7 +38,7 @@ class ModelConfig:
     weights_path: Optional[str] = None
     freeze_backbone: bool = False
     # "batch" (BatchNorm, statistics averaged with the weights) or "group" (GroupNorm)
-    norm: str = "group"
+    norm: str = "batch"
 
 
 @dataclass
@@ -53,7 +53,7 @@ class PartitionConfig:
 class FederationConfig:
     num_clients: int = 4
     clients_per_round: int = 4
-    rounds: int = 3
+    rounds: int = 5
     # share of clients that also evaluate the global model on their local hold-out each round
     fraction_evaluate: float = 0.0
     round_timeout_s: float = 3600.0
@@ -64,8 +64,8 @@ class ClientConfig:
     epochs: int = 1
     batch_size: int = 32
     optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
+    lr: float = 0.01
+    momentum: float = 0.0
     weight_decay: float = 5e-4
     augment: bool = True
     # share of each client's partition held out for its own evaluation

@@ -220,7 +220,7 @@ def _lesion_layers(labels: np.ndarray, rng: np.random.Generator) -> list[dict[st
 
 def _draw_shapes(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Default lesion parameters: a round, sharp-edged, bright nodule at a random place."""
-    radius = rng.uniform(0.07, 0.13, n)
+    radius = rng.uniform(0.11, 0.18, n)
     return {
         "x": rng.uniform(0.25, 0.75, n),
         "y": rng.uniform(0.25, 0.75, n),
@@ -234,7 +234,7 @@ def _draw_shapes(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         "ring": np.zeros(n, dtype=bool),
         "ring_width": rng.uniform(0.2, 0.35, n),
         # Some lesions are faint on purpose: they cap the accuracy a model can reach.
-        "opacity": rng.uniform(0.45, 0.95, n),
+        "opacity": rng.uniform(0.6, 1.0, n),
         "dark": np.zeros(n, dtype=bool),
     }
 
