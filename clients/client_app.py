@@ -4,6 +4,7 @@ with its weights, its example count and its own metrics."""
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -52,6 +53,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config = msg.content["config"]
     job = decode_job(str(config[JOB_KEY]))
     server_round = int(config["server-round"])
@@ -77,6 +79,7 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": pid,
         "train_loss": result["loss"],
         "train_accuracy": result["accuracy"],
+        "train_time_s": time.perf_counter() - started,
     })
     reply = RecordDict({"arrays": model_to_arrays(model), "metrics": metrics})
     return Message(reply, reply_to=msg)
@@ -90,12 +93,14 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     pid = partition_id(context.node_config, context.node_id)
     share = local_share(job, context.node_config)
     device = resolve_device(job["device"])
+    metrics = {"num-examples": len(share.val_indices), "partition-id": pid}
+    if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
     seed = derive_seed(job["seed"], int(config["server-round"]), pid, 1)
     result = evaluate(
         model, share.images, share.labels, share.val_indices, batch_size=256, device=device,
         transform=_site_transform(share, seed, device),
     )
-    metrics = {"num-examples": len(share.val_indices), "partition-id": pid}
     metrics.update({f"val_{k}": v for k, v in result.items() if v is not None})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

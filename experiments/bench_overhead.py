@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from bare_loop import bare_fedavg  # noqa: E402
 
 WORKLOAD = dict(model_name="resnet18", num_clients=10, epochs=1, batch_size=32, optimizer="sgd",
-                lr=0.01, momentum=0.9, weight_decay=5e-4, augment=False, val_fraction=0.1, seed=0)
+                lr=0.01, momentum=0.0, weight_decay=5e-4, augment=False, val_fraction=0.1, seed=0)
 
 
 def steady_round_s(times: list[float]) -> float:
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(HERE.parents[1] / "shared" / "data" / "medmnist"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--norm", default="group")
+    parser.add_argument("--norm", default="batch")
     args = parser.parse_args()
     os.environ.setdefault("FEDMED_CACHE", tempfile.mkdtemp(prefix="fedmed-bench-cache-"))
     with tempfile.TemporaryDirectory() as tmp:

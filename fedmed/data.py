@@ -140,10 +140,14 @@ def site_share(data_path: str, job: dict) -> ClientShare:
 
         ds = load_imagefolder(str(path), size=int(job["dataset"]["size"]),
                               channels=int(job["dataset"]["channels"]), seed=seed)
-        train, val, num_classes = ds.train, ds.val, ds.num_classes
+        train, val = ds.train, ds.val
     else:
         train, val = _read_site_npz(path)
-        num_classes = int(job.get("num_classes") or max(train.labels.max(), val.labels.max()) + 1)
+    num_classes = int(job["num_classes"])
+    largest = int(max(train.labels.max(), val.labels.max(), 0))
+    if largest >= num_classes:
+        raise ValueError(f"site data {path} has label {largest}, but the federation's model has "
+                         f"{num_classes} classes (labels 0..{num_classes - 1})")
     images = np.concatenate([train.images, val.images])
     labels = np.concatenate([train.labels, val.labels])
     n = len(train)

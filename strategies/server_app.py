@@ -106,13 +106,15 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
             console.print(round_line(row, total_rounds, left))
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
+    job = job_from_config(cfg)
+    job["num_classes"] = dataset.num_classes  # deployed sites need it to build the same head
     result = strategy.start(
         grid=grid,
         initial_arrays=model_to_arrays(model),
         num_rounds=total_rounds,
         timeout=float(cfg.federation.round_timeout_s),
-        train_config=ConfigRecord({JOB_KEY: encode_job(job_from_config(cfg))}),
-        evaluate_config=ConfigRecord({JOB_KEY: encode_job(job_from_config(cfg))}),
+        train_config=ConfigRecord({JOB_KEY: encode_job(job)}),
+        evaluate_config=ConfigRecord({JOB_KEY: encode_job(job)}),
         evaluate_fn=evaluate_global,
     )
     load_arrays(model, result.arrays)
