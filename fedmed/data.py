@@ -84,7 +84,7 @@ class ClientShare:
 
 
 @functools.lru_cache(maxsize=2)
-def _partitions(labels_key: str, labels_bytes: bytes, num_clients: int, method: str, seed: int,
+def _partitions(dataset_name: str, labels_bytes: bytes, num_clients: int, method: str, seed: int,
                 alpha: float, min_partition_size: int) -> list[np.ndarray]:
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
     return partition_indices(labels, num_clients, method, seed=seed, alpha=alpha,

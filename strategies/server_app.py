@@ -68,6 +68,14 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     # Ask the nodes first: in simulation this waits until Ray has started its processes, and
     # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
     partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients))
+    if len(partition_of_node) != cfg.federation.num_clients:
+        # `flwr run` sizes the federation itself (its simulation config or the SuperNodes that
+        # connect); the partitions follow the nodes that are really there.
+        logging.getLogger("flwr").warning(
+            "the federation has %d nodes, not federation.num_clients=%d; using %d",
+            len(partition_of_node), cfg.federation.num_clients, len(partition_of_node))
+        cfg.federation.num_clients = len(partition_of_node)
+        cfg.federation.clients_per_round = min(cfg.federation.clients_per_round, len(partition_of_node))
     dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
     log_partitions(cfg, dataset, plots_dir, console)
     device = resolve_device(str(cfg.device))

@@ -20,9 +20,9 @@ def _task_identity():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def job(num_classes=3):
+def job(num_classes=3, *overrides):
     cfg = compose_config("dataset.n_train=120", "dataset.n_val=30", "dataset.n_test=30",
-                         "federation.num_clients=2", "client.batch_size=16")
+                         "federation.num_clients=2", "client.batch_size=16", *overrides)
     result = job_from_config(cfg)
     result["num_classes"] = num_classes
     return result
@@ -50,6 +50,14 @@ def test_simulated_client_trains_its_partition():
     sent, returned = msg.content["arrays"], reply.content["arrays"]
     assert set(sent.keys()) == set(returned.keys())
     assert any(not np.array_equal(sent[k].numpy(), returned[k].numpy()) for k in sent.keys())
+
+
+@pytest.mark.parametrize("partition", ["dirichlet", "quantity", "site"])
+def test_every_partition_trains(partition):
+    reply = train(message(MessageType.TRAIN, job(3, f"partition={partition}", "partition.min_partition_size=5")),
+                  context({"partition-id": 0, "num-partitions": 2}))
+    assert reply.content["metrics"]["num-examples"] > 0
+    assert np.isfinite(reply.content["metrics"]["train_loss"])
 
 
 def test_deployed_site_trains_and_evaluates_on_its_own_file(tmp_path):
