@@ -127,7 +127,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     )
     load_arrays(model, result.arrays)
     save_model(model, output_dir / "model.safetensors")
-    title = f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients, {cfg.strategy.name}"
+    title = (f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients "
+             f"({cfg.partition.name} partition), {cfg.strategy.name}")
     plot_rounds(metrics_log.rows, plots_dir / "accuracy.png", title)
     summary = write_summary(
         output_dir / "summary.json", metrics_log.rows, time.monotonic() - started,
