@@ -57,6 +57,8 @@ class FederationConfig:
     # share of clients that also evaluate the global model on their local hold-out each round
     fraction_evaluate: float = 0.0
     round_timeout_s: float = 3600.0
+    # how long the server waits for num_clients nodes to connect (deployment, `flwr run`)
+    connect_timeout_s: float = 600.0
 
 
 @dataclass

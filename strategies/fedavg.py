@@ -161,7 +161,12 @@ def discover_partitions(grid: Grid, num_nodes: int, timeout: float = 600.0) -> d
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < num_nodes:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(node_ids)} of {num_nodes} nodes connected in {timeout:.0f} s")
+            raise TimeoutError(
+                f"only {len(node_ids)} of federation.num_clients={num_nodes} nodes connected in "
+                f"{timeout:.0f} s (federation.connect_timeout_s). Under `flwr run`, make the "
+                f"federation that size (`flwr federation simulation-config <federation> <superlink> "
+                f"--num-supernodes {num_nodes}`) or set federation.num_clients={len(node_ids)}"
+            )
         time.sleep(0.5)
     messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     mapping = {}

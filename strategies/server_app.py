@@ -67,7 +67,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
 
     # Ask the nodes first: in simulation this waits until Ray has started its processes, and
     # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
-    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients))
+    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients),
+                                            float(cfg.federation.connect_timeout_s))
     if len(partition_of_node) != cfg.federation.num_clients:
         # `flwr run` sizes the federation itself (its simulation config or the SuperNodes that
         # connect); the partitions follow the nodes that are really there.
@@ -171,5 +172,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, output_dir = config_from_run_config(dict(context.run_config))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logging.getLogger("flwr").info("fedmed: writing outputs to %s", output_dir.resolve())
     run_federation(grid, cfg, output_dir)
