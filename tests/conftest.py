@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
@@ -20,3 +21,12 @@ def medmnist_root() -> Path:
     if not (SHARED_MEDMNIST / "pneumoniamnist.npz").exists():
         pytest.skip(f"{SHARED_MEDMNIST} is not beside the repository")
     return SHARED_MEDMNIST
+
+
+@pytest.fixture
+def task_identity():
+    """Messages need a run id, which the Flower runtime sets in a real run."""
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

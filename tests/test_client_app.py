@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import evaluate_local, train
 from fedmed.job import JOB_KEY, encode_job, job_from_config
@@ -11,13 +10,7 @@ from fedmed.models import build_model
 from fedmed.serialization import model_to_arrays
 from tests.helpers import compose_config
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def job(num_classes=3, *overrides):

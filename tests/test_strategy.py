@@ -3,18 +3,10 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.fedavg import FedMedAvg
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    # Messages need a run id, which the Flower runtime sets in a real run.
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 NODES = {101: 0, 202: 1, 303: 2, 404: 3}
