@@ -76,19 +76,23 @@ def write_summary(path: Path, rows: list[dict], wall_time_s: float, extra: dict)
     return summary
 
 
-def _fmt(value) -> str:
+def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{digits}f}"
     return str(value)
 
 
+SHORT_NAMES = {"loss": "loss", "accuracy": "acc", "balanced_accuracy": "bal_acc", "auc": "auc"}
+
+
 def round_line(row: dict, total_rounds: int, seconds_left: float | None) -> str:
+    """One console line per round: the global model's test scores, clients, time and time left."""
     parts = [f"round {row['round']}/{total_rounds}"]
-    parts += [f"{k} {_fmt(row.get(k))}" for k in MAIN_KEYS]
+    parts += [f"{SHORT_NAMES[k]} {_fmt(row.get(k), 3)}" for k in MAIN_KEYS]
     if "num_clients" in row:
-        parts.append(f"{row['num_clients']} clients, {len(row.get('rejected', []))} rejected")
+        parts.append(f"{row['num_clients']} clients ({len(row.get('rejected', []))} rejected)")
     parts.append(f"{row['time_s']:.1f} s")
     if seconds_left is not None:
         parts.append(f"~{seconds_left:.0f} s left")

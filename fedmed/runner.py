@@ -67,7 +67,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     summary_path.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    logging.getLogger("opacus").setLevel(logging.WARNING)
+    for chatty in ("opacus", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if cfg.progress:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
