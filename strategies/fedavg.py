@@ -14,12 +14,14 @@ AISTATS 2017 — aggregation is Flower's own ``FedAvg``. On top of it this class
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from strategies.replies import WEIGHT_KEY, Rejection, reply_partition_id, training_reply_problem
@@ -147,8 +149,6 @@ class FedMedAvg(FedAvg):
 
 
 def _average_without_ids(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-
     averaged = aggregate_metricrecords(records, weighted_by_key)
     averaged.pop("partition-id", None)
     return averaged
@@ -156,8 +156,6 @@ def _average_without_ids(records: list[RecordDict], weighted_by_key: str) -> Met
 
 def discover_partitions(grid: Grid, num_nodes: int, timeout: float = 600.0) -> dict[int, int]:
     """Ask every node which partition it holds (one small query message each)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < num_nodes:
         if time.monotonic() > deadline:
