@@ -18,6 +18,7 @@ from fedmed.site_shift import SiteShift, site_shifts
 from fedmed.train import derive_seed
 
 
+@functools.lru_cache(maxsize=4)
 def load_dataset(
     name: str,
     *,
@@ -33,18 +34,10 @@ def load_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
 ) -> ArrayDataset:
-    """The dataset named by ``dataset.name``: ``synthetic``, ``imagefolder`` or a MedMNIST 2D name."""
-    return _load_dataset_cached(
-        name, seed, root, size, verify_md5, channels, num_classes, n_train, n_val, n_test,
-        val_fraction, test_fraction,
-    )
+    """The dataset named by ``dataset.name``: ``synthetic``, ``imagefolder`` or a MedMNIST 2D name.
 
-
-@functools.lru_cache(maxsize=4)
-def _load_dataset_cached(
-    name, seed, root, size, verify_md5, channels, num_classes, n_train, n_val, n_test,
-    val_fraction, test_fraction,
-) -> ArrayDataset:
+    Cached per process: a Ray worker playing many clients loads it once.
+    """
     if name == "synthetic":
         from fedmed.synthetic import make_synthetic
 
