@@ -11,11 +11,14 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local_data import local_share, partition_id
-from fedmed.job import JOB_KEY, decode_job, encode_job
+from clients.local_training import LocalData, train_round
+from fedmed.config import model_norm_for
+from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.models import build_model
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.site_shift import apply_site_shift
-from fedmed.train import derive_seed, evaluate, make_optimizer, resolve_device, train_local
+from fedmed.robustness import assess_robustness, fixed_subset
+from fedmed.train import derive_seed, evaluate, resolve_device
 
 app = ClientApp()
 
@@ -24,15 +27,18 @@ app = ClientApp()
 def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn.Module:
     # A Ray worker plays many clients: build the architecture once; every call overwrites all
     # of its weights with the server's arrays. No ImageNet weights needed here for that reason.
-    model_cfg = decode_job(job_text)["model"]
+    job = decode_job(job_text)
+    model_cfg = job["model"]
     return build_model(
         model_cfg["name"], num_classes, in_channels, pretrained=False,
-        freeze_backbone=bool(model_cfg["freeze_backbone"]), norm=model_cfg["norm"],
+        freeze_backbone=bool(model_cfg["freeze_backbone"]),
+        norm=model_norm_for(model_cfg["norm"], job["defense"]["name"]),
     )
 
 
 def _model_for(job: dict, num_classes: int, in_channels: int, arrays: ArrayRecord) -> torch.nn.Module:
-    model = _cached_model(encode_job({"model": job["model"]}), num_classes, in_channels)
+    model = _cached_model(encode_job({"model": job["model"], "defense": {"name": job["defense"]["name"]}}),
+                          num_classes, in_channels)
     load_arrays(model, arrays)
     return model
 
@@ -63,22 +69,13 @@ def train(msg: Message, context: Context) -> Message:
     seed = derive_seed(job["seed"], server_round, pid)
     torch.manual_seed(seed)
     model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
-    client_cfg = job["client"]
-    optimizer = make_optimizer(
-        model.parameters(), client_cfg["optimizer"], float(client_cfg["lr"]),
-        float(client_cfg["momentum"]), float(client_cfg["weight_decay"]),
-    )
-    result = train_local(
-        model, share.images, share.labels, share.train_indices,
-        epochs=int(client_cfg["epochs"]), batch_size=int(client_cfg["batch_size"]),
-        optimizer=optimizer, device=device, seed=seed, augment=bool(client_cfg["augment"]),
-        transform=_site_transform(share, seed, device),
-    )
+    data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
+    result = train_round(model, data, job, server_round=server_round, seed=seed, device=device,
+                         state=context.state)
     metrics = MetricRecord({
         "num-examples": len(share.train_indices),
         "partition-id": pid,
-        "train_loss": result["loss"],
-        "train_accuracy": result["accuracy"],
+        **result,
         "train_time_s": time.perf_counter() - started,
     })
     reply = RecordDict({"arrays": model_to_arrays(model), "metrics": metrics})
@@ -87,9 +84,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """The global model on this client's held-out share (the weakest site matters in medicine)."""
+    """The global model on this client's held-out share (the weakest site matters in medicine),
+    clean and, when the server asks for it, under the configured attacks."""
     config = msg.content["config"]
     job = decode_job(str(config[JOB_KEY]))
+    server_round = int(config["server-round"])
     pid = partition_id(context.node_config, context.node_id)
     share = local_share(job, context.node_config)
     device = resolve_device(job["device"])
@@ -97,10 +96,16 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
-    seed = derive_seed(job["seed"], int(config["server-round"]), pid, 1)
-    result = evaluate(
-        model, share.images, share.labels, share.val_indices, batch_size=256, device=device,
-        transform=_site_transform(share, seed, device),
-    )
+    seed = derive_seed(job["seed"], server_round, pid, 1)
+    eval_cfg = job["eval"]
+    result = evaluate(model, share.images, share.labels, share.val_indices, batch_size=int(eval_cfg["batch_size"]),
+                      device=device, transform=_site_transform(share, seed, device))
+    if bool(config.get(ASSESS_KEY, False)):
+        indices = share.val_indices[fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed)]
+        result.update(assess_robustness(
+            model, share.images, share.labels, indices, attacks=list(eval_cfg["attacks"]),
+            eps=[float(e) for e in eval_cfg["eps"]], batch_size=int(eval_cfg["batch_size"]), device=device,
+            seed=seed, transform=_site_transform(share, seed, device),
+        ))
     metrics.update({f"val_{k}": v for k, v in result.items() if v is not None})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -11,7 +11,9 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 JOB_KEY = "fedmed-job"
-CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "attack")
+# set in an evaluate message's config on rounds where clients also assess robustness
+ASSESS_KEY = "assess-robustness"
+CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "attack", "eval")
 
 
 def job_from_config(cfg: DictConfig) -> dict:
@@ -20,6 +22,7 @@ def job_from_config(cfg: DictConfig) -> dict:
     job["seed"] = int(cfg.seed)
     job["device"] = str(cfg.device)
     job["num_clients"] = int(cfg.federation.num_clients)
+    job["rounds"] = int(cfg.federation.rounds)  # DP-SGD spreads a target epsilon over them
     return job
 
 

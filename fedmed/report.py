@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -111,9 +112,89 @@ def summary_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def robustness_table(row: dict) -> Table | None:
+    """Accuracy under each attack (rows) at each epsilon (columns) from one round's metrics."""
+    scores = robust_scores(row, "accuracy")
+    if not scores:
+        return None
+    eps_values = sorted({e for by_eps in scores.values() for e in by_eps})
+    table = Table(title=f"accuracy of the global model under attack, round {row['round']}")
+    table.add_column("attack")
+    for eps in eps_values:
+        table.add_column(f"eps {eps * 255:.0f}/255" if eps else "clean", justify="right")
+    for attack, by_eps in scores.items():
+        table.add_row(attack, *(_fmt(by_eps.get(e)) for e in eps_values))
+    return table
+
+
+def robust_scores(row: dict, metric: str) -> dict[str, dict[float, float]]:
+    """``adv/<attack>/<eps>/<metric>`` keys of a row as {attack: {eps: value}}; the clean scores
+    of the same images (``adv/none/0.0000/...``) are every attack's eps 0."""
+    scores: dict[str, dict[float, float]] = {}
+    clean = row.get(f"adv/none/0.0000/{metric}")
+    for key, value in row.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "adv" and parts[1] != "none" and parts[3] == metric and value is not None:
+            scores.setdefault(parts[1], {})[float(parts[2])] = value
+            if clean is not None:
+                scores[parts[1]].setdefault(0.0, clean)
+    return scores
+
+
 def print_summary(rows: list[dict], title: str, console: Console | None = None) -> None:
     if rows:
-        (console or Console()).print(summary_table(rows, title))
+        console = console or Console()
+        console.print(summary_table(rows, title))
+        assessed = [r for r in rows if robust_scores(r, "accuracy")]
+        if assessed:
+            console.print(robustness_table(assessed[-1]))
+
+
+def plot_robustness_per_round(rows: list[dict], path: Path, title: str) -> Path:
+    """Accuracy under each attack per round, one panel per attack, one line per epsilon."""
+    attacks = sorted({a for r in rows for a in robust_scores(r, "accuracy")})
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5 * len(attacks), 4), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        assessed = [(r["round"], robust_scores(r, "accuracy")[attack]) for r in rows
+                    if attack in robust_scores(r, "accuracy")]
+        ax.plot([r["round"] for r in rows], [r.get("accuracy") for r in rows], "k--", label="clean (test split)")
+        for eps in sorted({e for _, by_eps in assessed for e in by_eps if e > 0}):
+            points = [(rnd, by_eps[eps]) for rnd, by_eps in assessed if eps in by_eps]
+            ax.plot(*zip(*points), marker="o", label=f"eps {eps * 255:.0f}/255")
+        ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title=attack.upper())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{title}: robustness per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_robustness_vs_eps(rows: list[dict], path: Path, title: str) -> Path:
+    """Accuracy against epsilon at the last assessed round (eps 0 is clean accuracy); the weakest
+    client's robust accuracy on its own data dashed beside it."""
+    row = [r for r in rows if robust_scores(r, "accuracy")][-1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    worst = robust_scores({k.replace("/worst_client_accuracy", "/worst"): v for k, v in row.items()}, "worst")
+    for attack, by_eps in robust_scores(row, "accuracy").items():
+        eps_values = sorted(by_eps)
+        line, = ax.plot([e * 255 for e in eps_values], [by_eps[e] for e in eps_values],
+                        marker="o", label=f"{attack.upper()} (global model, test images)")
+        if attack in worst:
+            w = sorted(worst[attack])
+            ax.plot([e * 255 for e in w], [worst[attack][e] for e in w], ls="--", marker="x", color=line.get_color(),
+                    label=f"{attack.upper()} (weakest client, own data)")
+    ax.set(xlabel="epsilon (x/255, L-inf, pixel scale)", ylabel="accuracy", ylim=(0, 1.02),
+           title=f"round {row['round']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(f"{title}: robustness against epsilon", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str) -> Path:

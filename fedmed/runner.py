@@ -55,9 +55,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
 
     from clients.client_app import app as client_app
     from fedmed.data import dataset_from_config
-    from strategies.server_app import make_server_app
+    from strategies.server_app import make_server_app, prepare_config
 
     check_config(cfg)
+    prepare_config(cfg)
     # Load (and verify) the data here, before Ray starts: a missing or corrupt file fails at
     # once with its own message, and the server's copy is then cached in this process.
     dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))

@@ -8,7 +8,7 @@ once, no per-sample transforms (DESIGN.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,6 +18,17 @@ from torch import nn
 from fedmed.metrics import classification_metrics
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
+# One training step's gradients: takes (model, x, y), leaves the gradients in the parameters'
+# .grad (it calls backward itself, so a defence can reuse a pass) and returns (loss, logits).
+TrainStep = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain training: cross entropy on the batch."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    return loss.detach(), logits.detach()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -93,8 +104,14 @@ def train_local(
     seed: int,
     augment: bool = False,
     transform: BatchTransform | None = None,
+    step: TrainStep = cross_entropy_step,
+    batches: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place for ``epochs`` over ``images[indices]``; returns mean loss and accuracy."""
+    """Train ``model`` in place for ``epochs`` over ``images[indices]``; returns mean loss and accuracy.
+
+    ``step`` computes each batch's gradients (a defence's loss); ``batches``, if given, yields one
+    epoch's index batches instead of the shuffled ones (DP-SGD's Poisson sampling).
+    """
     if len(indices) < 2:
         raise ValueError(f"a client needs at least 2 training images, got {len(indices)}")
     generator = torch.Generator().manual_seed(seed)
@@ -103,22 +120,23 @@ def train_local(
     label_tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
-        for batch in batch_order(np.asarray(indices), batch_size, generator):
+        epoch = batches() if batches is not None else batch_order(np.asarray(indices), batch_size, generator)
+        for batch in epoch:
             x = gather_batch(images, batch, device)
             y = label_tensor[batch].to(device, non_blocking=True)
             if transform is not None:
                 x = transform(x)
             if augment:
                 x = augment_batch(x, device_generator)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, logits = step(model, x, y)
             optimizer.step()
-            total_loss += float(loss.detach()) * len(batch)
-            total_correct += int((logits.detach().argmax(1) == y).sum())
+            total_loss += float(loss) * len(batch)
+            total_correct += int((logits.argmax(1) == y).sum())
             total_seen += len(batch)
             steps += 1
+    if total_seen == 0:
+        return {"loss": math.nan, "accuracy": math.nan, "steps": steps}
     return {"loss": total_loss / total_seen, "accuracy": total_correct / total_seen, "steps": steps}
 
 

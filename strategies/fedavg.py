@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from fedmed.job import ASSESS_KEY
 from strategies.replies import WEIGHT_KEY, Rejection, reply_partition_id, training_reply_problem
 
 
@@ -44,6 +45,9 @@ class FedMedAvg(FedAvg):
         Seeds the sampling of nodes.
     fraction_evaluate : float
         Share of nodes that evaluate the global model on their local hold-out each round.
+    assess_round : callable, optional
+        ``assess_round(server_round)`` is true on rounds where every node also assesses the
+        global model's robustness on its hold-out (``strategies/robustness.py``).
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class FedMedAvg(FedAvg):
         clients_per_round: int,
         seed: int,
         fraction_evaluate: float = 0.0,
+        assess_round: Callable[[int], bool] | None = None,
     ) -> None:
         num_nodes = len(partition_of_node)
         if not 1 <= clients_per_round <= num_nodes:
@@ -72,6 +77,7 @@ class FedMedAvg(FedAvg):
             train_metrics_aggr_fn=_average_without_ids,
         )
         self.local_eval_fraction = fraction_evaluate
+        self.assess_round = assess_round or (lambda server_round: False)
         self.partition_of_node = dict(partition_of_node)
         self.clients_per_round = clients_per_round
         self.rng = random.Random(seed)
@@ -103,10 +109,15 @@ class FedMedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        count = int(round(self.local_eval_fraction * len(self.partition_of_node)))
-        if count == 0:
-            return []
-        node_ids = self.sample_partitions(count)
+        assess = self.assess_round(server_round)
+        if assess:
+            node_ids = sorted(self.partition_of_node, key=self.partition_of_node.get)
+        else:
+            count = int(round(self.local_eval_fraction * len(self.partition_of_node)))
+            if count == 0:
+                return []
+            node_ids = self.sample_partitions(count)
+        config = ConfigRecord({**config, ASSESS_KEY: assess})
         return self._messages(arrays, config, node_ids, MessageType.EVALUATE, server_round)
 
     def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:

@@ -19,10 +19,13 @@ from fedmed.data import client_partitions, dataset_from_config
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
-from fedmed.report import MetricsLog, plot_rounds, print_summary, round_line, write_summary
+from fedmed.config import check_defense, model_norm_for
+from fedmed.report import (MetricsLog, plot_robustness_per_round, plot_robustness_vs_eps, plot_rounds,
+                           print_summary, round_line, write_summary)
 from fedmed.serialization import load_arrays, model_to_arrays, save_model
-from fedmed.train import evaluate, resolve_device
+from fedmed.train import derive_seed, evaluate, resolve_device
 from strategies.fedavg import FedMedAvg, discover_partitions
+from strategies.robustness import check_eval_config, global_robustness, is_assessment_round, weakest_client
 
 
 def seed_everything(seed: int) -> None:
@@ -36,12 +39,30 @@ def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int]) -> FedMed
     name = cfg.strategy.name
     if name != "fedavg":
         raise ValueError(f"strategy={name!r} is not available yet; use strategy=fedavg")
+    assess_clients = bool(cfg.eval.clients)
     return FedMedAvg(
         partition_of_node,
         clients_per_round=int(cfg.federation.clients_per_round),
         seed=int(cfg.seed),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
+        assess_round=lambda r: assess_clients and assessment_round(cfg, r),
     )
+
+
+def assessment_round(cfg: DictConfig, server_round: int) -> bool:
+    return is_assessment_round(server_round, int(cfg.eval.every), int(cfg.federation.rounds), list(cfg.eval.attacks))
+
+
+def prepare_config(cfg: DictConfig) -> None:
+    """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
+    check_defense(cfg.defense)
+    check_eval_config(list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps], cfg.eval.max_samples)
+    norm = model_norm_for(str(cfg.model.norm), str(cfg.defense.name))
+    if norm != cfg.model.norm:
+        logging.getLogger("fedmed").warning(
+            "defense=%s: BatchNorm mixes examples, so DP-SGD cannot clip per-example gradients; every "
+            "model (clients' and server's) uses model.norm=%s (Opacus ModuleValidator.fix)", cfg.defense.name, norm)
+        cfg.model.norm = norm
 
 
 def log_partitions(cfg: DictConfig, dataset, plots_dir: Path, console: Console) -> None:
@@ -64,6 +85,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     plots_dir.mkdir(exist_ok=True)
     seed = int(cfg.seed)
     seed_everything(seed)
+    prepare_config(cfg)
 
     # Ask the nodes first: in simulation this waits until Ray has started its processes, and
     # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
@@ -89,23 +111,33 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
     total_rounds = int(cfg.federation.rounds)
     test = dataset.test
-    eval_every = max(1, int(cfg.eval.every))
+
+    attacks, eps = list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps]
+    largest_epsilon: list[float] = []
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         row: dict = {"round": server_round}
-        if server_round % eval_every == 0 or server_round == total_rounds:
-            load_arrays(model, arrays)
-            row.update(evaluate(model, test.images, test.labels, batch_size=int(cfg.eval.batch_size),
-                                device=device))
+        load_arrays(model, arrays)
+        row.update(evaluate(model, test.images, test.labels, batch_size=int(cfg.eval.batch_size), device=device))
+        if assessment_round(cfg, server_round):
+            row.update(global_robustness(
+                model, test.images, test.labels, attacks=attacks, eps=eps, max_samples=cfg.eval.max_samples,
+                batch_size=int(cfg.eval.batch_size), device=device, seed=derive_seed(seed, 7)))
         clients = strategy.client_train_metrics.get(server_round, [])
         row["num_clients"] = len(clients)
         if clients:
             total = sum(c["num-examples"] for c in clients)
             row["train_loss"] = sum(c["train_loss"] * c["num-examples"] for c in clients) / total
+            spent = [c["privacy_epsilon"] for c in clients if "privacy_epsilon" in c]
+            if spent:
+                largest_epsilon.append(max(spent))
+        if largest_epsilon:
+            row["privacy/epsilon"] = max(largest_epsilon)
         row["clients"] = clients
         row["rejected"] = [vars(r) for r in strategy.rejections.get(server_round, [])]
         if strategy.client_eval_metrics.get(server_round):
             row["client_eval"] = strategy.client_eval_metrics[server_round]
+            row.update(weakest_client(row["client_eval"], attacks, eps))
         row["time_s"] = time.monotonic() - started
         metrics_log.append(row)
         if cfg.progress:
@@ -131,6 +163,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     title = (f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients "
              f"({cfg.partition.name} partition), {cfg.strategy.name}")
     plot_rounds(metrics_log.rows, plots_dir / "accuracy.png", title)
+    if any(key.startswith("adv/") for row in metrics_log.rows for key in row):
+        plot_robustness_per_round(metrics_log.rows, plots_dir / "robustness_per_round.png", title)
+        plot_robustness_vs_eps(metrics_log.rows, plots_dir / "robustness_vs_eps.png", title)
     summary = write_summary(
         output_dir / "summary.json", metrics_log.rows, time.monotonic() - started,
         {"rejected_replies": sum(len(r) for r in strategy.rejections.values()),

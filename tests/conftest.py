@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,6 +15,16 @@ def _isolated_cache(tmp_path_factory):
     os.environ["FEDMED_CACHE"] = str(tmp_path_factory.mktemp("fedmed-cache"))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     yield
+
+
+@pytest.fixture
+def one_thread():
+    # One intra-op thread: on a busy 2-core runner, two OpenMP threads waiting on each other at
+    # every barrier made small-input model tests 10x slower (test_models.py: 140 s against 14 s).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

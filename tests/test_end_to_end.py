@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def run_federation(tmp_path, *overrides):
     cfg = compose_config(
         "federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=2",
-        "progress=false", f"output_dir={tmp_path}", *overrides,
+        "progress=false", "eval.max_samples=64", f"output_dir={tmp_path}", *overrides,
     )
     summary = run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -26,14 +26,7 @@ WEIGHTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on a busy 2-core runner, two OpenMP threads waiting on each other at
-    # every barrier made this file 10x slower (140 s against 14 s), small as these inputs are.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,130 @@
+"""Robustness assessment: accuracy and AUC of a model under evasion attacks.
+
+Used by the server (global model on the test split) and by clients (their model on their
+validation share). Images stay uint8 arrays (N, H, W, C) until a batch is drawn (DESIGN.md);
+each clean batch is gathered once and attacked with every (attack, eps) pair.
+
+Metric names are part of the public contract (DESIGN.md, metrics.jsonl):
+``adv/<attack>/<eps_key(eps)>/accuracy`` and ``adv/<attack>/<eps_key(eps)>/auc``, e.g.
+``adv/fgsm/0.0314/accuracy`` for eps = 8/255.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmed.attacks import eval_mode, make_attack
+from fedmed.metrics import classification_metrics
+from fedmed.train import BatchTransform, derive_seed, gather_batch
+
+__all__ = ["CLEAN", "assess_robustness", "eps_key", "fixed_subset", "metric_key"]
+
+CLEAN = "none"  # the "attack" under which the clean scores of the assessed images are named
+
+
+def eps_key(eps: float) -> str:
+    """The epsilon as it appears in metric names: four decimals (8/255 -> ``"0.0314"``)."""
+    return f"{eps:.4f}"
+
+
+def metric_key(attack: str, eps: float, metric: str) -> str:
+    """``adv/<attack>/<eps_key>/<metric>``, e.g. ``adv/pgd/0.0314/accuracy``."""
+    return f"adv/{attack}/{eps_key(eps)}/{metric}"
+
+
+def fixed_subset(num_items: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """Indices 0..num_items-1, or a seeded, sorted random subset of ``max_samples`` of them.
+
+    All indices when ``max_samples`` is None or not smaller than ``num_items``. The same
+    arguments always give the same subset, so every round is assessed on the same images.
+    """
+    if num_items < 0:
+        raise ValueError(f"num_items must be >= 0, got {num_items!r}")
+    if max_samples is None or max_samples >= num_items:
+        return np.arange(num_items)
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be None or >= 1, got {max_samples!r}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_items, size=int(max_samples), replace=False))
+
+
+def _name_id(text: str) -> int:
+    """A stable integer for a string (Python's hash() is salted per process)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def assess_robustness(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    *,
+    attacks: list[str],
+    eps: list[float],
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    transform: BatchTransform | None = None,
+) -> dict[str, float | None]:
+    """Accuracy and AUC of ``model`` on ``images[indices]`` under each attack at each eps.
+
+    Every batch is gathered once (``transform``, if given, applied to the clean batch as in
+    :func:`fedmed.train.predict_probs`), attacked with each (attack, eps) pair, and the
+    adversarial batch classified in eval mode. The attack on batch ``b`` is seeded with
+    ``derive_seed(seed, attack, eps, b)``, so the result depends only on the inputs and ``seed``.
+    Returns ``{metric_key(attack, eps, "accuracy"): float, metric_key(attack, eps, "auc"):
+    float | None}`` (AUC is None where it is undefined, e.g. a single class among the labels),
+    and the clean scores on the same images as ``adv/none/0.0000/...`` — with a subset
+    (``eval.max_samples``) they, not the whole split's, are what the attacks should be compared to.
+    The model's train/eval mode is restored afterwards.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or len(indices) == 0:
+        raise ValueError(f"indices must be a non-empty 1-d array, got shape {indices.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    pairs = [(name, float(e)) for name in attacks for e in eps]
+    keys = [(name, eps_key(e)) for name, e in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(
+            f"attacks {list(attacks)} and eps {list(eps)} repeat a metric name "
+            "(eps are named with 4 decimals)"
+        )
+    for name, e in pairs:  # unknown names and bad eps fail before any work is done
+        make_attack(name, e)
+
+    all_labels = np.asarray(labels, dtype=np.int64)
+    true_labels = all_labels[indices]
+    label_tensor = torch.from_numpy(all_labels)
+    probs: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in keys}
+    clean_probs: list[torch.Tensor] = []
+
+    model.to(device)
+    with eval_mode(model):
+        for batch_index, start in enumerate(range(0, len(indices), batch_size)):
+            batch = indices[start : start + batch_size]
+            x = gather_batch(images, batch, device)
+            if transform is not None:
+                x = transform(x)
+            y = label_tensor[batch].to(device, non_blocking=True)
+            with torch.no_grad():
+                clean_probs.append(torch.softmax(model(x).double(), dim=1).cpu())
+            for (name, e), key in zip(pairs, keys):
+                attack_seed = derive_seed(seed, _name_id(name), _name_id(key[1]), batch_index)
+                x_adv = make_attack(name, e, seed=attack_seed)(model, x, y)
+                with torch.no_grad():
+                    probs[key].append(torch.softmax(model(x_adv).double(), dim=1).cpu())
+
+    clean = classification_metrics(true_labels, torch.cat(clean_probs).numpy())
+    results: dict[str, float | None] = {
+        metric_key(CLEAN, 0.0, "accuracy"): clean["accuracy"], metric_key(CLEAN, 0.0, "auc"): clean["auc"],
+    }
+    for name, e in pairs:
+        metrics = classification_metrics(true_labels, torch.cat(probs[name, eps_key(e)]).numpy())
+        results[metric_key(name, e, "accuracy")] = metrics["accuracy"]
+        results[metric_key(name, e, "auc")] = metrics["auc"]
+    return results
