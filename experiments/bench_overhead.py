@@ -56,6 +56,7 @@ def run_fedmed(root: str, rounds: int, norm: str, out: Path) -> tuple[float, flo
         f"client.optimizer={w['optimizer']}", f"client.momentum={w['momentum']}",
         f"client.weight_decay={w['weight_decay']}", f"client.augment={w['augment']}",
         f"client.val_fraction={w['val_fraction']}", f"seed={w['seed']}", "progress=false", f"output_dir={out}",
+        "eval.attacks=[]",  # the bare loop measures clean test metrics only
     ]
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "fedmed", *overrides], check=True,

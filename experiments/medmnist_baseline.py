@@ -43,7 +43,8 @@ SETTINGS = {
 
 
 def run_setting(overrides: list[str], common: list[str], out: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "fedmed", *common, *overrides, f"output_dir={out}", "progress=false"]
+    cmd = [sys.executable, "-m", "fedmed", *common, *overrides, f"output_dir={out}", "progress=false",
+           "eval.attacks=[]"]  # clean metrics only, as the published baseline
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
