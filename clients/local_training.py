@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from clients.defenses import METHODS, AdversarialTraining, SoftLabelStep, round_
 from clients.privacy import PrivateRound
 from fedmed.attacks import eval_mode, make_attack
 from fedmed.config import check_defense
-from fedmed.train import BatchTransform, derive_seed, gather_batch, make_optimizer, train_local
+from fedmed.train import (BatchTransform, cross_entropy_step, derive_seed, gather_batch, make_optimizer,
+                          train_local)
 
 log = logging.getLogger("fedmed")
 CHECK_KEY = "fedmed-robust-check"
@@ -56,7 +58,7 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
                 step = adversarial_step(defense, defense["adversarial"], server_round, generator, private.hooks_off)
             result = train_local(private.model, data.images, data.labels, data.indices,
                                  optimizer=private.optimizer, batches=private.batches,
-                                 **({"step": step} if step else {}), **common)
+                                 step=step or cross_entropy_step, **common)
             metrics["privacy_epsilon"] = private.epsilon()
             metrics["noise_multiplier"] = private.noise_multiplier
         adversarial = defense["adversarial"]
@@ -66,7 +68,7 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
     else:
         step = adversarial_step(defense, name, server_round, generator) if name in METHODS else None
         result = train_local(model, data.images, data.labels, data.indices, optimizer=optimizer,
-                             **({"step": step} if step else {}), **common)
+                             step=step or cross_entropy_step, **common)
         adversarial = name if name in METHODS else None
     metrics.update({"train_loss": result["loss"], "train_accuracy": result["accuracy"]})
     if adversarial is not None and defense["overfitting_check"]:
@@ -76,12 +78,12 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
 
 
 def adversarial_step(defense: dict, name: str, server_round: int, generator: torch.Generator,
-                     attack_context=None) -> AdversarialTraining:
+                     attack_context=contextlib.nullcontext) -> AdversarialTraining:
     eps = round_eps(float(defense["eps"]), server_round, int(defense["warmup_rounds"]))
     return AdversarialTraining(
         METHODS[name], eps, alpha=defense["alpha"], steps=int(defense["steps"]),
         clean_weight=float(defense["clean_weight"]), generator=generator,
-        **({"attack_context": attack_context} if attack_context else {}),
+        attack_context=attack_context,
     )
 
 
