@@ -10,11 +10,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local_data import local_share, partition_id
+from clients.local_data import is_simulated, local_share, partition_id
 from clients.local_training import LocalData, train_round
+from clients.malicious import malicious_round
 from fedmed.config import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.models import build_model
+from fedmed.poisoning import attacks_now, check_attack
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.site_shift import apply_site_shift
 from fedmed.robustness import assess_robustness, fixed_subset
@@ -70,8 +72,15 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
-    result = train_round(model, data, job, server_round=server_round, seed=seed, device=device,
-                         state=context.state)
+    attack = job.get("attack")
+    check_attack(attack, share.num_classes, int(job["num_clients"]))
+    if is_simulated(context.node_config) and attacks_now(attack, pid, int(job["num_clients"]), int(job["seed"]),
+                                                         server_round):
+        result = malicious_round(model, share, job, partition_id=pid, seed=seed, device=device,
+                                 transform=data.transform)
+    else:
+        result = train_round(model, data, job, server_round=server_round, seed=seed, device=device,
+                             state=context.state)
     metrics = MetricRecord({
         "num-examples": len(share.train_indices),
         "partition-id": pid,

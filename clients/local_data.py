@@ -14,6 +14,11 @@ def partition_id(node_config: dict, node_id: int) -> int:
     return int(node_config.get(PARTITION_ID, node_id))
 
 
+def is_simulated(node_config: dict) -> bool:
+    """A simulated partition (the only kind that can be made malicious), not a deployed site."""
+    return DATA_PATH not in node_config and PARTITION_ID in node_config
+
+
 def local_share(job: dict, node_config: dict) -> ClientShare:
     """Simulation: ``partition-id``/``num-partitions`` in ``node_config``; deployment: ``data-path``."""
     if DATA_PATH in node_config:

@@ -71,12 +71,9 @@ The exit code is non-zero if any run failed; the others still run and are tabula
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import shlex
-import subprocess
 import sys
 import textwrap
 import time
@@ -87,9 +84,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from study_runs import fmt, overrides, report, run_once, study_parser  # noqa: E402
 
 MODELS = ["densenet121", "mobilenet_v2", "resnet50"]
 DATASETS = ["pneumoniamnist", "breastmnist", "retinamnist"]
@@ -146,17 +141,6 @@ CONFIGS = {
 }
 
 
-def hydra_value(value) -> str:
-    """A Python value as a Hydra override's right-hand side."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return str(value)
-
-
 def eps_key(eps: float) -> str:
     """As in metric names (fedmed.robustness.eps_key): four decimals."""
     return f"{eps:.4f}"
@@ -188,17 +172,6 @@ def read_run(run_dir: Path, eps_values: list[float]) -> dict:
         for eps in eps_values:
             result[column(attack, eps)] = last.get(f"adv/{attack}/{eps_key(eps)}/accuracy")
     return result
-
-
-def tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no stderr)"
-
-
-def fmt(value, digits: int = 3) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
 
 
 def plot(results: dict, eps_values: list[float], defenses: list[str], path: Path, title: str) -> bool:
@@ -249,18 +222,11 @@ def plot(results: dict, eps_values: list[float], defenses: list[str], path: Path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="quick")
-    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "medmnist"),
-                        help="folder with the MedMNIST .npz files")
-    parser.add_argument("--out", default="results/robustness_study")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = study_parser(__doc__, list(CONFIGS), "results/robustness_study")
     parser.add_argument("--models", nargs="+", metavar="M", help=f"subset of {MODELS} (default: the config's)")
     parser.add_argument("--datasets", nargs="+", metavar="D", default=DATASETS, help=f"default: {DATASETS}")
     parser.add_argument("--defenses", nargs="+", metavar="D", default=DEFENSES, help=f"default: {DEFENSES}")
     parser.add_argument("--rounds", type=int, help="override federation.rounds and eval.every")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="extra Hydra overrides for every run, after the configuration's")
     args = parser.parse_args()
 
     config = CONFIGS[args.config]
@@ -274,7 +240,7 @@ def main() -> int:
     models = args.models or config["models"]
     out = Path(args.out).resolve()  # the runs start in the repository root
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"{k}={hydra_value(v)}" for k, v in settings.items()]
+    common = overrides(settings)
     common += [f"dataset.root={Path(args.root).resolve()}", f"seed={args.seed}", "progress=false", *args.overrides]
 
     grid = [(m, d, f) for m in models for d in args.datasets for f in args.defenses]
@@ -284,24 +250,10 @@ def main() -> int:
     for i, (model, dataset, defense) in enumerate(grid, 1):
         run_dir = out / model / dataset / defense
         tag = f"[{i}/{len(grid)}] {model} / {dataset} / {defense}"
-        if (run_dir / "summary.json").exists():
-            status = "skipped (summary.json exists)"
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "fedmed", f"model={model}", f"dataset={dataset}", f"defense={defense}",
-                   *common, f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-            started = time.monotonic()
-            with (run_dir / "stdout.log").open("w") as so, (run_dir / "stderr.log").open("w") as se:
-                proc = subprocess.run(cmd, cwd=REPO, stdout=so, stderr=se)
-            wall = time.monotonic() - started
-            if proc.returncode != 0 or not (run_dir / "summary.json").exists():
-                failed.append((model, dataset, defense))
-                print(f"{tag}: FAILED (exit {proc.returncode}, {wall:.0f} s)\n  command: "
-                      + shlex.join(cmd)
-                      + f"\n  last 30 lines of {run_dir / 'stderr.log'}:\n" + tail(run_dir / "stderr.log"),
-                      flush=True)
-                continue
-            status = f"{wall:.0f} s"
+        status = run_once(run_dir, [f"model={model}", f"dataset={dataset}", f"defense={defense}", *common], tag)
+        if status is None:
+            failed.append((model, dataset, defense))
+            continue
         try:
             r = results[(model, dataset, defense)] = read_run(run_dir, eps_values)
         except (OSError, ValueError, IndexError, KeyError) as exc:
@@ -332,19 +284,9 @@ def main() -> int:
     note = ("ACC/AUC: clean, whole test split; attack columns: accuracy under attack on the assessed "
             "images. distillation = defensive distillation (Papernot et al. 2016), which masks "
             "gradients (Carlini & Wagner 2016): read its FGSM numbers with PGD beside them.")
-    (out / "table.md").write_text(f"{title}\n\n" + "\n".join(markdown) + f"\n\n{note}\n")
-    written = [out / "table.md", out / "table.csv"]
-    if plot(results, eps_values, args.defenses, out / "robustness.png", title):
-        written.append(out / "robustness.png")
-
-    print(f"\n{title}\n")
-    print("\n".join(markdown))
-    print(f"\n{note}\n\ntotal {time.monotonic() - started_all:.0f} s; written: " + ", ".join(map(str, written)))
-    if failed:
-        print(f"{len(failed)} run(s) failed: " + ", ".join("/".join(k) for k in failed), file=sys.stderr)
-        return 1
-    return 0
-
+    figure = out / "robustness.png"
+    drawn = plot(results, eps_values, args.defenses, figure, title)
+    return report(out, title, markdown, note, figure if drawn else None, failed, time.monotonic() - started_all)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedmed.dataset import ArrayDataset, Split
 from fedmed.partition import partition_indices
+from fedmed.poisoning import held_out_indices
 from fedmed.site_shift import SiteShift, site_shifts
 from fedmed.train import derive_seed
 
@@ -117,6 +118,12 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
     train_idx, val_idx = split_holdout(
         partitions[partition_id], float(job["client"]["val_fraction"]), derive_seed(seed, partition_id)
     )
+    # attack=edge_case: the source class's tail is held out from every client's clean data (the
+    # attackers get their share back, relabelled, only in attack rounds: clients/malicious.py)
+    held_out = held_out_indices(dataset.train.images, dataset.train.labels, job.get("attack"), seed)
+    if len(held_out):
+        train_idx = train_idx[~np.isin(train_idx, held_out)]
+        val_idx = val_idx[~np.isin(val_idx, held_out)]
     shift = None
     if job["partition"]["name"] == "site":
         shift = site_shifts(num_partitions, seed, float(job["partition"].get("site_strength", 1.0)))[partition_id]

@@ -22,6 +22,8 @@ def job_from_config(cfg: DictConfig) -> dict:
     job["seed"] = int(cfg.seed)
     job["device"] = str(cfg.device)
     job["num_clients"] = int(cfg.federation.num_clients)
+    # attack.mode=replacement estimates a round's examples from it (fedmed.poisoning.update_scale)
+    job["clients_per_round"] = int(cfg.federation.clients_per_round)
     job["rounds"] = int(cfg.federation.rounds)  # DP-SGD spreads a target epsilon over them
     return job
 

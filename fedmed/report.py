@@ -94,21 +94,30 @@ def round_line(row: dict, total_rounds: int, seconds_left: float | None) -> str:
     parts += [f"{SHORT_NAMES[k]} {_fmt(row.get(k), 3)}" for k in MAIN_KEYS]
     if "num_clients" in row:
         parts.append(f"{row['num_clients']} clients ({len(row.get('rejected', []))} rejected)")
+    if row.get("backdoor/asr") is not None:
+        parts.append(f"ASR {row['backdoor/asr']:.3f}")
+    if row.get("detection/flagged"):
+        parts.append(f"flagged {row['detection/flagged']}")
     parts.append(f"{row['time_s']:.1f} s")
     if seconds_left is not None:
         parts.append(f"~{seconds_left:.0f} s left")
     return " | ".join(parts)
 
 
+BACKDOOR_KEYS = ("backdoor/asr", "detection/tpr", "detection/fpr")
+
+
 def summary_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
     table.add_column("round", justify="right")
-    for key in (*MAIN_KEYS, "train_loss", "time_s"):
+    # backdoor and detection columns only in runs that have them
+    keys = (*MAIN_KEYS, *(k for k in BACKDOOR_KEYS if any(r.get(k) is not None for r in rows)), "train_loss", "time_s")
+    for key in keys:
         table.add_column(key, justify="right")
     step = max(1, math.ceil(len(rows) / 25))
     shown = rows[::step] if rows[-1:] == rows[::step][-1:] else rows[::step] + rows[-1:]
     for row in shown:
-        table.add_row(str(row["round"]), *(_fmt(row.get(k)) for k in (*MAIN_KEYS, "train_loss", "time_s")))
+        table.add_row(str(row["round"]), *(_fmt(row.get(k)) for k in keys))
     return table
 
 
@@ -215,6 +224,29 @@ def plot_rounds(rows: list[dict], path: Path, title: str) -> Path:
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_backdoor_per_round(rows: list[dict], path: Path, title: str, start_round: int) -> Path:
+    """Backdoor success rate and main-task accuracy per round, the strategy's TPR/FPR beside them;
+    a dashed line where the attack starts (the ASR before it is the clean model's tail error)."""
+    fig, (ax_asr, ax_det) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, keys in ((ax_asr, (("backdoor/asr", "backdoor ASR"), ("accuracy", "main-task accuracy"))),
+                     (ax_det, (("detection/tpr", "TPR (attackers flagged)"), ("detection/fpr", "FPR (honest flagged)")))):
+        for key, label in keys:
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.axvline(start_round - 0.5, color="grey", ls="--", lw=1, label="attack starts")
+        ax.set(xlabel="round", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_asr.set(ylabel="share", title="backdoor and main task")
+    ax_det.set(ylabel="rate", title="detection (scored against the ground truth)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

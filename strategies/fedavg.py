@@ -86,6 +86,9 @@ class FedMedAvg(FedAvg):
         self.client_train_metrics: dict[int, list[dict]] = {}
         self.rejections: dict[int, list[Rejection]] = {}
         self.client_eval_metrics: dict[int, list[dict]] = {}
+        # per round: {"scores": {partition id: suspicion}, "flagged": [partition ids]}; FedAvg
+        # suspects nobody (strategies/robust.py fills it from its aggregator)
+        self.detection: dict[int, dict] = {}
 
     def sample_partitions(self, count: int) -> list[int]:
         """Node ids of ``count`` partitions drawn by the seeded generator, in partition order."""
@@ -143,7 +146,10 @@ class FedMedAvg(FedAvg):
         accepted = self.accepted_replies(server_round, replies)
         if not accepted:
             log(WARNING, "round %d: no valid reply; the global model stays as it was", server_round)
+            self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, None
+        self.detection[server_round] = {
+            "scores": {reply_partition_id(m, self.partition_of_node): 0.0 for m in accepted}, "flagged": []}
         return super().aggregate_train(server_round, accepted)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,20 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedmed.data import client_partitions, dataset_from_config
+from fedmed.detection import RoundDetection, run_totals, score_round
+from fedmed.poisoning import attack_section, attacks_in_round, backdoor_asr, backdoor_test_set, malicious_ids
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
 from fedmed.config import check_defense, model_norm_for
-from fedmed.report import (MetricsLog, plot_robustness_per_round, plot_robustness_vs_eps, plot_rounds,
-                           print_summary, round_line, write_summary)
+from fedmed.report import (MetricsLog, plot_backdoor_per_round, plot_robustness_per_round, plot_robustness_vs_eps,
+                           plot_rounds, print_summary, round_line, write_summary)
 from fedmed.serialization import load_arrays, model_to_arrays, save_model
 from fedmed.train import derive_seed, evaluate, resolve_device
+from strategies.aggregators import TooFewReplies, make_aggregator
 from strategies.fedavg import FedMedAvg, discover_partitions
+from strategies.robust import RobustAggregation
+from strategies.root_update import make_root_update
 from strategies.robustness import check_eval_config, global_robustness, is_assessment_round, weakest_client
 
 
@@ -35,18 +41,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int]) -> FedMedAvg:
-    name = cfg.strategy.name
-    if name != "fedavg":
-        raise ValueError(f"strategy={name!r} is not available yet; use strategy=fedavg")
+def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
+                   reference_update: Callable[[ArrayRecord], torch.Tensor] | None = None) -> FedMedAvg:
+    """``strategy=fedavg``: Flower's FedAvg (``FedMedAvg``); any other: ``RobustAggregation``
+    with that rule. Nothing here knows which clients are malicious."""
     assess_clients = bool(cfg.eval.clients)
-    return FedMedAvg(
-        partition_of_node,
+    common = dict(
         clients_per_round=int(cfg.federation.clients_per_round),
         seed=int(cfg.seed),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
         assess_round=lambda r: assess_clients and assessment_round(cfg, r),
     )
+    params = OmegaConf.to_container(cfg.strategy, resolve=True)
+    name = params.pop("name")
+    aggregator = make_aggregator(name, **params)  # refuses unknown names and misplaced keys
+    if name == "fedavg":
+        return FedMedAvg(partition_of_node, **common)
+    return RobustAggregation(partition_of_node, **common, aggregator=aggregator,
+                             reference_update=reference_update if name == "fltrust" else None)
 
 
 def assessment_round(cfg: DictConfig, server_round: int) -> bool:
@@ -56,6 +68,12 @@ def assessment_round(cfg: DictConfig, server_round: int) -> bool:
 def prepare_config(cfg: DictConfig) -> None:
     """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
     check_defense(cfg.defense)
+    strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
+    aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
+    try:
+        aggregator.check_replies(int(cfg.federation.clients_per_round))
+    except TooFewReplies as error:
+        raise ValueError(f"{error} (federation.clients_per_round={cfg.federation.clients_per_round})") from None
     check_eval_config(list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps], cfg.eval.max_samples)
     norm = model_norm_for(str(cfg.model.norm), str(cfg.defense.name))
     if norm != cfg.model.norm:
@@ -74,6 +92,18 @@ def log_partitions(cfg: DictConfig, dataset, plots_dir: Path, console: Console) 
     if cfg.progress:
         console.print(format_label_table(counts, list(dataset.class_names)))
     plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png")
+
+
+def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int], attacking: bool) -> RoundDetection | None:
+    """Score the strategy's flags of one round against the ground truth, which only this runner
+    holds (the strategy never sees ``malicious``). A rejected reply counts as flagged."""
+    decisions = strategy.detection.get(server_round)
+    rejected = [r.partition_id for r in strategy.rejections.get(server_round, []) if r.partition_id is not None]
+    accepted = [int(c["partition-id"]) for c in strategy.client_train_metrics.get(server_round, [])]
+    if not accepted and not rejected:
+        return None
+    flagged = (decisions["flagged"] if decisions else []) + rejected
+    return score_round(flagged, accepted + rejected, malicious if attacking else [])
 
 
 def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
@@ -107,13 +137,22 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
         weights_path=cfg.model.weights_path, freeze_backbone=bool(cfg.model.freeze_backbone),
         norm=str(cfg.model.norm),
     )
-    strategy = build_strategy(cfg, partition_of_node)
+    reference_update = None
+    if cfg.strategy.name == "fltrust":
+        reference_update = make_root_update(model, dataset.val, int(cfg.strategy.root_samples),
+                                            OmegaConf.to_container(cfg.client, resolve=True), device=device, seed=seed)
+    strategy = build_strategy(cfg, partition_of_node, reference_update)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
     total_rounds = int(cfg.federation.rounds)
     test = dataset.test
 
     attacks, eps = list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps]
     largest_epsilon: list[float] = []
+    # ground truth of the attack, for scoring detection only: never handed to the strategy
+    attack = attack_section(OmegaConf.to_container(cfg.attack, resolve=True))
+    malicious = malicious_ids(attack, int(cfg.federation.num_clients), seed)
+    backdoor_set = backdoor_test_set(dataset, attack, seed)
+    detections: list[RoundDetection] = []
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         row: dict = {"round": server_round}
@@ -123,6 +162,15 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
             row.update(global_robustness(
                 model, test.images, test.labels, attacks=attacks, eps=eps, max_samples=cfg.eval.max_samples,
                 batch_size=int(cfg.eval.batch_size), device=device, seed=derive_seed(seed, 7)))
+        if backdoor_set is not None:
+            row["backdoor/asr"] = backdoor_asr(model, backdoor_set, batch_size=int(cfg.eval.batch_size), device=device)
+        detection = round_detection(strategy, server_round, malicious, attacks_in_round(attack, server_round))
+        if detection is not None:
+            detections.append(detection)
+            row.update(detection.metrics())
+            decisions = strategy.detection.get(server_round)
+            if decisions:
+                row["detection/scores"] = {str(pid): score for pid, score in decisions["scores"].items()}
         clients = strategy.client_train_metrics.get(server_round, [])
         row["num_clients"] = len(clients)
         if clients:
@@ -166,14 +214,27 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     if any(key.startswith("adv/") for row in metrics_log.rows for key in row):
         plot_robustness_per_round(metrics_log.rows, plots_dir / "robustness_per_round.png", title)
         plot_robustness_vs_eps(metrics_log.rows, plots_dir / "robustness_vs_eps.png", title)
-    summary = write_summary(
-        output_dir / "summary.json", metrics_log.rows, time.monotonic() - started,
-        {"rejected_replies": sum(len(r) for r in strategy.rejections.values()),
-         "config": OmegaConf.to_container(cfg, resolve=True)},
-    )
+    extra = {"rejected_replies": sum(len(r) for r in strategy.rejections.values())}
+    if attack["name"] != "none":
+        plot_backdoor_per_round(metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}",
+                                int(attack["start_round"]))
+        extra["attack"] = {"name": attack["name"], "malicious_partitions": malicious,
+                           **backdoor_summary(metrics_log.rows, int(attack["start_round"]))}
+    extra["detection"] = {"strategy": str(cfg.strategy.name), **run_totals(detections)}
+    extra["config"] = OmegaConf.to_container(cfg, resolve=True)
+    summary = write_summary(output_dir / "summary.json", metrics_log.rows, time.monotonic() - started, extra)
     if cfg.progress:
         print_summary(metrics_log.rows, title, console)
     return summary
+
+
+def backdoor_summary(rows: list[dict], start_round: int) -> dict:
+    """ASR just before the attack (the clean model's error on tail inputs), at the end, and its
+    maximum over the attacked rounds: the rise over the first is what shows the backdoor."""
+    asr = {row["round"]: row.get("backdoor/asr") for row in rows}
+    attacked = [v for r, v in asr.items() if r >= start_round and v is not None]
+    return {"asr_before_attack": asr.get(start_round - 1), "asr_final": rows[-1].get("backdoor/asr") if rows else None,
+            "asr_max": max(attacked) if attacked else None}
 
 
 def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:

@@ -1,0 +1,90 @@
+"""What the study scripts share: running one fedmed federation per grid cell, resumably.
+
+Each run is a `python -m fedmed` subprocess writing into its own folder; a folder whose
+summary.json exists is skipped, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hydra_value(value) -> str:
+    """A Python value as a Hydra override's right-hand side."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    return str(value)
+
+
+def overrides(settings: dict) -> list[str]:
+    return [f"{k}={hydra_value(v)}" for k, v in settings.items()]
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no stderr)"
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def run_once(run_dir: Path, args: list[str], tag: str) -> str | None:
+    """Run `python -m fedmed *args` into ``run_dir`` unless it has finished before.
+
+    Returns a status ("skipped ...", "<wall> s") or None when the run failed (its command and
+    the end of its stderr are printed).
+    """
+    if (run_dir / "summary.json").exists():
+        return "skipped (summary.json exists)"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fedmed", *args, f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    started = time.monotonic()
+    with (run_dir / "stdout.log").open("w") as so, (run_dir / "stderr.log").open("w") as se:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=so, stderr=se)
+    wall = time.monotonic() - started
+    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        print(f"{tag}: FAILED (exit {proc.returncode}, {wall:.0f} s)\n  command: " + shlex.join(cmd)
+              + f"\n  last 30 lines of {run_dir / 'stderr.log'}:\n" + tail(run_dir / "stderr.log"), flush=True)
+        return None
+    return f"{wall:.0f} s"
+
+
+def study_parser(doc: str, configs: list[str], default_out: str) -> argparse.ArgumentParser:
+    """The options every study takes: --config, --root, --out, --seed and --set."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(configs), default="quick")
+    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "medmnist"),
+                        help="folder with the MedMNIST .npz files")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="extra Hydra overrides for every run, after the configuration's")
+    return parser
+
+
+def report(out: Path, title: str, markdown: list[str], note: str, figure: Path | None, failed: list[tuple],
+           seconds: float) -> int:
+    """Write table.md, print it with what was written; exit status 1 if any run failed."""
+    (out / "table.md").write_text(f"{title}\n\n" + "\n".join(markdown) + f"\n\n{note}\n")
+    written = [out / "table.md", out / "table.csv", *([figure] if figure else [])]
+    print(f"\n{title}\n")
+    print("\n".join(markdown))
+    print(f"\n{note}\n\ntotal {seconds:.0f} s; written: " + ", ".join(map(str, written)))
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join("/".join(k) for k in failed), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,541 @@
+"""Robust aggregators (strategies/aggregators) and the strategy that runs them (strategies/robust.py).
+
+* equal to Flower's FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan on the same replies
+  (same selection, same aggregate), and right where Flower's float32 Gram trick on raw weights is not;
+* every rule on planted attackers; permutation equivariance; clear errors;
+* RobustAggregation end to end on Flower Messages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import flwr.serverapp.strategy.multikrum as flower_multikrum
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Bulyan as FlowerBulyan
+from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
+from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
+from flwr.serverapp.strategy import Krum as FlowerKrum
+from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
+
+from strategies.aggregators import AGGREGATORS, TooFewReplies, make_aggregator
+from strategies.aggregators.foolsgold import FoolsGold
+from strategies.aggregators.ops import (batcher_runs, closest_window, gram, median_windows, middle,
+                                        sort_columns_, sq_distances)
+from strategies.fedavg import FedMedAvg
+from strategies.robust import RobustAggregation, apply_update, array_view, flat_update, stack_updates
+
+SHAPES = {"conv": (6, 5, 5), "fc": (40, 50), "bias": (50,)}
+D = sum(int(np.prod(s)) for s in SHAPES.values())  # 2,950
+
+
+def split(flat: np.ndarray) -> ArrayRecord:
+    arrays, offset = {}, 0
+    for key, shape in SHAPES.items():
+        size = int(np.prod(shape))
+        arrays[key] = Array(np.ascontiguousarray(flat[offset:offset + size].reshape(shape)))
+        offset += size
+    return ArrayRecord(arrays)
+
+
+def joined(record: ArrayRecord) -> np.ndarray:
+    return np.concatenate([record[key].numpy().ravel() for key in SHAPES])
+
+
+
+def reply(pid: int, record: ArrayRecord, num_examples: int) -> Message:
+    ins = Message(RecordDict(), dst_node_id=100 + pid, message_type=MessageType.TRAIN)
+    metrics = MetricRecord({"num-examples": num_examples, "partition-id": pid, "train_loss": 0.5 + pid})
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=ins)
+
+
+def robust(aggregator, global_record: ArrayRecord, n: int, seed: int = 0, **kwargs) -> RobustAggregation:
+    s = RobustAggregation({100 + i: i for i in range(n)}, clients_per_round=n, seed=seed, aggregator=aggregator,
+                          **kwargs)
+    list(s.configure_train(1, global_record, ConfigRecord(), grid=None))
+    return s
+
+
+def federation(seed: int, n: int, scale: float, step: float, spread: tuple[float, float] = (0.5, 3.0)):
+    """Global weights ~ scale * N(0, 1); client i's weights = global + step * (c + s_i * noise),
+    with s_i spread out so that Krum scores are well apart. Returns (global, weights, counts)."""
+    rng = np.random.default_rng(seed)
+    g = (scale * rng.normal(size=D)).astype(np.float32)
+    common = rng.normal(size=D)
+    sizes = rng.permutation(np.linspace(*spread, n))
+    weights = [(g + step * (common + s * rng.normal(size=D))).astype(np.float32) for s in sizes]
+    counts = [int(c) for c in rng.integers(10, 100, size=n)]
+    return g, weights, counts
+
+
+@pytest.fixture
+def record_flower_selection(monkeypatch):
+    """Partition ids Flower's Multi-Krum selection picked, read inside its aggregate_train."""
+    picked: list[list[int]] = []
+    original = flower_multikrum.select_multikrum
+
+    def recording(contents, num_malicious_nodes, num_nodes_to_select):
+        chosen = original(contents, num_malicious_nodes, num_nodes_to_select)
+        picked.append(sorted(int(c["metrics"]["partition-id"]) for c in chosen))
+        return chosen
+
+    monkeypatch.setattr(flower_multikrum, "select_multikrum", recording)
+    return picked, recording
+
+
+def both(name: str, flower_strategy, seed=0, n=13, **params):
+    """Flower's and our aggregate (flat numpy) of the same replies, and our strategy."""
+    g, weights, counts = federation(seed, n, scale=1.0, step=0.01)
+    flower_out, _ = flower_strategy.aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in
+                                                        enumerate(zip(weights, counts))])
+    ours = robust(make_aggregator(name, **params), split(g), n)
+    our_out, _ = ours.aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))])
+    return joined(flower_out), joined(our_out), ours
+
+
+@pytest.mark.usefixtures("task_identity")
+class TestSameAsFlower:
+    def test_fedmedian(self):
+        for n in (10, 11):  # even: mean of the two middle values, as np.median
+            flower, ours, _ = both("fedmedian", FlowerFedMedian(), n=n)
+            np.testing.assert_allclose(ours, flower, rtol=0, atol=2e-7)
+
+    def test_trimmed_mean(self):
+        for n, beta in ((10, 0.2), (13, 0.2), (12, 0.34)):
+            flower, ours, _ = both("trimmed_mean", FlowerFedTrimmedAvg(beta=beta), n=n, beta=beta)
+            np.testing.assert_allclose(ours, flower, rtol=0, atol=5e-7)
+
+    def test_krum(self, record_flower_selection):
+        picked, _ = record_flower_selection
+        for seed in range(3):
+            flower, ours, s = both("krum", FlowerKrum(num_malicious_nodes=3), seed=seed, num_malicious=3)
+            (chosen,) = set(range(13)) - set(s.detection[1]["flagged"])
+            assert picked[-1] == [chosen]
+            np.testing.assert_allclose(ours, flower, rtol=0, atol=2e-7)
+
+    def test_multikrum_weights_its_selection_by_examples(self, record_flower_selection):
+        picked, _ = record_flower_selection
+        flower, ours, s = both("multikrum", FlowerMultiKrum(num_malicious_nodes=2, num_nodes_to_select=6),
+                               num_malicious=2, num_to_keep=6)
+        kept = sorted(set(range(13)) - set(s.detection[1]["flagged"]))
+        assert picked[-1] == kept and len(kept) == 6
+        np.testing.assert_allclose(ours, flower, rtol=0, atol=3e-7)
+
+    def test_bulyan(self, record_flower_selection):
+        picked, recording = record_flower_selection
+        for n, f in ((11, 2), (16, 3)):  # theta odd, then even (np.median: mean of the middle two)
+            flower, ours, s = both("bulyan", FlowerBulyan(num_malicious_nodes=f, selection_rule=recording), n=n,
+                                   num_malicious=f)
+            theta = n - 2 * f
+            dropped = sorted(set(range(n)) - set(picked[-1]))
+            assert len(picked[-1]) == theta
+            assert [pid for pid, score in s.detection[1]["scores"].items() if score == 1.0] == dropped
+            np.testing.assert_allclose(ours, flower, rtol=0, atol=3e-7)
+
+    def test_bulyan_refuses_fewer_than_4f_plus_3_like_flower(self):
+        g, weights, counts = federation(0, 10, 1.0, 0.01)
+        replies = [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))]
+        assert FlowerBulyan(num_malicious_nodes=2).aggregate_train(1, replies) == (None, None)
+        with pytest.raises(TooFewReplies, match=r"strategy.num_malicious=2 is too large for 10 replies: "
+                                                r"Bulyan needs n >= 4f \+ 3"):
+            make_aggregator("bulyan", num_malicious=2).aggregate(
+                torch.zeros(10, 5), torch.ones(10), client_ids=range(10), generator=torch.Generator())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_gram_trick_misranks_large_weights_ours_matches_float64(record_flower_selection):
+    """Weights of magnitude ~100 with updates ~1e-3 of different sizes: Flower's squared distances,
+    |x|^2 + |y|^2 - 2 x.y in float32 on the raw weights, are rounding noise (the norms are ~3e7, one
+    float32 step there is 2, the distances ~1e-2); ours, on the updates, pick what exact float64
+    distances between the same float32 weights pick."""
+    picked, _ = record_flower_selection
+    n, f = 10, 2
+    flower_wrong = 0
+    for seed in range(5):
+        g, weights, counts = federation(seed, n, scale=100.0, step=1e-3, spread=(0.5, 2.0))
+        exact = np.array([[np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for b in weights]
+                          for a in weights])
+        off = exact + np.diag(np.full(n, np.inf))
+        exact_scores = np.sort(off, axis=1)[:, : n - f - 2].sum(1)
+        expected = int(np.argmin(exact_scores))
+
+        flower_d = flower_multikrum.compute_distances([split(w) for w in weights])
+        assert np.abs(flower_d - exact).max() > exact.max()  # its distances have lost every digit
+        FlowerKrum(num_malicious_nodes=f).aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in
+                                                             enumerate(zip(weights, counts))])
+        flower_wrong += picked[-1] != [expected]
+
+        ours = robust(make_aggregator("krum", num_malicious=f), split(g), n)
+        out, _ = ours.aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))])
+        assert set(range(n)) - set(ours.detection[1]["flagged"]) == {expected}
+        np.testing.assert_array_equal(joined(out), weights[expected])
+        our_scores = torch.tensor([ours.detection[1]["scores"][i] for i in range(n)])
+        np.testing.assert_allclose(our_scores.numpy(), exact_scores, rtol=1e-4)
+    assert flower_wrong >= 2
+
+
+# ---- planted attackers -------------------------------------------------------------------------
+
+N_HONEST = 9
+
+
+def byzantine(seed=0, d=2000):
+    """9 honest updates c + noise, an opposite one (-8c) and a boosted one (+4c): each an extreme
+    on its own side of most coordinates, both far from the honest ones."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 0.1 * torch.randn(d, generator=gen)
+    honest = c + 0.02 * torch.randn(N_HONEST, d, generator=gen)
+    attackers = torch.stack([-8 * c, 4 * c]) + 0.001 * torch.randn(2, d, generator=gen)
+    reference = c + 0.02 * torch.randn(d, generator=gen)  # FLTrust's server update
+    return torch.cat([honest, attackers]).float(), honest.mean(0), c, reference.float()
+
+
+def sybils(seed=0, d=2000):
+    """9 diverse honest updates (non-IID: pairwise cosine about 0.5) and two sybils pushing the
+    same backdoor direction, as FoolsGold's threat model."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 0.1 * torch.randn(d, generator=gen)
+    b = 0.1 * torch.randn(d, generator=gen)
+    b -= (b @ c) / (c @ c) * c
+    honest = c + 0.1 * torch.randn(N_HONEST, d, generator=gen)
+    attackers = (2 * b + 0.5 * c) + 0.001 * torch.randn(2, d, generator=gen)
+    return torch.cat([honest, attackers]).float(), honest.mean(0), c, None
+
+
+# rule -> (scenario, attacker rows that must be flagged)
+PLANTED = {
+    "fedmedian": (byzantine, [9, 10]),
+    "trimmed_mean": (byzantine, [9, 10]),
+    "krum": (byzantine, [9, 10]),
+    "multikrum": (byzantine, [9, 10]),
+    "bulyan": (byzantine, [9, 10]),
+    "rfa": (byzantine, [9, 10]),
+    "norm_clip": (byzantine, [9, 10]),
+    "weak_dp": (byzantine, [9, 10]),
+    # cosine rules: the boosted attacker points the honest way; it is admitted, and bounded by
+    # FLAME's clipping / FLTrust's rescaling to the server update's norm
+    "flame": (byzantine, [9]),
+    "fltrust": (byzantine, [9]),
+    "foolsgold": (sybils, [9, 10]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANTED))
+def test_planted_attackers_are_flagged_and_the_aggregate_stays_honest(name):
+    scenario, attackers = PLANTED[name]
+    updates, honest_mean, c, reference = scenario()
+    n = updates.shape[0]
+    counts = torch.full((n,), 50.0)
+    mean_result = make_aggregator("fedavg").aggregate(updates, counts, client_ids=range(n),
+                                                      generator=torch.Generator().manual_seed(0), reference=reference)
+    result = make_aggregator(name).aggregate(updates, counts, client_ids=range(n),
+                                             generator=torch.Generator().manual_seed(0), reference=reference)
+    assert mean_result.flagged == [] and torch.all(mean_result.scores == 0)
+    assert set(attackers) <= set(result.flagged), result.flagged
+    error = float((result.update - honest_mean).norm())
+    mean_error = float((mean_result.update - honest_mean).norm())
+    assert mean_error > 0.3 * float(c.norm())
+    assert error < 0.5 * mean_error, (error, mean_error)
+    assert float(result.scores[attackers].min()) > float(result.scores[: N_HONEST].median())
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "trimmed_mean", "bulyan", "rfa", "multikrum", "fltrust"])
+def test_honest_clients_mostly_not_flagged(name):
+    updates, _, _, reference = byzantine(seed=1)
+    result = make_aggregator(name).aggregate(updates, torch.full((11,), 50.0), client_ids=range(11),
+                                             generator=torch.Generator(), reference=reference)
+    honest_flagged = [i for i in result.flagged if i < N_HONEST]
+    assert len(honest_flagged) <= (2 if name in ("multikrum", "bulyan") else 0), result.flagged
+
+
+# ---- permutation equivariance ------------------------------------------------------------------
+
+def run(aggregator, updates, counts, ids, reference, seed=5):
+    return aggregator.aggregate(updates, counts, client_ids=ids, generator=torch.Generator().manual_seed(seed),
+                                reference=reference)
+
+
+def assert_equivariant(a, b, perm):
+    """b was computed on rows permuted by perm (row r of b's input = row perm[r] of a's)."""
+    np.testing.assert_allclose(b.update.numpy(), a.update.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.scores.numpy(), a.scores[perm].numpy(), rtol=1e-5, atol=1e-6)
+    assert sorted(int(perm[r]) for r in b.flagged) == a.flagged
+
+
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n != "foolsgold"])
+@pytest.mark.parametrize("scenario", [byzantine, sybils])
+def test_shuffling_clients_permutes_the_decisions_only(name, scenario):
+    updates, _, _, reference = scenario(seed=3)
+    if reference is None:
+        reference = updates[:N_HONEST].mean(0)
+    n = updates.shape[0]
+    counts = torch.arange(10.0, 10.0 + n)
+    ids = [7 * i + 3 for i in range(n)]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    a = run(make_aggregator(name), updates, counts, ids, reference)
+    b = run(make_aggregator(name), updates[perm], counts[perm], [ids[i] for i in perm], reference)
+    assert_equivariant(a, b, perm)
+
+
+def test_foolsgold_shuffled_over_three_rounds():
+    first, second = FoolsGold(), FoolsGold()
+    ids = [11, 4, 25, 8, 16, 3, 42, 9, 30, 1, 77]
+    for rnd in range(3):
+        updates, _, _, _ = sybils(seed=10 + rnd)
+        counts = torch.full((11,), 20.0)
+        perm = torch.randperm(11, generator=torch.Generator().manual_seed(rnd))
+        a = run(first, updates, counts, ids, None)
+        b = run(second, updates[perm], counts[perm], [ids[i] for i in perm], None)
+        assert_equivariant(a, b, perm)
+        assert {9, 10} <= set(a.flagged)
+
+
+def test_ties_are_broken_by_client_id_not_by_position():
+    gen = torch.Generator().manual_seed(0)
+    sybil = torch.randn(1, 3000, generator=gen)
+    u = torch.cat([sybil.repeat(4, 1), sybil + 0.5 * torch.randn(3, 3000, generator=gen)])
+    ids = [5, 3, 9, 1, 7, 2, 8]
+    for perm in ([0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [2, 4, 0, 6, 1, 3, 5]):
+        shuffled_ids = [ids[i] for i in perm]
+        for name in ("krum", "multikrum"):
+            result = make_aggregator(name, num_malicious=0, **({"num_to_keep": 2} if name == "multikrum" else {}))\
+                .aggregate(u[perm], torch.ones(7), client_ids=shuffled_ids, generator=torch.Generator())
+            kept = sorted(shuffled_ids[i] for i in set(range(7)) - set(result.flagged))
+            assert kept == ([1] if name == "krum" else [1, 3])  # the four copies tie: smallest ids
+            # exactly equal scores for the copies, whatever their rows
+            copies = [r for r, i in enumerate(perm) if i < 4]
+            assert len(set(result.scores[copies].tolist())) == 1
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, params, message", [
+    ("trimmed_mean", {"beta": 0.5}, r"strategy.beta=0.5 must be in \[0, 0.5\)"),
+    ("krum", {"num_malicious": -1}, "strategy.num_malicious=-1 must be an integer >= 0"),
+    ("multikrum", {"num_to_keep": 0}, "strategy.num_to_keep=0 must be an integer >= 1"),
+    ("norm_clip", {"clip_norm": 0.0}, "strategy.clip_norm=0.0 must be a finite number > 0"),
+    ("weak_dp", {"noise_std": -1.0}, "strategy.noise_std=-1.0 must be a finite number >= 0"),
+    ("flame", {"noise_lambda": float("nan")}, "strategy.noise_lambda=nan"),
+    ("rfa", {"max_iter": 0}, "strategy.max_iter=0 must be an integer >= 1"),
+    ("fedmedian", {"num_malicious": 2}, "strategy.num_malicious=2 has no effect with strategy=fedmedian"),
+    ("krum", {"colour": 1}, "strategy.colour is not a parameter of strategy=krum"),
+    ("median", {}, "strategy='median' is not known; use one of fedavg, fedmedian"),
+])
+def test_bad_parameters_name_the_key(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        make_aggregator(name, **params)
+
+
+def test_whole_strategy_section_with_defaults_is_accepted():
+    defaults = dict(num_malicious=None, num_to_keep=None, beta=0.2, clip_norm=None, noise_std=0.002,
+                    noise_lambda=0.001, max_iter=10, root_samples=100)
+    for name in AGGREGATORS:
+        assert make_aggregator(name, **defaults).name == name
+
+
+@pytest.mark.parametrize("name, params, n, message", [
+    ("krum", {"num_malicious": 7}, 10, r"strategy.num_malicious=7 is too large for 10 replies: Krum needs n > 2f \+ 2"),
+    ("multikrum", {"num_malicious": 4}, 10, r"Krum needs n > 2f \+ 2"),
+    ("multikrum", {"num_to_keep": 12}, 10, "strategy.num_to_keep=12 is more than the 10 replies"),
+    ("bulyan", {}, 2, r"strategy=bulyan cannot aggregate 2 replies: Bulyan needs n >= 4f \+ 3"),
+])
+def test_too_few_replies(name, params, n, message):
+    with pytest.raises(TooFewReplies, match=message):
+        make_aggregator(name, **params).aggregate(torch.zeros(n, 4), torch.ones(n), client_ids=range(n),
+                                                  generator=torch.Generator())
+
+
+def test_fltrust_needs_a_reference():
+    with pytest.raises(ValueError, match="fltrust needs the server's reference update"):
+        make_aggregator("fltrust").aggregate(torch.ones(3, 4), torch.ones(3), client_ids=range(3),
+                                             generator=torch.Generator())
+
+
+def test_bad_inputs():
+    agg = make_aggregator("fedavg")
+    with pytest.raises(TypeError, match="float32"):
+        agg.aggregate(torch.zeros(3, 4, dtype=torch.float64), torch.ones(3), client_ids=range(3), generator=None)
+    with pytest.raises(ValueError, match="distinct client ids"):
+        agg.aggregate(torch.zeros(3, 4), torch.ones(3), client_ids=[1, 1, 2], generator=None)
+    with pytest.raises(ValueError, match="positive"):
+        agg.aggregate(torch.zeros(3, 4), torch.tensor([1.0, 0.0, 2.0]), client_ids=range(3), generator=None)
+
+
+def test_degenerate_rounds_keep_the_global_model(caplog):
+    u = torch.rand(4, 30, generator=torch.Generator().manual_seed(0)) + 0.1  # cosines with -1: negative
+    with caplog.at_level(logging.WARNING):
+        result = make_aggregator("fltrust").aggregate(u, torch.ones(4), client_ids=range(4),
+                                                      generator=torch.Generator(), reference=-torch.ones(30))
+    assert result.flagged == [0, 1, 2, 3] and torch.all(result.update == 0)
+    assert "global model is kept" in caplog.text
+    same = torch.randn(1, 30, generator=torch.Generator().manual_seed(0)).repeat(3, 1)  # FoolsGold: all weights 0
+    result = FoolsGold().aggregate(same, torch.ones(3), client_ids=range(3), generator=torch.Generator())
+    assert torch.all(result.update == 0) and result.flagged == [0, 1, 2]
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+def test_sorting_network_sorts_every_size():
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 70):
+        x = torch.randn(n, 40, generator=gen)
+        x[:, :5] = x[:1, :5]  # ties
+        assert torch.equal(sort_columns_(x.clone()), torch.sort(x, dim=0).values), n
+    assert len(batcher_runs(50)) < 250
+
+
+def test_closest_window_holds_the_values_nearest_the_median():
+    gen = torch.Generator().manual_seed(0)
+    for rows, width in ((7, 3), (8, 6), (28, 6), (52, 4), (11, 11)):
+        s = torch.sort(torch.randn(rows, 500, generator=gen), dim=0).values
+        m = middle(s)
+        mean, low, high = closest_window(s, m, width, median_windows(rows, width))
+        everywhere = closest_window(s, m, width)  # the restriction to windows at the middle loses nothing
+        assert torch.equal(low, everywhere[1]) and torch.equal(high, everywhere[2])
+        nearest = s.gather(0, (s - m).abs().topk(width, dim=0, largest=False).indices)
+        torch.testing.assert_close(mean, nearest.mean(0))
+        assert torch.equal(low, nearest.min(0).values) and torch.equal(high, nearest.max(0).values)
+
+
+def test_gram_distances_on_updates_are_exact_enough():
+    gen = torch.Generator().manual_seed(0)
+    u = 1e-3 * torch.randn(6, 5000, generator=gen)
+    exact = torch.cdist(u.double(), u.double()) ** 2
+    np.testing.assert_allclose(sq_distances(gram(u)).numpy(), exact.numpy(), rtol=1e-5, atol=1e-12)
+    rows = list(u)
+    np.testing.assert_allclose(gram(rows, block=777).numpy(), gram(u).numpy(), rtol=1e-6, atol=1e-10)
+
+
+# ---- RobustAggregation on Messages -------------------------------------------------------------
+
+GLOBAL = ArrayRecord({
+    "w": Array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)),
+    "num_batches_tracked": Array(np.array(7, dtype=np.int64)),
+    "b": Array(np.zeros(4, np.float32)),
+})
+
+
+def client_record(delta_w: np.ndarray, delta_b: np.ndarray, tracked=99) -> ArrayRecord:
+    return ArrayRecord({
+        "w": Array((GLOBAL["w"].numpy() + delta_w).astype(np.float32)),
+        "num_batches_tracked": Array(np.array(tracked, dtype=np.int64)),
+        "b": Array((GLOBAL["b"].numpy() + delta_b).astype(np.float32)),
+    })
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_robust_aggregation_end_to_end(caplog):
+    rng = np.random.default_rng(0)
+    direction_w, direction_b = rng.normal(size=(3, 4)), rng.normal(size=4)
+    replies = []
+    for pid in range(7):
+        replies.append(reply(pid, client_record(0.1 * direction_w + 0.01 * rng.normal(size=(3, 4)),
+                                                0.1 * direction_b + 0.01 * rng.normal(size=4)), 10 + pid))
+    bad_w = np.zeros((3, 4)); bad_w[1, 2] = np.nan
+    replies.append(reply(7, client_record(bad_w, np.zeros(4)), 10))
+    replies.append(reply(8, client_record(-5 * direction_w, -5 * direction_b), 10))  # attacker
+    s = robust(make_aggregator("multikrum", num_malicious=2), GLOBAL, 9)
+    with caplog.at_level(logging.WARNING):
+        out, metrics = s.aggregate_train(1, list(reversed(replies)))
+    assert [r.partition_id for r in s.rejections[1]] == [7] and "NaN" in s.rejections[1][0].reason
+    detection = s.detection[1]
+    assert sorted(detection["scores"]) == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert 8 in detection["flagged"] and 7 not in detection["flagged"]
+    kept = [p for p in range(7) if p not in detection["flagged"]]
+    weights = np.array([10 + p for p in kept], dtype=np.float64)
+    updates = [joined_wb(replies[p]) - joined_wb_global() for p in kept]
+    expected = joined_wb_global() + np.average(updates, axis=0, weights=weights)
+    got = np.concatenate([out["w"].numpy().ravel(), out["b"].numpy().ravel()])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.isfinite(got).all()
+    assert list(out.keys()) == list(GLOBAL.keys())
+    assert out["num_batches_tracked"].numpy() == 7 and out["num_batches_tracked"].numpy().dtype == np.int64
+    assert "partition-id" not in metrics and metrics["train_loss"] > 0
+    assert [m["partition-id"] for m in s.client_train_metrics[1]] == [0, 1, 2, 3, 4, 5, 6, 8]
+
+
+def joined_wb(msg: Message) -> np.ndarray:
+    rec = msg.content["arrays"]
+    return np.concatenate([rec["w"].numpy().ravel(), rec["b"].numpy().ravel()]).astype(np.float64)
+
+
+def joined_wb_global() -> np.ndarray:
+    return np.concatenate([GLOBAL["w"].numpy().ravel(), GLOBAL["b"].numpy().ravel()]).astype(np.float64)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_robust_fedavg_matches_fedmedavg_and_both_report_detection():
+    rng = np.random.default_rng(1)
+    delta_w, delta_b = rng.normal(size=(4, 3, 4)) * 0.1, rng.normal(size=(4, 4)) * 0.1
+
+    def replies():
+        return [reply(p, client_record(delta_w[p], delta_b[p], tracked=7), 5 + p) for p in range(4)]
+
+    plain = FedMedAvg({100 + i: i for i in range(4)}, clients_per_round=4, seed=0)
+    list(plain.configure_train(1, GLOBAL, ConfigRecord(), grid=None))
+    a, _ = plain.aggregate_train(1, replies())
+    b, _ = robust(make_aggregator("fedavg"), GLOBAL, 4).aggregate_train(1, replies())
+    np.testing.assert_allclose(b["w"].numpy(), a["w"].numpy(), atol=1e-6)
+    assert plain.detection[1] == {"scores": {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, "flagged": []}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_round_with_too_few_replies_keeps_the_global_model(caplog):
+    s = robust(make_aggregator("bulyan", num_malicious=1), GLOBAL, 7)
+    replies = [reply(p, client_record(np.full((3, 4), 0.1), np.zeros(4)), 10) for p in range(6)]
+    with caplog.at_level(logging.WARNING):
+        out, metrics = s.aggregate_train(1, replies)
+    assert out is None and metrics is not None and "Bulyan needs n >= 4f + 3" in caplog.text
+    assert s.detection[1] == {"scores": {}, "flagged": []}
+    with pytest.raises(ValueError, match=r"federation.clients_per_round=6"):
+        RobustAggregation({100 + i: i for i in range(8)}, clients_per_round=6, seed=0,
+                          aggregator=make_aggregator("bulyan", num_malicious=1))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fltrust_strategy_uses_the_reference_and_noise_is_seeded():
+    direction = np.random.default_rng(2).normal(size=16).astype(np.float32)
+    reference = lambda arrays: torch.from_numpy(direction)  # noqa: E731
+    s = robust(make_aggregator("fltrust"), GLOBAL, 3, reference_update=reference)
+    replies = [reply(p, client_record(sign * direction[:12].reshape(3, 4), sign * direction[12:]), 10)
+               for p, sign in enumerate((1.0, 0.5, -1.0))]
+    out, _ = s.aggregate_train(1, replies)
+    assert s.detection[1]["flagged"] == [2]
+    np.testing.assert_allclose(joined_wb_from(out) - joined_wb_global(), direction, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reference_update"):
+        robust(make_aggregator("fltrust"), GLOBAL, 3)
+    noisy = [robust(make_aggregator("weak_dp"), GLOBAL, 3, seed=seed).aggregate_train(1, replies)[0]
+             for seed in (0, 0, 1)]
+    assert np.array_equal(joined_wb_from(noisy[0]), joined_wb_from(noisy[1]))
+    assert not np.array_equal(joined_wb_from(noisy[0]), joined_wb_from(noisy[2]))
+
+
+def joined_wb_from(rec: ArrayRecord) -> np.ndarray:
+    return np.concatenate([rec["w"].numpy().ravel(), rec["b"].numpy().ravel()]).astype(np.float64)
+
+
+def test_flat_update_and_apply_update_round_trip():
+    rec = client_record(np.full((3, 4), 0.25), np.full(4, -0.5), tracked=3)
+    u = flat_update(rec, GLOBAL)
+    assert u.dtype == torch.float32 and u.shape == (16,)
+    back = apply_update(GLOBAL, u)
+    np.testing.assert_array_equal(back["w"].numpy(), rec["w"].numpy())
+    np.testing.assert_array_equal(back["b"].numpy(), rec["b"].numpy())
+    assert back["num_batches_tracked"].numpy() == 7
+    assert torch.equal(stack_updates([rec, GLOBAL], GLOBAL)[0], u)
+    with pytest.raises(ValueError, match="15 values"):
+        apply_update(GLOBAL, u[:15])
+
+
+def test_array_view_reads_the_serialised_values_in_place():
+    rng = np.random.default_rng(0)
+    for value in (rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5), np.float16([1.5, -2]),
+                  np.array(7, dtype=np.int64), np.asfortranarray(rng.normal(size=(3, 4)).astype(np.float32)),
+                  np.zeros((0, 3), np.float32), rng.normal(size=4).astype(">f4")):
+        array = Array(value)
+        view = array_view(array)
+        np.testing.assert_array_equal(view, array.numpy().reshape(-1))
+        assert view.dtype == array.numpy().dtype

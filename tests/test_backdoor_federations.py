@@ -1,0 +1,65 @@
+"""Malicious clients against robust strategies in whole federations through Ray: the backdoor and
+detection keys of the contract, the runner's scoring, summary.json and the ASR plot."""
+
+import json
+
+import pytest
+
+from fedmed.runner import run
+from tests.helpers import compose_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = ("federation.num_clients=5", "federation.clients_per_round=5", "federation.rounds=3",
+         "dataset.n_train=300", "dataset.n_test=90", "eval.attacks=[]", "progress=false")
+
+
+def federation(tmp_path, *overrides):
+    cfg = compose_config(*SMALL, f"output_dir={tmp_path}", *overrides)
+    summary = run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def test_edge_case_replacement_against_krum(tmp_path):
+    summary, rows = federation(tmp_path, "attack=edge_case", "attack.mode=replacement", "attack.fraction=0.2",
+                               "attack.start_round=2", "strategy=krum")
+    malicious = summary["attack"]["malicious_partitions"]
+    assert len(malicious) == 1
+    # ASR every round, before the attack too
+    assert all(0 <= r["backdoor/asr"] <= 1 for r in rows)
+    assert "detection/flagged" not in rows[0]
+    # round 1: nobody attacks yet, so there is no TPR, and Krum keeps one of five
+    assert rows[1]["detection/tpr"] is None
+    assert len(rows[1]["detection/flagged"]) == 4 and rows[1]["detection/fpr"] == 0.8
+    for row in rows[2:]:
+        flagged = row["detection/flagged"]
+        assert row["detection/tpr"] == (1.0 if malicious[0] in flagged else 0.0)
+        assert sorted(row["detection/scores"]) == ["0", "1", "2", "3", "4"]
+    detection = summary["detection"]
+    assert detection["strategy"] == "krum"
+    assert detection["tp"] + detection["fn"] == 2  # one attacker, attacking in rounds 2 and 3
+    assert detection["tp"] + detection["fp"] == 12  # Krum rejects four replies a round
+    assert summary["attack"]["asr_before_attack"] == rows[1]["backdoor/asr"]
+    assert (tmp_path / "plots" / "asr.png").is_file()
+
+
+def test_flame_flags_gaussian_noise_updates(tmp_path):
+    summary, rows = federation(tmp_path, "attack=gaussian", "attack.ids=[1,3]", "attack.start_round=2",
+                               "strategy=flame")
+    assert summary["attack"]["malicious_partitions"] == [1, 3]
+    assert "backdoor/asr" not in rows[0]  # an untargeted attack has no backdoor test set
+    # updates of N(0, 1) noise per weight are far from the honest ones in cosine distance
+    for row in rows[2:]:
+        assert {1, 3} <= set(row["detection/flagged"])
+        assert row["detection/tpr"] == 1.0
+    assert summary["detection"]["recall"] == 1.0
+
+
+def test_fltrust_with_badnets_uses_the_servers_root_data(tmp_path):
+    summary, rows = federation(tmp_path, "attack=badnets", "attack.fraction=0.2", "attack.start_round=1",
+                               "strategy=fltrust", "strategy.root_samples=50")
+    assert all(0 <= r["backdoor/asr"] <= 1 for r in rows)
+    assert all(r["detection/tpr"] is not None for r in rows[1:])
+    assert summary["final"]["accuracy"] is not None
+    assert summary["detection"]["strategy"] == "fltrust"
