@@ -106,21 +106,21 @@ CONFIGS = {
 }
 
 
-def read_run(run_dir: Path, start_round: int) -> dict:
+def read_run(run_dir: Path) -> dict:
+    """Per-round ASR and accuracy from metrics.jsonl; the ASR summary and detection from
+    summary.json, as the server computed them."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    asr = {row["round"]: row.get("backdoor/asr") for row in rows}
-    attacked = [v for r, v in asr.items() if r >= start_round and v is not None]
-    detection = summary.get("detection", {})
+    attack, detection = summary.get("attack", {}), summary.get("detection", {})
     return {
         "rounds": [row["round"] for row in rows],
         "asr_per_round": [row.get("backdoor/asr") for row in rows],
         "accuracy_per_round": [row.get("accuracy") for row in rows],
         "accuracy": rows[-1].get("accuracy"),
         "auc": rows[-1].get("auc"),
-        "asr_before": asr.get(start_round - 1),
-        "asr_final": rows[-1].get("backdoor/asr"),
-        "asr_max": max(attacked) if attacked else None,
+        "asr_before": attack.get("asr_before_attack"),
+        "asr_final": attack.get("asr_final"),
+        "asr_max": attack.get("asr_max"),
         "tpr": detection.get("recall"),
         "fpr": detection.get("fpr"),
         "precision": detection.get("precision"),
@@ -200,7 +200,7 @@ def main() -> int:
             failed.append((strategy, mode))
             continue
         try:
-            r = results[(strategy, mode)] = read_run(run_dir, start_round)
+            r = results[(strategy, mode)] = read_run(run_dir)
         except (OSError, ValueError, KeyError) as exc:
             failed.append((strategy, mode))
             print(f"{tag}: cannot read its outputs in {run_dir}: {exc!r}", flush=True)

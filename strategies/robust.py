@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from flwr.supercore import log
 
+from fedmed.train import derive_seed
 from strategies.aggregators.base import Aggregator, TooFewReplies
 from strategies.fedavg import FedMedAvg
 from strategies.replies import reply_partition_id
@@ -118,8 +119,7 @@ def apply_update(global_arrays: ArrayRecord, update: torch.Tensor) -> ArrayRecor
 
 def round_generator(seed: int, server_round: int) -> torch.Generator:
     """The round's generator for the aggregator's noise, derived from ``seed`` and the round."""
-    state = np.random.SeedSequence([int(seed) % 2**32, int(server_round)]).generate_state(2, np.uint64)
-    return torch.Generator().manual_seed(int(state[0] % np.uint64(2**63)))
+    return torch.Generator().manual_seed(derive_seed(seed, server_round))
 
 
 class RobustAggregation(FedMedAvg):

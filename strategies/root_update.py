@@ -10,6 +10,7 @@ no client trains on and the server does not test on.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -38,7 +39,7 @@ def make_root_update(model: nn.Module, root: Split, root_samples: int, client: d
     of ``model`` holding the global weights on the root sample, with the clients' settings
     (``client`` section: optimizer, lr, epochs, batch size)."""
     indices = root_indices(len(root.labels), root_samples, derive_seed(seed, 11))
-    rounds = iter(range(1, 1 << 30))
+    rounds = itertools.count(1)  # a fresh batch order each round
 
     def reference_update(global_arrays: ArrayRecord) -> torch.Tensor:
         local = copy.deepcopy(model)
