@@ -223,12 +223,13 @@ def malicious_round(model: nn.Module, share: ClientShare, job: dict, *, partitio
                                float(client["momentum"]), float(client["weight_decay"]))
     common = dict(epochs=int(client["epochs"]), batch_size=int(client["batch_size"]), optimizer=optimizer,
                   device=device, seed=seed, augment=bool(client["augment"]), transform=transform)
+    malicious = malicious_ids(attack, num_clients, int(job["seed"]))
     scale = update_scale(attack, num_train=len(share.labels), num_clients=num_clients,
                          clients_per_round=int(job.get("clients_per_round", num_clients)),
-                         attacker_examples=len(share.train_indices))
+                         attacker_examples=len(share.train_indices), num_malicious=len(malicious))
     if name in DATA_POISONING:
         data = poisoned_data(share, attack, partition_id=partition_id, seed=seed, run_seed=int(job["seed"]),
-                             malicious=malicious_ids(attack, num_clients, int(job["seed"])), transform=transform)
+                             malicious=malicious, transform=transform)
         step = cross_entropy_step
         if mode in ("pgd", "replacement"):
             step = ProjectedStep(params, reference, float(attack["eps"]), int(attack["project_every"]))

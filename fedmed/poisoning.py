@@ -184,14 +184,17 @@ def attacks_now(attack: Mapping, partition_id: int, num_clients: int, seed: int,
 
 
 def update_scale(attack: Mapping, *, num_train: int, num_clients: int, clients_per_round: int,
-                 attacker_examples: int) -> float:
+                 attacker_examples: int, num_malicious: int = 1) -> float:
     """The factor the malicious update (local - global) is multiplied by before it is sent.
 
     ``attack.scale`` when set; else 1, except in ``replacement`` mode: the examples of a
-    round's clients over the attacker's (Bagdasaryan et al. 2020, gamma = n / eta with FedAvg's
-    example weights), estimated as ``clients_per_round * num_train / num_clients`` over the
-    ``attacker_examples`` the attacker reports. With equal partitions that is about
-    ``clients_per_round``: under FedAvg the attacker's scaled update then replaces the average.
+    round's clients over the attackers' (Bagdasaryan et al. 2020, gamma = n / eta with FedAvg's
+    example weights). The round's examples are estimated as ``clients_per_round * num_train /
+    num_clients``; the attackers' as ``attacker_examples`` times the attackers expected in a
+    round (``num_malicious * clients_per_round / num_clients``, at least one). The attackers
+    collude and share the replacement: with two of them each scaled to replace the average
+    alone, FedAvg would move twice as far and overshoot the attacker's model. With equal
+    partitions and one attacker per round the factor is about ``clients_per_round``.
     """
     a = attack_section(attack)
     if a["scale"] is not None:
@@ -199,7 +202,8 @@ def update_scale(attack: Mapping, *, num_train: int, num_clients: int, clients_p
     if a["mode"] != "replacement":
         return 1.0
     total = clients_per_round * num_train / max(num_clients, 1)
-    return float(total / max(attacker_examples, 1))
+    attackers_per_round = max(1.0, num_malicious * clients_per_round / max(num_clients, 1))
+    return float(total / (max(attacker_examples, 1) * attackers_per_round))
 
 
 # --- edge-case inputs --------------------------------------------------------------------------

@@ -400,6 +400,20 @@ def test_closest_window_holds_the_values_nearest_the_median():
         assert torch.equal(low, nearest.min(0).values) and torch.equal(high, nearest.max(0).values)
 
 
+def test_closest_window_takes_the_first_of_tied_windows():
+    gen = torch.Generator().manual_seed(1)
+    for rows, width in ((7, 3), (28, 6), (10, 4)):
+        s = torch.sort(torch.randint(-3, 4, (rows, 400), generator=gen).float(), dim=0).values  # many ties
+        m = middle(s)
+        mean, low, high = closest_window(s, m, width)
+        for col in range(s.shape[1]):  # the plain loop: first window with the smallest reach
+            column, center = s[:, col].tolist(), float(m[col])
+            reaches = [max(center - column[k], column[k + width - 1] - center) for k in range(rows - width + 1)]
+            k = reaches.index(min(reaches))
+            assert (low[col], high[col]) == (column[k], column[k + width - 1])
+            assert mean[col] == pytest.approx(sum(column[k:k + width]) / width)
+
+
 def test_gram_distances_on_updates_are_exact_enough():
     gen = torch.Generator().manual_seed(0)
     u = 1e-3 * torch.randn(6, 5000, generator=gen)

@@ -55,6 +55,10 @@ def test_update_scale():
     assert update_scale({"name": "badnets", "mode": "replacement"}, **base) == pytest.approx(5.0)
     assert update_scale({"name": "badnets", "mode": "replacement"}, **{**base, "attacker_examples": 50}) == 10.0
     assert update_scale({"name": "sign_flip", "scale": 3.0}, **base) == 3.0
+    # four colluding attackers among ten, five clients a round: two expected per round share it
+    assert update_scale({"name": "badnets", "mode": "replacement"}, **base, num_malicious=4) == pytest.approx(2.5)
+    # one attacker in the pool: expected 0.5 a round, still one when it is drawn
+    assert update_scale({"name": "badnets", "mode": "replacement"}, **base, num_malicious=1) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -60,7 +60,7 @@ class Bulyan(Krum):
             m = middle(s)
             # the beta values closest to the median: a window of beta consecutive sorted values
             # that holds the middle one (or one of the two middle ones)
-            out[cols], low, high = closest_window(s, m, beta, candidates)
+            out[cols], low, high = closest_window(s, m, beta, candidates, scratch)
             informative += int((s[-1] > s[0]).sum())
             raw = scratch("raw", s)
             torch.index_select(updates[:, cols], 0, rows, out=raw)
