@@ -111,6 +111,10 @@ def apply_update(global_arrays: ArrayRecord, update: torch.Tensor) -> ArrayRecor
                 new = g + part
             else:
                 new = (g.astype(np.float64) + part).astype(g.dtype)
+            if key.endswith("running_var"):
+                # the noise of FLAME and weak_dp reaches BatchNorm's running variances too; one
+                # pushed below zero made the global model's outputs NaN (flame, backdoor study)
+                np.maximum(new, 0, out=new)
             result[key] = Array(new.reshape(array.shape))
         else:
             result[key] = Array(np.array(array.numpy(), copy=True))

@@ -544,6 +544,15 @@ def test_flat_update_and_apply_update_round_trip():
         apply_update(GLOBAL, u[:15])
 
 
+def test_apply_update_keeps_batchnorm_variances_non_negative():
+    # FLAME's and weak_dp's noise reaches the running variances; a negative one made BatchNorm NaN
+    global_arrays = ArrayRecord({"bn.weight": Array(np.ones(3, np.float32)),
+                                 "bn.running_var": Array(np.full(3, 0.01, np.float32))})
+    back = apply_update(global_arrays, torch.tensor([0.5, -0.5, 0.0, -0.02, 0.0, 0.5]))
+    np.testing.assert_array_equal(back["bn.weight"].numpy(), np.array([1.5, 0.5, 1.0], np.float32))
+    np.testing.assert_allclose(back["bn.running_var"].numpy(), [0.0, 0.01, 0.51])
+
+
 def test_array_view_reads_the_serialised_values_in_place():
     rng = np.random.default_rng(0)
     for value in (rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5), np.float16([1.5, -2]),
