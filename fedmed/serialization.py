@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import save_file
 from torch import nn

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from fedmed.job import ASSESS_KEY
-from strategies.replies import WEIGHT_KEY, Rejection, reply_partition_id, training_reply_problem
+from strategies.replies import Rejection, reply_partition_id, training_reply_problem
 
 
 def _metrics_of(msg: Message) -> dict:
