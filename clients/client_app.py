@@ -7,7 +7,7 @@ import functools
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local_data import is_simulated, local_share, partition_id
@@ -18,6 +18,7 @@ from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
 from fedmed.serialization import load_arrays, model_to_arrays
+from fedmed.shared_arrays import ARRAYS_FILE_KEY, arrays_file, read_arrays, reply_file_for, write_arrays
 from fedmed.site_shift import apply_site_shift
 from fedmed.robustness import assess_robustness, fixed_subset
 from fedmed.train import derive_seed, evaluate, resolve_device
@@ -45,6 +46,26 @@ def _model_for(job: dict, num_classes: int, in_channels: int, arrays: ArrayRecor
     return model
 
 
+def _received_arrays(msg: Message, node_config: dict) -> ArrayRecord:
+    """The global model: in the message, or (simulation on one machine) in the file it names."""
+    path = arrays_file(msg.content["config"])
+    if path is None:
+        return msg.content["arrays"]
+    if not is_simulated(node_config):
+        raise ValueError(f"the server sent a file path ({path}) instead of the model; only simulated "
+                         "clients on the server's machine read those (ray.model_transport)")
+    return read_arrays(path)
+
+
+def _arrays_reply(model: torch.nn.Module, msg: Message) -> dict:
+    """The reply's arrays, the way the global model came: in the message or in a file beside it."""
+    path = arrays_file(msg.content["config"])
+    if path is None:
+        return {"arrays": model_to_arrays(model)}
+    reply_path = write_arrays(model_to_arrays(model), reply_file_for(path, msg))
+    return {"arrays-file": ConfigRecord({ARRAYS_FILE_KEY: str(reply_path)})}
+
+
 def _site_transform(share, seed: int, device: torch.device):
     if share.site_shift is None:
         return None
@@ -70,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(job["device"])
     seed = derive_seed(job["seed"], server_round, pid)
     torch.manual_seed(seed)
-    model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
+    model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
     attack = job.get("attack")
     check_attack(attack, share.num_classes, int(job["num_clients"]))
@@ -87,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         **result,
         "train_time_s": time.perf_counter() - started,
     })
-    reply = RecordDict({"arrays": model_to_arrays(model), "metrics": metrics})
+    reply = RecordDict({**_arrays_reply(model, msg), "metrics": metrics})
     return Message(reply, reply_to=msg)
 
 
@@ -104,7 +125,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": len(share.val_indices), "partition-id": pid}
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    model = _model_for(job, share.num_classes, share.images.shape[-1], msg.content["arrays"])
+    model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
     seed = derive_seed(job["seed"], server_round, pid, 1)
     eval_cfg = job["eval"]
     result = evaluate(model, share.images, share.labels, share.val_indices, batch_size=int(eval_cfg["batch_size"]),

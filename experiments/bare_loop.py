@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from fedmed.data import client_partitions, load_dataset, split_holdout

@@ -216,7 +216,7 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                     result = aggregator.aggregate(updates, counts, client_ids=ids,
                                                   generator=torch.Generator().manual_seed(0), reference=ref)
                     del updates
-                    return apply_update(global_record, result.update)
+                    return apply_update(global_record, result.update, result.noise)
 
                 e2e[name] = timed(end_to_end, repeats)
             if name in FLOWER:

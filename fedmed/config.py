@@ -187,6 +187,11 @@ class RayConfig:
     num_gpus_per_client: float = 0.0
     # None: every core of this machine
     num_cpus: Optional[int] = None
+    # how the model reaches simulated clients and comes back: "shared_memory" (a file per model
+    # in /dev/shm, only its path in the message: the clients must run on this machine),
+    # "message" (inside Flower's messages, through Ray's object store), "auto" (shared_memory
+    # unless ray.address joins a cluster)
+    model_transport: str = "auto"
 
 
 @dataclass

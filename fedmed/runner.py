@@ -33,6 +33,20 @@ def backend_config(ray_cfg: DictConfig) -> dict:
     }
 
 
+MODEL_TRANSPORTS = ("auto", "shared_memory", "message")
+
+
+def uses_shared_arrays(ray_cfg: DictConfig) -> bool:
+    """Whether models travel as files in shared memory (``fedmed.shared_arrays``): ``auto`` does
+    so when Ray runs on this machine, where every client can read the server's files."""
+    transport = str(ray_cfg.model_transport)
+    if transport not in MODEL_TRANSPORTS:
+        raise ValueError(f"ray.model_transport={transport!r}: choose one of {', '.join(MODEL_TRANSPORTS)}")
+    if transport == "auto":
+        return not ray_cfg.address
+    return transport == "shared_memory"
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse settings that cannot work before any process starts."""
     fed = cfg.federation
@@ -48,6 +62,7 @@ def check_config(cfg: DictConfig) -> None:
     check_attack(cfg.attack, num_clients=int(fed.num_clients))
     if cfg.ray.num_gpus_per_client > 0 and cfg.device == "cpu":
         raise ValueError("ray.num_gpus_per_client > 0 with device=cpu: use device=auto or cuda")
+    uses_shared_arrays(cfg.ray)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
@@ -76,7 +91,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.progress:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
-        server_app=make_server_app(cfg, output_dir),
+        server_app=make_server_app(cfg, output_dir, share_arrays=uses_shared_arrays(cfg.ray)),
         client_app=client_app,
         num_supernodes=int(cfg.federation.num_clients),
         backend_config=backend_config(cfg.ray),

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from fedmed.job import ASSESS_KEY
+from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
 from strategies.replies import Rejection, reply_partition_id, training_reply_problem
 
 
@@ -48,6 +49,9 @@ class FedMedAvg(FedAvg):
     assess_round : callable, optional
         ``assess_round(server_round)`` is true on rounds where every node also assesses the
         global model's robustness on its hold-out (``strategies/robustness.py``).
+    shared_arrays : SharedArrays, optional
+        Simulation on one machine: the global model and the replies' weights travel as files
+        in shared memory, not inside the messages (``fedmed.shared_arrays``).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class FedMedAvg(FedAvg):
         seed: int,
         fraction_evaluate: float = 0.0,
         assess_round: Callable[[int], bool] | None = None,
+        shared_arrays: SharedArrays | None = None,
     ) -> None:
         num_nodes = len(partition_of_node)
         if not 1 <= clients_per_round <= num_nodes:
@@ -81,6 +86,7 @@ class FedMedAvg(FedAvg):
         self.partition_of_node = dict(partition_of_node)
         self.clients_per_round = clients_per_round
         self.rng = random.Random(seed)
+        self.shared_arrays = shared_arrays
         self._global_arrays: ArrayRecord | None = None
         # per round: the replies' own metrics, the rejected ones, the local evaluations
         self.client_train_metrics: dict[int, list[dict]] = {}
@@ -99,7 +105,11 @@ class FedMedAvg(FedAvg):
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str,
                   server_round: int) -> list[Message]:
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if self.shared_arrays is not None:
+            config[ARRAYS_FILE_KEY] = str(self.shared_arrays.publish(arrays))
+            record = RecordDict({self.configrecord_key: config})
+        else:
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, kind)
 
     def configure_train(
@@ -129,7 +139,8 @@ class FedMedAvg(FedAvg):
         accepted, rejected = [], []
         for msg in replies:
             pid = reply_partition_id(msg, self.partition_of_node)
-            problem = training_reply_problem(msg, self._global_arrays)
+            problem = self.shared_arrays.collect(msg) if self.shared_arrays is not None else None
+            problem = problem or training_reply_problem(msg, self._global_arrays)
             if problem is None:
                 accepted.append((pid, msg))
             else:

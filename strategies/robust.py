@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from flwr.supercore import log
 
+from fedmed.shared_arrays import SharedArrays
 from fedmed.train import derive_seed
 from strategies.aggregators.base import Aggregator, TooFewReplies
 from strategies.fedavg import FedMedAvg
@@ -91,13 +92,27 @@ def stack_updates(records: Sequence[ArrayRecord], global_arrays: ArrayRecord) ->
     return out
 
 
-def apply_update(global_arrays: ArrayRecord, update: torch.Tensor) -> ArrayRecord:
+def is_batchnorm_statistic(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var"))
+
+
+def apply_update(global_arrays: ArrayRecord, update: torch.Tensor, noise: torch.Tensor | None = None) -> ArrayRecord:
     """A new ArrayRecord, same keys and order: floating-point arrays = global + their slice of
-    ``update`` (in the global dtype), the others a copy of the global value."""
+    ``update`` (in the global dtype), the others a copy of the global value.
+
+    ``noise`` (d, optional: an aggregator's ``Aggregate.noise``) is added to the same slices
+    except BatchNorm's running statistics: those are averages of activations, not weights, and
+    noise there zeroed small running variances and made the global model's outputs NaN (FLAME,
+    backdoor study). Running variances are also clamped at zero, whatever the rule did.
+    """
     update = update.detach().to("cpu").reshape(-1)
-    if update.numel() != update_size(global_arrays):
-        raise ValueError(f"the update has {update.numel()} values, the model's floating-point arrays "
-                         f"{update_size(global_arrays)}")
+    size = update_size(global_arrays)
+    if update.numel() != size:
+        raise ValueError(f"the update has {update.numel()} values, the model's floating-point arrays {size}")
+    if noise is not None:
+        noise = noise.detach().to("cpu").reshape(-1)
+        if noise.numel() != size:
+            raise ValueError(f"the noise has {noise.numel()} values, the model's floating-point arrays {size}")
     floats = set(float_keys(global_arrays))
     values = update.numpy()
     result = ArrayRecord()
@@ -106,14 +121,14 @@ def apply_update(global_arrays: ArrayRecord, update: torch.Tensor) -> ArrayRecor
         if key in floats:
             g = array_view(array)
             part = values[offset:offset + g.size]
+            if noise is not None and not is_batchnorm_statistic(key):
+                part = part + noise.numpy()[offset:offset + g.size]
             offset += g.size
             if g.dtype == part.dtype:
                 new = g + part
             else:
                 new = (g.astype(np.float64) + part).astype(g.dtype)
             if key.endswith("running_var"):
-                # the noise of FLAME and weak_dp reaches BatchNorm's running variances too; one
-                # pushed below zero made the global model's outputs NaN (flame, backdoor study)
                 np.maximum(new, 0, out=new)
             result[key] = Array(new.reshape(array.shape))
         else:
@@ -131,7 +146,7 @@ class RobustAggregation(FedMedAvg):
 
     Parameters
     ----------
-    partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round
+    partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round, shared_arrays
         As ``FedMedAvg``; ``seed`` also seeds the aggregator's noise (one generator per round).
     aggregator : Aggregator
         The rule. Its requirements on the number of replies (e.g. Bulyan's n >= 4f + 3) are
@@ -153,11 +168,12 @@ class RobustAggregation(FedMedAvg):
         seed: int,
         fraction_evaluate: float = 0.0,
         assess_round: Callable[[int], bool] | None = None,
+        shared_arrays: SharedArrays | None = None,
         *,
         aggregator: Aggregator,
         reference_update: Callable[[ArrayRecord], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round)
+        super().__init__(partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round, shared_arrays)
         try:
             aggregator.check_replies(clients_per_round)
         except TooFewReplies as error:
@@ -206,4 +222,4 @@ class RobustAggregation(FedMedAvg):
         }
         if flagged:
             log(INFO, "round %d: %s flagged partitions %s", server_round, self.aggregator.name, sorted(flagged))
-        return apply_update(self._global_arrays, result.update), metrics
+        return apply_update(self._global_arrays, result.update, result.noise), metrics

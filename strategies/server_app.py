@@ -26,6 +26,7 @@ from fedmed.config import check_defense, model_norm_for
 from fedmed.report import (MetricsLog, plot_backdoor_per_round, plot_robustness_per_round, plot_robustness_vs_eps,
                            plot_rounds, print_summary, round_line, write_summary)
 from fedmed.serialization import load_arrays, model_to_arrays, save_model
+from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.train import derive_seed, evaluate, resolve_device
 from strategies.aggregators import TooFewReplies, make_aggregator
 from strategies.fedavg import FedMedAvg, discover_partitions
@@ -42,7 +43,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
-                   reference_update: Callable[[ArrayRecord], torch.Tensor] | None = None) -> FedMedAvg:
+                   reference_update: Callable[[ArrayRecord], torch.Tensor] | None = None,
+                   shared_arrays: SharedArrays | None = None) -> FedMedAvg:
     """``strategy=fedavg``: Flower's FedAvg (``FedMedAvg``); any other: ``RobustAggregation``
     with that rule. Nothing here knows which clients are malicious."""
     assess_clients = bool(cfg.eval.clients)
@@ -51,6 +53,7 @@ def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
         seed=int(cfg.seed),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
         assess_round=lambda r: assess_clients and assessment_round(cfg, r),
+        shared_arrays=shared_arrays,
     )
     params = OmegaConf.to_container(cfg.strategy, resolve=True)
     name = params.pop("name")
@@ -106,8 +109,12 @@ def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int]
     return score_round(flagged, accepted + rejected, malicious if attacking else [])
 
 
-def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
-    """The whole run on the server side; returns the summary it also writes to summary.json."""
+def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: bool = False) -> dict:
+    """The whole run on the server side; returns the summary it also writes to summary.json.
+
+    ``share_arrays``: the clients run on this machine, so models travel as files in shared
+    memory rather than inside the messages (``fedmed.shared_arrays``; only ``fedmed-sim`` knows).
+    """
     started = time.monotonic()
     console = Console()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +148,12 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.strategy.name == "fltrust":
         reference_update = make_root_update(model, dataset.val, int(cfg.strategy.root_samples),
                                             OmegaConf.to_container(cfg.client, resolve=True), device=device, seed=seed)
-    strategy = build_strategy(cfg, partition_of_node, reference_update)
+    initial_arrays = model_to_arrays(model)
+    shared_arrays = None
+    if share_arrays:
+        model_bytes = sum(len(array.data) for array in initial_arrays.values())
+        shared_arrays = SharedArrays(shared_directory(model_bytes * (int(cfg.federation.clients_per_round) + 2)))
+    strategy = build_strategy(cfg, partition_of_node, reference_update, shared_arrays)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
     total_rounds = int(cfg.federation.rounds)
     test = dataset.test
@@ -197,15 +209,19 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> dict:
 
     job = job_from_config(cfg)
     job["num_classes"] = dataset.num_classes  # deployed sites need it to build the same head
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=model_to_arrays(model),
-        num_rounds=total_rounds,
-        timeout=float(cfg.federation.round_timeout_s),
-        train_config=ConfigRecord({JOB_KEY: encode_job(job)}),
-        evaluate_config=ConfigRecord({JOB_KEY: encode_job(job)}),
-        evaluate_fn=evaluate_global,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=total_rounds,
+            timeout=float(cfg.federation.round_timeout_s),
+            train_config=ConfigRecord({JOB_KEY: encode_job(job)}),
+            evaluate_config=ConfigRecord({JOB_KEY: encode_job(job)}),
+            evaluate_fn=evaluate_global,
+        )
+    finally:
+        if shared_arrays is not None:
+            shared_arrays.close()
     load_arrays(model, result.arrays)
     save_model(model, output_dir / "model.safetensors")
     title = (f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients "
@@ -251,13 +267,14 @@ def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     return cfg, output_dir
 
 
-def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
-    """A ServerApp bound to an already composed configuration (used by `fedmed-sim`)."""
+def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = False) -> ServerApp:
+    """A ServerApp bound to an already composed configuration (used by `fedmed-sim`, which
+    knows whether its clients share this machine: ``share_arrays``)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, output_dir)
+        run_federation(grid, cfg, output_dir, share_arrays)
 
     return server_app
 

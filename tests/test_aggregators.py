@@ -553,6 +553,29 @@ def test_apply_update_keeps_batchnorm_variances_non_negative():
     np.testing.assert_allclose(back["bn.running_var"].numpy(), [0.0, 0.01, 0.51])
 
 
+def test_aggregator_noise_reaches_weights_but_not_batchnorm_statistics():
+    global_arrays = ArrayRecord({"bn.weight": Array(np.ones(2, np.float32)),
+                                 "bn.running_mean": Array(np.zeros(2, np.float32)),
+                                 "bn.running_var": Array(np.full(2, 0.01, np.float32))})
+    update = torch.tensor([0.5, 0.5, 0.1, 0.1, 0.02, 0.02])
+    noise = torch.full((6,), -0.25)
+    back = apply_update(global_arrays, update, noise)
+    np.testing.assert_allclose(back["bn.weight"].numpy(), [1.25, 1.25])
+    np.testing.assert_allclose(back["bn.running_mean"].numpy(), [0.1, 0.1])
+    np.testing.assert_allclose(back["bn.running_var"].numpy(), [0.03, 0.03])
+    with pytest.raises(ValueError, match="noise has 5 values"):
+        apply_update(global_arrays, update, noise[:5])
+    # FLAME and weak DP hand their noise over apart from the update, drawn from the generator
+    updates = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32))
+    for rule in (make_aggregator("flame"), make_aggregator("weak_dp")):
+        result = rule.aggregate(updates, torch.ones(5), client_ids=range(5), generator=torch.Generator().manual_seed(0))
+        again = rule.aggregate(updates, torch.ones(5), client_ids=range(5), generator=torch.Generator().manual_seed(0))
+        assert result.noise is not None and result.noise.shape == (6,) and result.noise.abs().sum() > 0
+        assert torch.equal(result.noise, again.noise)
+        assert make_aggregator("fedavg").aggregate(updates, torch.ones(5), client_ids=range(5),
+                                                   generator=torch.Generator()).noise is None
+
+
 def test_array_view_reads_the_serialised_values_in_place():
     rng = np.random.default_rng(0)
     for value in (rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5), np.float16([1.5, -2]),

@@ -69,7 +69,7 @@ def run_rounds(job: dict, global_arrays: ArrayRecord, rounds: range, strategy: s
         result = rule.aggregate(stack_updates(replies, global_arrays), torch.ones(NUM_CLIENTS),
                                 client_ids=list(range(NUM_CLIENTS)),
                                 generator=torch.Generator().manual_seed(server_round))
-        global_arrays = apply_update(global_arrays, result.update)
+        global_arrays = apply_update(global_arrays, result.update, result.noise)
     return global_arrays
 
 

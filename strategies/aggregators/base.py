@@ -32,11 +32,15 @@ class Aggregate:
     scores : (n,) float64, suspicion per client (row), higher = more suspicious; each rule
         documents its definition.
     flagged : sorted row indices the rule rejected or down-weighted.
+    noise : (d,) float32 or None, Gaussian noise the rule adds (FLAME, weak DP). Kept apart from
+        ``update`` because the server adds it to the learned weights only, not to BatchNorm's
+        running statistics (``strategies.robust.apply_update``).
     """
 
     update: torch.Tensor
     scores: torch.Tensor
     flagged: list[int]
+    noise: torch.Tensor | None = None
 
 
 class TooFewReplies(ValueError):

@@ -44,7 +44,10 @@ class Flame(Aggregator):
     2. each admitted update clipped to S, the median norm of all the round's updates;
     3. the unweighted mean of the admitted, clipped updates (the paper's average; example counts
        are not used), plus Gaussian noise of standard deviation ``noise_lambda`` * S per
-       coordinate (lambda = 0.001, the paper's value for image classification).
+       coordinate (lambda = 0.001, the paper's value for image classification), returned as
+       ``Aggregate.noise``: the server adds it to the learned weights only. BatchNorm's running
+       statistics are averages of activations, not weights; noise there zeroed small running
+       variances and the global model gave NaN (backdoor study, ResNet18 on PneumoniaMNIST).
 
     FLAME's Algorithm 1 writes the cosine distances on the local models W_i. Between models that
     all start from the same global model, nearly all of that cosine is the global model itself, so
@@ -91,6 +94,7 @@ class Flame(Aggregator):
         scale = torch.where(norms > bound, bound / norms.clamp_min(max(bound, 1e-300)), torch.ones_like(norms))
         coefficients = torch.where(inside, scale / admitted.numel(), torch.zeros_like(scale))
         update = weighted_sum(coefficients, updates)
+        noise = None
         if self.noise_lambda > 0 and bound > 0:
-            update += noise_like(d, self.noise_lambda * bound, generator, updates.device)
-        return Aggregate(update, scores, flagged)
+            noise = noise_like(d, self.noise_lambda * bound, generator, updates.device)
+        return Aggregate(update, scores, flagged, noise)

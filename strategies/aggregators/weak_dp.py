@@ -14,7 +14,8 @@ from strategies.aggregators.ops import noise_like
 class WeakDP(NormClip):
     """``NormClip`` (``clip_norm`` M, None: the round's median update norm), then Gaussian noise of
     fixed standard deviation ``noise_std`` per coordinate (default 0.002) added to the aggregate,
-    drawn from the round's generator. "Weak": the noise is far below what a formal (epsilon,
+    drawn from the round's generator (``Aggregate.noise``: the server adds it to the learned
+    weights, not to BatchNorm's running statistics). "Weak": the noise is far below what a formal (epsilon,
     delta) guarantee would need; it is there to wash out a backdoor, as in the paper.
 
     Score and flagged as ``NormClip``.
@@ -31,5 +32,5 @@ class WeakDP(NormClip):
         result = super()._aggregate(updates, num_examples, client_ids=client_ids, generator=generator,
                                     reference=reference)
         if self.noise_std > 0:
-            result.update += noise_like(updates.shape[1], self.noise_std, generator, updates.device)
+            result.noise = noise_like(updates.shape[1], self.noise_std, generator, updates.device)
         return result
