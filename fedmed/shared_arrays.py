@@ -11,8 +11,11 @@ beside it and replies with that path. The server reads each reply file back into
 before the usual validation, then deletes it. Deployed clients never take this path: a client
 only accepts a file reference when it is a simulated partition.
 
-The files are safetensors (no code runs on load): each Array's serialised bytes as a uint8 tensor,
-its dtype, shape and stype in the metadata, so an ArrayRecord comes back byte for byte.
+A file is the layout of safetensors (8-byte header length, a JSON header, then the data; no code
+runs on load) holding each Array's own serialised bytes back to back, so an ArrayRecord comes
+back byte for byte. Written by hand because safetensors itself wants typed tensors: it would
+copy every Array once more on writing and twice on reading (49 and 43 ms for ResNet18, against
+the 26 ms of the whole collect before).
 """
 
 from __future__ import annotations
@@ -24,10 +27,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 ARRAYS_FILE_KEY = "fedmed-arrays-file"
 _SHARED_MEMORY = Path("/dev/shm")
@@ -36,27 +36,39 @@ _FORMAT = "fedmed-arrayrecord-1"
 
 def write_arrays(arrays: ArrayRecord, path: Path) -> Path:
     """Write ``arrays`` to ``path`` (via a temporary name, so a reader never sees half a file)."""
-    tensors, layout = {}, {}
-    for key, array in arrays.items():
-        tensors[key] = np.frombuffer(array.data, dtype=np.uint8)
-        layout[key] = [array.dtype, list(array.shape), array.stype]
+    entries = [[key, array.dtype, list(array.shape), array.stype, len(array.data)] for key, array in arrays.items()]
+    header = json.dumps({"format": _FORMAT, "arrays": entries}).encode()
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": _FORMAT, "layout": json.dumps(layout)})
+    with open(partial, "wb") as file:
+        file.write(len(header).to_bytes(8, "little"))
+        file.write(header)
+        for array in arrays.values():
+            file.write(array.data)
     os.replace(partial, path)
     return path
 
 
 def read_arrays(path: Path) -> ArrayRecord:
-    """The ArrayRecord ``write_arrays`` wrote to ``path``, keys in the same order."""
-    with safe_open(str(path), framework="np") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a fedmed arrays file (format {metadata.get('format')!r})")
-        layout = json.loads(metadata["layout"])
+    """The ArrayRecord ``write_arrays`` wrote to ``path``, keys in the same order. Each Array's
+    bytes are read straight into it: one copy from the page cache, none more."""
+    with open(path, "rb") as file:
+        length = file.seek(0, os.SEEK_END)
+        file.seek(0)
+        try:
+            size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(size)) if 0 < size < length else None
+            if not isinstance(header, dict) or header.get("format") != _FORMAT:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{path} is not a fedmed arrays file") from None
         record = ArrayRecord()
-        for key, (dtype, shape, stype) in layout.items():
-            record[key] = Array(dtype=dtype, shape=tuple(int(s) for s in shape), stype=stype,
-                                data=handle.get_tensor(key).tobytes())
+        for key, dtype, shape, stype, nbytes in header["arrays"]:
+            data = file.read(nbytes)
+            if len(data) != nbytes:
+                raise ValueError(f"{path} is truncated at array '{key}' ({len(data)} of {nbytes} bytes)")
+            record[key] = Array(dtype=dtype, shape=tuple(int(s) for s in shape), stype=stype, data=data)
+        if file.tell() != length:
+            raise ValueError(f"{path} has {length - file.tell()} bytes after its last array")
     return record
 
 
@@ -94,7 +106,7 @@ class SharedArrays:
         previous round's file removed (training and evaluation of a round share one file)."""
         if self._published is not None and self._published[0] is arrays:
             return self._published[1]
-        path = write_arrays(arrays, self.directory / f"global-{uuid.uuid4().hex}.safetensors")
+        path = write_arrays(arrays, self.directory / f"global-{uuid.uuid4().hex}.bin")
         if self._published is not None:
             self._published[1].unlink(missing_ok=True)
         self._published = (arrays, path)
@@ -129,4 +141,4 @@ class SharedArrays:
 
 def reply_file_for(global_file: Path, msg: Message) -> Path:
     """Where a client writes its reply's arrays: beside the global model, named by the message."""
-    return global_file.parent / f"reply-{msg.metadata.message_id}.safetensors"
+    return global_file.parent / f"reply-{msg.metadata.message_id}.bin"

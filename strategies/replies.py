@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedmed.serialization import array_view
+
 WEIGHT_KEY = "num-examples"
 
 
@@ -54,7 +56,7 @@ def training_reply_problem(msg: Message, global_arrays: ArrayRecord) -> str | No
         value = arrays[key]
         if tuple(value.shape) != tuple(reference.shape):
             return f"array '{key}' has shape {tuple(value.shape)}, the global model {tuple(reference.shape)}"
-        values = value.numpy()
+        values = array_view(value)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"array '{key}' holds NaN or Inf"
     return None

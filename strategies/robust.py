@@ -19,9 +19,9 @@ from logging import INFO, WARNING
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.common.constant import SType
 from flwr.supercore import log
 
+from fedmed.serialization import array_from_numpy, array_view
 from fedmed.shared_arrays import SharedArrays
 from fedmed.train import derive_seed
 from strategies.aggregators.base import Aggregator, TooFewReplies
@@ -32,24 +32,6 @@ from strategies.replies import reply_partition_id
 def float_keys(global_arrays: ArrayRecord) -> list[str]:
     """Keys of the floating-point arrays, in the record's order: the ones that get an update."""
     return [key for key, array in global_arrays.items() if np.issubdtype(np.dtype(array.dtype), np.floating)]
-
-
-def array_view(array: Array) -> np.ndarray:
-    """The array's values as a read-only, flat numpy view of its serialised bytes (no copy).
-
-    Flower stores an ``Array`` as an .npy file; its values are the last ``nbytes`` bytes. Reading
-    them in place instead of ``Array.numpy()`` (``np.load``: parse the header, copy into fresh
-    memory) halved the time to stack the updates. Anything but a C-ordered .npy falls back to
-    ``Array.numpy()``.
-    """
-    dtype = np.dtype(array.dtype)
-    count = int(np.prod(array.shape, dtype=np.int64))
-    data = array.data
-    offset = len(data) - count * dtype.itemsize
-    if array.stype != SType.NUMPY or dtype.hasobject or offset < 10 \
-            or b"'fortran_order': False" not in data[:offset]:
-        return np.ascontiguousarray(array.numpy()).reshape(-1)
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset)
 
 
 def _flat_globals(global_arrays: ArrayRecord) -> list[np.ndarray]:
@@ -130,7 +112,7 @@ def apply_update(global_arrays: ArrayRecord, update: torch.Tensor, noise: torch.
                 new = (g.astype(np.float64) + part).astype(g.dtype)
             if key.endswith("running_var"):
                 np.maximum(new, 0, out=new)
-            result[key] = Array(new.reshape(array.shape))
+            result[key] = array_from_numpy(new.reshape(array.shape))
         else:
             result[key] = Array(np.array(array.numpy(), copy=True))
     return result

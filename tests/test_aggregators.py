@@ -26,7 +26,8 @@ from strategies.aggregators.foolsgold import FoolsGold
 from strategies.aggregators.ops import (batcher_runs, closest_window, gram, median_windows, middle,
                                         sort_columns_, sq_distances)
 from strategies.fedavg import FedMedAvg
-from strategies.robust import RobustAggregation, apply_update, array_view, flat_update, stack_updates
+from fedmed.serialization import array_view
+from strategies.robust import RobustAggregation, apply_update, flat_update, stack_updates
 
 SHAPES = {"conv": (6, 5, 5), "fc": (40, 50), "bias": (50,)}
 D = sum(int(np.prod(s)) for s in SHAPES.values())  # 2,950

@@ -37,6 +37,38 @@ def test_write_and_read_give_the_record_back_byte_for_byte(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_array_from_numpy_matches_flowers_bytes_and_load_arrays_restores_a_model():
+    import torch
+
+    from fedmed.models import build_model
+    from fedmed.serialization import array_from_numpy, load_arrays, model_to_arrays
+
+    rng = np.random.default_rng(0)
+    for values in (rng.normal(size=(3, 4)).astype(np.float32), np.array(7, np.int64), np.zeros((0, 3), np.float16),
+                   np.arange(3, dtype=">f4"), np.asfortranarray(rng.normal(size=(3, 4))), rng.normal(size=(2, 3))[:, 1]):
+        ours, flowers = array_from_numpy(values), Array(values)
+        assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype,
+                                                                   flowers.data)
+    source, target = build_model("resnet18", 3, 1), build_model("resnet18", 3, 1)
+    load_arrays(target, model_to_arrays(source))
+    for (key, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_truncated_or_padded_files_are_refused(tmp_path):
+    path = write_arrays(record(1.0), tmp_path / "model.bin")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-5])
+    with pytest.raises(ValueError, match="truncated at array 'steps'"):
+        read_arrays(path)
+    path.write_bytes(whole + b"xx")
+    with pytest.raises(ValueError, match="2 bytes after its last array"):
+        read_arrays(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a fedmed arrays file"):
+        read_arrays(path)
+
+
 def test_a_file_that_is_not_ours_is_refused(tmp_path):
     from safetensors.numpy import save_file
 
