@@ -47,7 +47,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from strategies.aggregators import AGGREGATORS, make_aggregator  # noqa: E402
-from strategies.robust import apply_update, stack_updates  # noqa: E402
+from strategies.robust import apply_update, batchnorm_statistics, stack_updates  # noqa: E402
 
 GB = 1e9
 SIZES = {"resnet50": 23_512_130, "mobilenet_v2": 2_226_434}  # checked against torchvision in main()
@@ -216,7 +216,9 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                     result = aggregator.aggregate(updates, counts, client_ids=ids,
                                                   generator=torch.Generator().manual_seed(0), reference=ref)
                     del updates
-                    return apply_update(global_record, result.update, result.noise)
+                    kept = [row for row in range(n) if row not in result.flagged]
+                    stats = batchnorm_statistics([ArrayRecord(dict(r)) for r in records], counts, kept)
+                    return apply_update(global_record, result.update, result.noise, stats)
 
                 e2e[name] = timed(end_to_end, repeats)
             if name in FLOWER:

@@ -6,7 +6,7 @@ every round. (a) runs it as one process (experiments/bare_loop.py, the same fedm
 functions, torch using every core), (b) runs `fedmed-sim` on it. Steady-state round time is the
 mean over rounds after the first (the first pays Ray's start-up and actor creation).
 
-    python experiments/bench_overhead.py [--root ../shared/data/medmnist] [--rounds 3]
+    python experiments/bench_overhead.py [--root ../shared/data/medmnist] [--rounds 3] [--transport message]
 
 Last line: overhead_ratio=<steady-state (b)/(a)>.
 """
@@ -46,7 +46,7 @@ def run_bare(root: str, rounds: int, norm: str) -> tuple[float, float]:
     return steady_round_s([r["time_s"] for r in rows]), time.monotonic() - started
 
 
-def run_fedmed(root: str, rounds: int, norm: str, out: Path) -> tuple[float, float]:
+def run_fedmed(root: str, rounds: int, norm: str, out: Path, transport: str) -> tuple[float, float]:
     w = WORKLOAD
     overrides = [
         "dataset=pneumoniamnist", f"dataset.root={root}", f"model={w['model_name']}", f"model.norm={norm}",
@@ -57,6 +57,7 @@ def run_fedmed(root: str, rounds: int, norm: str, out: Path) -> tuple[float, flo
         f"client.weight_decay={w['weight_decay']}", f"client.augment={w['augment']}",
         f"client.val_fraction={w['val_fraction']}", f"seed={w['seed']}", "progress=false", f"output_dir={out}",
         "eval.attacks=[]",  # the bare loop measures clean test metrics only
+        f"ray.model_transport={transport}",
     ]
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "fedmed", *overrides], check=True,
@@ -71,15 +72,17 @@ def main() -> None:
     parser.add_argument("--root", default=str(HERE.parents[1] / "shared" / "data" / "medmnist"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--norm", default="batch")
+    parser.add_argument("--transport", default="auto", choices=["auto", "shared_memory", "message"],
+                        help="ray.model_transport of the fedmed-sim run")
     args = parser.parse_args()
     os.environ.setdefault("FEDMED_CACHE", tempfile.mkdtemp(prefix="fedmed-bench-cache-"))
     with tempfile.TemporaryDirectory() as tmp:
-        fed_round, fed_total = run_fedmed(args.root, args.rounds, args.norm, Path(tmp) / "run")
+        fed_round, fed_total = run_fedmed(args.root, args.rounds, args.norm, Path(tmp) / "run", args.transport)
     bare_round, bare_total = run_bare(args.root, args.rounds, args.norm)
     print(f"workload: resnet18 ({args.norm} norm), pneumoniamnist 28px, 10 clients, {args.rounds} rounds, "
           f"1 epoch, batch 32, {os.cpu_count()} cores")
     print(f"bare PyTorch loop : steady round {bare_round:7.2f} s   total {bare_total:7.1f} s")
-    print(f"fedmed-sim (Ray)  : steady round {fed_round:7.2f} s   total {fed_total:7.1f} s")
+    print(f"fedmed-sim (Ray, model transport {args.transport}): steady round {fed_round:7.2f} s   total {fed_total:7.1f} s")
     print(f"total_time_ratio={fed_total / bare_total:.3f}")
     print(f"overhead_ratio={fed_round / bare_round:.3f}")
 

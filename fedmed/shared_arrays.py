@@ -1,21 +1,21 @@
 """Model weights between the simulated server and its clients through files in shared memory.
 
-In simulation Flower hands every message to a Ray actor: the driver pickles the message, with the
-whole model in it, into Ray's object store once per client, and every reply comes back the same
-way. For ResNet18 (45 MB) one put and get measured about 230 ms here, against 45 ms to write the
-model once to ``/dev/shm`` and 11 ms to read it (``experiments/bench_overhead.py`` has the round
-times). So when server and clients share a machine, ``fedmed-sim`` writes the round's global
-ArrayRecord once to a file in a private directory of shared memory and sends only its path (in the
-message's ConfigRecord, ``ARRAYS_FILE_KEY``); each client writes its reply's ArrayRecord to a file
-beside it and replies with that path. The server reads each reply file back into an ArrayRecord
-before the usual validation, then deletes it. Deployed clients never take this path: a client
-only accepts a file reference when it is a simulated partition.
+In simulation Flower hands every message to a Ray actor: the driver pickles each message, the
+whole model in it, into Ray's object store once per client, one after the other before the
+round's clients can start, and every reply comes back the same way (ResNet18's 45 MB: 76 ms for
+one ``ray.put`` and ``ray.get``, against 25 ms to write the model to ``/dev/shm`` here and 26 ms
+to read it back). So when server and clients share a machine, ``fedmed-sim`` writes the round's
+global ArrayRecord once to a file in a private directory of shared memory and sends only its path
+(in the message's ConfigRecord, ``ARRAYS_FILE_KEY``); each client writes its reply's ArrayRecord
+to a file beside it and replies with that path. The server reads each reply file back into an
+ArrayRecord before the usual validation, then deletes it. ``experiments/bench_overhead.py
+--transport message`` measures the difference on whole rounds (README). Deployed clients never take this path: a client only accepts a file reference when it is a
+simulated partition.
 
-A file is the layout of safetensors (8-byte header length, a JSON header, then the data; no code
-runs on load) holding each Array's own serialised bytes back to back, so an ArrayRecord comes
-back byte for byte. Written by hand because safetensors itself wants typed tensors: it would
-copy every Array once more on writing and twice on reading (49 and 43 ms for ResNet18, against
-the 26 ms of the whole collect before).
+A file has the layout of safetensors (8-byte header length, a JSON header, then the data; no code
+runs on load) and holds each Array's own serialised bytes back to back, so an ArrayRecord comes
+back byte for byte. Written by hand because safetensors itself wants typed tensors, which would
+cost one more copy of the model on writing and two on reading.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 ARRAYS_FILE_KEY = "fedmed-arrays-file"
 _SHARED_MEMORY = Path("/dev/shm")
 _FORMAT = "fedmed-arrayrecord-1"
+_PREFIX = "fedmed-arrays-"
 
 
 def write_arrays(arrays: ArrayRecord, path: Path) -> Path:
@@ -80,12 +81,36 @@ def arrays_file(config: ConfigRecord) -> Path | None:
 
 def shared_directory(needed_bytes: int) -> Path:
     """A new private directory in ``/dev/shm`` when it has room for ``needed_bytes``, else in the
-    temporary directory (on disk, still in the page cache while a round runs)."""
+    temporary directory (on disk, still in the page cache while a round runs). Directories left
+    by runs that were killed (their process is gone) are removed first: shared memory is RAM."""
     parent = Path(tempfile.gettempdir())
-    if _SHARED_MEMORY.is_dir() and os.access(_SHARED_MEMORY, os.W_OK) \
-            and shutil.disk_usage(_SHARED_MEMORY).free > needed_bytes:
-        parent = _SHARED_MEMORY
-    return Path(tempfile.mkdtemp(prefix="fedmed-arrays-", dir=parent))
+    if _SHARED_MEMORY.is_dir() and os.access(_SHARED_MEMORY, os.W_OK):
+        remove_orphans(_SHARED_MEMORY)
+        if shutil.disk_usage(_SHARED_MEMORY).free > needed_bytes:
+            parent = _SHARED_MEMORY
+    return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def remove_orphans(parent: Path) -> list[Path]:
+    """Remove ``parent``'s directories of fedmed runs whose process no longer exists."""
+    removed = []
+    for directory in parent.glob(f"{_PREFIX}*-*"):
+        pid = directory.name[len(_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class SharedArrays:

@@ -29,7 +29,7 @@ from fedmed.poisoning import backdoor_asr, backdoor_test_set, malicious_ids
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.train import evaluate
 from strategies.aggregators import make_aggregator
-from strategies.robust import apply_update, stack_updates
+from strategies.robust import apply_update, batchnorm_statistics, stack_updates
 from tests.helpers import compose_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity", "one_thread")]
@@ -66,10 +66,12 @@ def run_rounds(job: dict, global_arrays: ArrayRecord, rounds: range, strategy: s
     rule = make_aggregator(strategy)
     for server_round in rounds:
         replies = [client_update(job, global_arrays, pid, server_round) for pid in range(NUM_CLIENTS)]
-        result = rule.aggregate(stack_updates(replies, global_arrays), torch.ones(NUM_CLIENTS),
-                                client_ids=list(range(NUM_CLIENTS)),
+        counts = torch.ones(NUM_CLIENTS)
+        result = rule.aggregate(stack_updates(replies, global_arrays), counts, client_ids=list(range(NUM_CLIENTS)),
                                 generator=torch.Generator().manual_seed(server_round))
-        global_arrays = apply_update(global_arrays, result.update, result.noise)
+        kept = [row for row in range(NUM_CLIENTS) if row not in result.flagged]
+        global_arrays = apply_update(global_arrays, result.update, result.noise,
+                                     batchnorm_statistics(replies, counts, kept))
     return global_arrays
 
 

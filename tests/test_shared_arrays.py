@@ -1,6 +1,9 @@
 """Models as files in shared memory (simulation on one machine): byte-exact round trips, the
 server's bookkeeping of the files, and the same aggregate as when arrays travel in messages."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,8 @@ from omegaconf import OmegaConf
 
 from clients.client_app import train
 from fedmed.runner import uses_shared_arrays
-from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays, read_arrays, shared_directory, write_arrays
+from fedmed.shared_arrays import (ARRAYS_FILE_KEY, SharedArrays, read_arrays, remove_orphans, shared_directory,
+                                  write_arrays)
 from strategies.fedavg import FedMedAvg
 from tests.test_client_app import context, job, message
 
@@ -85,6 +89,18 @@ def test_shared_directory_is_private_and_new(tmp_path):
         SharedArrays(first).close()
         SharedArrays(second).close()
     assert not first.exists()
+
+
+def test_directories_of_killed_runs_are_removed(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    orphan, mine, other = (tmp_path / f"fedmed-arrays-{gone}-abc", tmp_path / f"fedmed-arrays-{os.getpid()}-def",
+                           tmp_path / "unrelated")
+    for directory in (orphan, mine, other):
+        directory.mkdir()
+        (directory / "global-1.bin").write_bytes(b"x")
+    assert remove_orphans(tmp_path) == [orphan]
+    assert not orphan.exists() and mine.exists() and other.exists()
 
 
 def strategy(shared: SharedArrays | None) -> FedMedAvg:
