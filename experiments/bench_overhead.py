@@ -6,7 +6,8 @@ every round. (a) runs it as one process (experiments/bare_loop.py, the same fedm
 functions, torch using every core), (b) runs `fedmed-sim` on it. Steady-state round time is the
 mean over rounds after the first (the first pays Ray's start-up and actor creation).
 
-    python experiments/bench_overhead.py [--root ../shared/data/medmnist] [--rounds 3] [--transport message]
+    python experiments/bench_overhead.py [--root ../shared/data/medmnist] [--rounds 3]
+        [--transport auto,message] [--repeats 3]
 
 Last line: overhead_ratio=<steady-state (b)/(a)>.
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,19 +74,39 @@ def main() -> None:
     parser.add_argument("--root", default=str(HERE.parents[1] / "shared" / "data" / "medmnist"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--norm", default="batch")
-    parser.add_argument("--transport", default="auto", choices=["auto", "shared_memory", "message"],
-                        help="ray.model_transport of the fedmed-sim run")
+    parser.add_argument("--transport", default="auto",
+                        help="ray.model_transport of the fedmed-sim runs; several, comma-separated, are "
+                             "compared in the same run (e.g. auto,message); the last line is for the first")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate the runs this many times and report medians: on a shared machine "
+                             "the same run varied by 20%% between two runs")
     args = parser.parse_args()
+    transports = args.transport.split(",")
+    for transport in transports:
+        if transport not in ("auto", "shared_memory", "message"):
+            parser.error(f"--transport {transport!r}: choose auto, shared_memory or message")
     os.environ.setdefault("FEDMED_CACHE", tempfile.mkdtemp(prefix="fedmed-bench-cache-"))
-    with tempfile.TemporaryDirectory() as tmp:
-        fed_round, fed_total = run_fedmed(args.root, args.rounds, args.norm, Path(tmp) / "run", args.transport)
-    bare_round, bare_total = run_bare(args.root, args.rounds, args.norm)
+    fed: dict[str, list[tuple[float, float]]] = {t: [] for t in transports}
+    bare: list[tuple[float, float]] = []
+    for _ in range(args.repeats):
+        for transport in transports:
+            with tempfile.TemporaryDirectory() as tmp:
+                fed[transport].append(run_fedmed(args.root, args.rounds, args.norm, Path(tmp) / "run", transport))
+        bare.append(run_bare(args.root, args.rounds, args.norm))
     print(f"workload: resnet18 ({args.norm} norm), pneumoniamnist 28px, 10 clients, {args.rounds} rounds, "
-          f"1 epoch, batch 32, {os.cpu_count()} cores")
-    print(f"bare PyTorch loop : steady round {bare_round:7.2f} s   total {bare_total:7.1f} s")
-    print(f"fedmed-sim (Ray, model transport {args.transport}): steady round {fed_round:7.2f} s   total {fed_total:7.1f} s")
-    print(f"total_time_ratio={fed_total / bare_total:.3f}")
-    print(f"overhead_ratio={fed_round / bare_round:.3f}")
+          f"1 epoch, batch 32, {os.cpu_count()} cores; median of {args.repeats} alternating runs")
+    bare_round, bare_total = (statistics.median(v) for v in zip(*bare))
+    print(f"bare PyTorch loop : steady round {bare_round:7.2f} s   total {bare_total:7.1f} s   "
+          f"(rounds {', '.join(f'{r:.2f}' for r, _ in bare)})")
+    ratios = {}
+    for transport in transports:
+        fed_round, fed_total = (statistics.median(v) for v in zip(*fed[transport]))
+        ratios[transport] = (fed_round / bare_round, fed_total / bare_total)
+        print(f"fedmed-sim, ray.model_transport={transport}: steady round {fed_round:7.2f} s   total "
+              f"{fed_total:7.1f} s   (rounds {', '.join(f'{r:.2f}' for r, _ in fed[transport])})   "
+              f"ratio {ratios[transport][0]:.3f}")
+    print(f"total_time_ratio={ratios[transports[0]][1]:.3f}")
+    print(f"overhead_ratio={ratios[transports[0]][0]:.3f}")
 
 
 if __name__ == "__main__":
