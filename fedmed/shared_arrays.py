@@ -8,9 +8,10 @@ to read it back). So when server and clients share a machine, ``fedmed-sim`` wri
 global ArrayRecord once to a file in a private directory of shared memory and sends only its path
 (in the message's ConfigRecord, ``ARRAYS_FILE_KEY``); each client writes its reply's ArrayRecord
 to a file beside it and replies with that path. The server reads each reply file back into an
-ArrayRecord before the usual validation, then deletes it. ``experiments/bench_overhead.py
---transport message`` measures the difference on whole rounds (README). Deployed clients never take this path: a client only accepts a file reference when it is a
-simulated partition.
+ArrayRecord before the usual validation, then deletes it. On whole rounds
+(``experiments/bench_overhead.py --transport auto,message --repeats 3``) fedmed-sim took 1.022x
+the bare PyTorch loop this way and 1.111x with the model in the messages. Deployed clients never
+take this path: a client only accepts a file reference when it is a simulated partition.
 
 A file has the layout of safetensors (8-byte header length, a JSON header, then the data; no code
 runs on load) and holds each Array's own serialised bytes back to back, so an ArrayRecord comes
