@@ -216,8 +216,7 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                     result = aggregator.aggregate(updates, counts, client_ids=ids,
                                                   generator=torch.Generator().manual_seed(0), reference=ref)
                     del updates
-                    kept = [row for row in range(n) if row not in result.flagged]
-                    stats = batchnorm_statistics([ArrayRecord(dict(r)) for r in records], counts, kept)
+                    stats = batchnorm_statistics([ArrayRecord(dict(r)) for r in records], counts, result.flagged)
                     return apply_update(global_record, result.update, result.noise, stats)
 
                 e2e[name] = timed(end_to_end, repeats)

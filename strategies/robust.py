@@ -8,8 +8,9 @@ arrays only, flattened in the global ArrayRecord's key order, float32), the upda
 (n, d), the aggregator returns one update and its suspicion of each client, and the new global
 model is the old one plus that update. BatchNorm's running statistics are not weights: they are
 the example-weighted mean over the clients the rule did not flag (``float_keys`` says why).
-Arrays that are not floating point (``num_batches_tracked``) keep the global value. What the aggregator flagged is recorded per round in ``self.detection``,
-by partition id, for the runner to score against the ground truth it alone knows.
+Arrays that are not floating point (``num_batches_tracked``) keep the global value. What the
+aggregator flagged is recorded per round in ``self.detection``, by partition id, for the runner
+to score against the ground truth it alone knows.
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ def stack_updates(records: Sequence[ArrayRecord], global_arrays: ArrayRecord) ->
 
 
 def batchnorm_statistics(records: Sequence[ArrayRecord], num_examples: torch.Tensor,
-                         rows: Sequence[int]) -> dict[str, np.ndarray] | None:
-    """BatchNorm running statistics of the round: the example-weighted mean over ``rows`` (the
-    clients the rule kept), in float64 and back to each array's dtype; None when no row is left."""
-    if not len(rows) or not len(records):
+                         flagged: Sequence[int]) -> dict[str, np.ndarray] | None:
+    """BatchNorm running statistics of the round: the example-weighted mean over the rows the
+    rule did not flag, in float64 and back to each array's dtype; None when every row is flagged."""
+    excluded = set(flagged)
+    rows = [row for row in range(len(records)) if row not in excluded]
+    if not rows:
         return None
     weights = np.asarray(num_examples, dtype=np.float64)[list(rows)]
     weights = weights / weights.sum()
@@ -220,8 +223,7 @@ class RobustAggregation(FedMedAvg):
             self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, metrics
         del updates
-        kept = [row for row in range(len(records)) if row not in set(result.flagged)]
-        statistics = batchnorm_statistics(records, num_examples, kept)
+        statistics = batchnorm_statistics(records, num_examples, result.flagged)
         flagged = [ids[i] for i in result.flagged]
         self.detection[server_round] = {
             "scores": {pid: float(score) for pid, score in zip(ids, result.scores.tolist())},

@@ -69,9 +69,8 @@ def run_rounds(job: dict, global_arrays: ArrayRecord, rounds: range, strategy: s
         counts = torch.ones(NUM_CLIENTS)
         result = rule.aggregate(stack_updates(replies, global_arrays), counts, client_ids=list(range(NUM_CLIENTS)),
                                 generator=torch.Generator().manual_seed(server_round))
-        kept = [row for row in range(NUM_CLIENTS) if row not in result.flagged]
         global_arrays = apply_update(global_arrays, result.update, result.noise,
-                                     batchnorm_statistics(replies, counts, kept))
+                                     batchnorm_statistics(replies, counts, result.flagged))
     return global_arrays
 
 
