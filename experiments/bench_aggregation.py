@@ -47,6 +47,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from strategies.aggregators import AGGREGATORS, make_aggregator  # noqa: E402
+from strategies.aggregators.fused import FUSE_BLOCK_COLUMNS  # noqa: E402
 from strategies.robust import apply_update, batchnorm_statistics, stack_updates  # noqa: E402
 
 GB = 1e9
@@ -155,6 +156,28 @@ def flower_strategy(name: str, n: int):
     }[name]()
 
 
+def variants(name: str) -> list[tuple[str, object]]:
+    """The rule as timed: Bulyan with its fused stage (``strategy.compile_stage=true``; its
+    default switches it on from 2^27 selected values) and, on a second row, without it."""
+    if name == "bulyan":
+        return [("bulyan", make_aggregator(name, compile_stage=True)),
+                ("bulyan eager", make_aggregator(name, compile_stage=False))]
+    return [(name, make_aggregator(name))]
+
+
+def warm_up(aggregator, u: torch.Tensor | None, counts: torch.Tensor, ids: list[int]) -> None:
+    """Compile Bulyan's fused kernel outside the timings (once per n in the process; printed)."""
+    if getattr(aggregator, "compile_stage", None) is not True:
+        return
+    n = len(ids)
+    block = (u[:, :FUSE_BLOCK_COLUMNS] if u is not None else torch.randn(n, FUSE_BLOCK_COLUMNS)).contiguous()
+    started = time.perf_counter()
+    aggregator.aggregate(block, counts, client_ids=ids, generator=torch.Generator())
+    if time.perf_counter() - started > 1.0:
+        print(f"bulyan: compiling its fused stage for n = {n} took {time.perf_counter() - started:.1f} s "
+              "(not timed below)", flush=True)
+
+
 def extra_bytes(name: str, n: int, d: int) -> float:
     """Memory a rule needs beyond the updates (FoolsGold's history; blocks are small)."""
     return n * d * 4.0 if name == "foolsgold" else 0.05 * n * d * 4.0
@@ -177,12 +200,13 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
         if not fits(extra_bytes(name, n, d) + (d * 4.0 if name == "fltrust" else 0)):
             ours[name] = f"skipped: needs {extra_bytes(name, n, d) / GB:.1f} GB more than the updates"
             continue
-        aggregator = make_aggregator(name)
         if name == "fltrust":
             reference = u[: n // 2].mean(0)
-        ours[name] = timed(lambda: aggregator.aggregate(u, counts, client_ids=ids, reference=reference,
-                                                        generator=torch.Generator().manual_seed(0)), repeats)
-        del aggregator
+        for label, aggregator in variants(name):
+            warm_up(aggregator, u, counts, ids)
+            ours[label] = timed(lambda: aggregator.aggregate(u, counts, client_ids=ids, reference=reference,
+                                                             generator=torch.Generator().manual_seed(0)), repeats)
+            del aggregator
     del u
     gc.collect()
 
@@ -206,7 +230,8 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
             elif not fits(needed):
                 e2e[name] = f"skipped: stacking needs {needed / GB:.1f} GB next to the records"
             else:
-                aggregator = make_aggregator(name)
+                aggregator = variants(name)[0][1]
+                warm_up(aggregator, None, counts, ids)
                 # FLTrust's server update comes from the server's own training, not timed here
                 ref = (stack_updates([ArrayRecord(dict(r)) for r in records[: n // 2]], global_record).mean(0)
                        if name == "fltrust" else None)
@@ -249,17 +274,17 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
     print(header)
     print("-" * len(header))
     notes = []
-    for name in names:
+    for name in [label for name in names for label, _ in variants(name)]:
         o, e, fl = ours.get(name), e2e.get(name), flower.get(name)
         cells = [f"{name:<13}"]
         cells.append(f"{o:9.3f}{nbytes / o / GB:7.1f}" if isinstance(o, float) else f"{'-':>9}{'':>7}")
-        cells.append(f"{o / gemm:8.2f}" if isinstance(o, float) and name in KRUM_FAMILY else f"{'':>8}")
+        cells.append(f"{o / gemm:8.2f}" if isinstance(o, float) and name.split()[0] in KRUM_FAMILY else f"{'':>8}")
         cells.append(f"{e:9.3f}" if isinstance(e, float) else f"{'-':>9}")
         if isinstance(fl, float):
             cells.append(f"{fl:10.3f}{nbytes / fl / GB:7.1f}")
             cells.append(f"{fl / e:8.1f}x" if isinstance(e, float) else f"{'-':>9}")
         else:
-            cells.append(f"{'-' if name in FLOWER else 'n/a':>10}{'':>7}{'':>9}")
+            cells.append(f"{'-' if name in FLOWER or name not in names else 'n/a':>10}{'':>7}{'':>9}")
         print("".join(cells))
         for label, value in (("ours", o), ("e2e", e), ("flower", fl)):
             if isinstance(value, str):

@@ -150,6 +150,9 @@ class StrategyConfig:
     num_malicious: Optional[int] = None
     # multikrum: how many lowest-score updates are averaged (None: n - f)
     num_to_keep: Optional[int] = None
+    # bulyan: its per-coordinate stage as one kernel compiled by torch.compile (null: on the CPU
+    # when the selected updates hold >= 2^27 values; compiling takes ~20 s once per process)
+    compile_stage: Optional[bool] = None
     # trimmed_mean: share trimmed from each end of every coordinate, in [0, 0.5) (Flower's default)
     beta: float = 0.2
     # norm_clip, weak_dp: the update-norm bound M (None: the median update norm of the round)
@@ -162,6 +165,9 @@ class StrategyConfig:
     max_iter: int = 10
     # fltrust: examples of the server's root dataset, on which it computes its reference update
     root_samples: int = 100
+    # fltrust: SGD iterations of the server's update, each on a random root batch (None: as many
+    # as the round's median client takes, as in the paper)
+    root_iterations: Optional[int] = None
 
 
 @dataclass

@@ -161,8 +161,9 @@ class RobustAggregation(FedMedAvg):
         checked against ``clients_per_round`` here; a round in which too few valid replies
         arrive keeps the global model and logs why.
     reference_update : callable, optional
-        ``reference_update(global_arrays) -> (d,) tensor``: the server's own update from the
-        round's global model on its root dataset (FLTrust, which requires it).
+        ``reference_update(global_arrays, num_examples) -> (d,) tensor``: the server's own update
+        from the round's global model on its root dataset (FLTrust, which requires it), given the
+        accepted replies' example counts to match its number of iterations to the clients'.
 
     ``self.detection[server_round]`` = ``{"scores": {partition id: suspicion}, "flagged":
     [partition ids]}``. Client ids given to the aggregator (FoolsGold's history) are the
@@ -179,7 +180,7 @@ class RobustAggregation(FedMedAvg):
         shared_arrays: SharedArrays | None = None,
         *,
         aggregator: Aggregator,
-        reference_update: Callable[[ArrayRecord], torch.Tensor] | None = None,
+        reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round, shared_arrays)
         try:
@@ -213,7 +214,7 @@ class RobustAggregation(FedMedAvg):
             dtype=torch.float64)
         metrics = self.train_metrics_aggr_fn([msg.content for msg in accepted], self.weighted_by_key)
         updates = stack_updates(records, self._global_arrays)
-        reference = self.reference_update(self._global_arrays) if self.reference_update is not None else None
+        reference = self.reference_update(self._global_arrays, num_examples) if self.reference_update is not None else None
         try:
             result = self.aggregator.aggregate(updates, num_examples, client_ids=ids,
                                                generator=round_generator(self.seed, server_round),

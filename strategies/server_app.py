@@ -43,7 +43,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
-                   reference_update: Callable[[ArrayRecord], torch.Tensor] | None = None,
+                   reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
                    shared_arrays: SharedArrays | None = None) -> FedMedAvg:
     """``strategy=fedavg``: Flower's FedAvg (``FedMedAvg``); any other: ``RobustAggregation``
     with that rule. Nothing here knows which clients are malicious."""
@@ -147,7 +147,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     reference_update = None
     if cfg.strategy.name == "fltrust":
         reference_update = make_root_update(model, dataset.val, int(cfg.strategy.root_samples),
-                                            OmegaConf.to_container(cfg.client, resolve=True), device=device, seed=seed)
+                                            OmegaConf.to_container(cfg.client, resolve=True), device=device, seed=seed,
+                                            iterations=cfg.strategy.root_iterations)
     initial_arrays = model_to_arrays(model)
     shared_arrays = None
     if share_arrays:

@@ -513,7 +513,7 @@ def test_round_with_too_few_replies_keeps_the_global_model(caplog):
 @pytest.mark.usefixtures("task_identity")
 def test_fltrust_strategy_uses_the_reference_and_noise_is_seeded():
     direction = np.random.default_rng(2).normal(size=16).astype(np.float32)
-    reference = lambda arrays: torch.from_numpy(direction)  # noqa: E731
+    reference = lambda arrays, num_examples: torch.from_numpy(direction)  # noqa: E731
     s = robust(make_aggregator("fltrust"), GLOBAL, 3, reference_update=reference)
     replies = [reply(p, client_record(sign * direction[:12].reshape(3, 4), sign * direction[12:]), 10)
                for p, sign in enumerate((1.0, 0.5, -1.0))]

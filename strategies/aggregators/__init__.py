@@ -32,7 +32,7 @@ _CLASSES: dict[str, type[Aggregator]] = {
 AGGREGATORS: tuple[str, ...] = tuple(_CLASSES)
 
 # strategy keys used by the server rather than by an aggregator
-_SERVER_KEYS = ("root_samples",)
+_SERVER_KEYS = ("root_samples", "root_iterations")
 
 
 def make_aggregator(name: str, **params: Any) -> Aggregator:

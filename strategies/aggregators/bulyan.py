@@ -6,12 +6,17 @@ ICML 2018.
 
 from __future__ import annotations
 
+from logging import WARNING, getLogger
+
 import torch
 
 from strategies.aggregators.base import Aggregate, above_expected
+from strategies.aggregators.fused import FUSE_AUTO_VALUES, bulyan_stage, compiled_bulyan_stage, fused_blocks
 from strategies.aggregators.krum import Krum
 from strategies.aggregators.ops import (Scratch, closest_window, count_outside, lowest, median_windows, middle,
                                         sorted_column_blocks)
+
+logger = getLogger(__name__)
 
 
 class Bulyan(Krum):
@@ -32,10 +37,23 @@ class Bulyan(Krum):
     client loses e = 2f / theta of its coordinates on average, so flagged = score above halfway
     between e and 1: every client the Krum stage dropped, and any selected one trimmed far more
     than the rest.
+
+    ``compile_stage``: run the per-coordinate stage as one kernel compiled by ``torch.compile``
+    (``strategies/aggregators/fused.py``; same result bit for bit, some 5x faster, about 20 s to
+    compile once per process). None: on the CPU when theta * d >= 2^27; True: always on the
+    CPU, and an error if it cannot compile; False: never.
     """
 
     name = "bulyan"
+    params = ("num_malicious", "compile_stage")
     rule = "Bulyan needs n >= 4f + 3"
+
+    def __init__(self, num_malicious: int | None = None, compile_stage: bool | None = None) -> None:
+        super().__init__(num_malicious)
+        if compile_stage not in (None, True, False):
+            raise ValueError(f"strategy.compile_stage={compile_stage!r} must be true, false or null (automatic)")
+        self.compile_stage = compile_stage
+        self._compiled: set[tuple[int, int]] = set()  # (theta, beta) that compiled in this process
 
     def max_malicious(self, n: int) -> int:
         return (n - 3) // 4
@@ -50,6 +68,11 @@ class Bulyan(Krum):
         beta = theta - 2 * f
         krum = self.scores(updates)
         selected = torch.sort(lowest(krum, client_ids, theta)).values
+        if self._fuse(theta, d, updates.device):
+            fused = self._fused_stage(updates, selected, theta, beta)
+            if fused is not None:
+                out, excluded, informative = fused
+                return self._result(out, excluded, informative, selected, n, f, theta)
         out = torch.empty(d, dtype=updates.dtype, device=updates.device)
         excluded = torch.zeros(theta, dtype=torch.float64, device=updates.device)
         informative = 0
@@ -65,6 +88,47 @@ class Bulyan(Krum):
             raw = scratch("raw", s)
             torch.index_select(updates[:, cols], 0, rows, out=raw)
             excluded += count_outside(raw, low, high, scratch)
+        return self._result(out, excluded, informative, selected, n, f, theta)
+
+    @staticmethod
+    def _result(out, excluded, informative, selected, n, f, theta) -> Aggregate:
         scores = torch.ones(n, dtype=torch.float64)
-        scores[selected] = excluded.cpu() / max(informative, 1)
+        scores[selected] = excluded.cpu().double() / max(informative, 1)
         return Aggregate(out, scores, above_expected(scores, 2 * f / theta))
+
+    def _fuse(self, theta: int, d: int, device: torch.device) -> bool:
+        if device.type != "cpu" or self.compile_stage is False:
+            return False
+        return self.compile_stage is True or theta * d >= FUSE_AUTO_VALUES
+
+    def _fused_stage(self, updates, selected, theta, beta):
+        """(mean (d,), outside counts (theta,), informative columns) from the compiled kernel;
+        None if it does not compile and ``compile_stage`` is automatic."""
+        key = (theta, beta)
+        kernel, eager = compiled_bulyan_stage(theta, beta), bulyan_stage(theta, beta)
+        out = torch.empty(updates.shape[1], dtype=updates.dtype)
+        excluded = torch.zeros(theta, dtype=torch.int64)
+        informative = 0
+        rows = selected.tolist()
+        for cols, compiled in fused_blocks(updates.shape[1]):
+            stage = kernel if compiled else eager
+            args = [updates[r, cols] for r in rows]
+            if compiled and key not in self._compiled:
+                try:
+                    result = stage(*args)
+                except Exception as error:  # noqa: BLE001 -- torch.compile's failures share no narrower base
+                    if self.compile_stage:
+                        raise RuntimeError(f"bulyan: torch.compile could not build the fused stage ({error!r}); "
+                                           "set strategy.compile_stage=false to use the eager one") from error
+                    logger.log(WARNING, "bulyan: torch.compile could not build the fused stage (%r); using the "
+                                        "eager one (strategy.compile_stage=false skips the attempt)", error)
+                    self.compile_stage = False
+                    return None
+                self._compiled.add(key)
+            else:
+                result = stage(*args)
+            mean, _, _, outside, columns = result
+            out[cols] = mean
+            excluded += outside
+            informative += int(columns)
+        return out, excluded, informative
