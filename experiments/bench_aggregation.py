@@ -14,6 +14,10 @@ For n = 10, 50, 100 client updates of ResNet50 size (d = 23,512,130, torchvision
   Flower's aggregation (Krum's ``compute_distances`` calls ``to_numpy_ndarrays`` itself). Flower
   is given the same f (and m) as ours resolves by default.
 
+Bulyan is timed with its per-coordinate stage fused by torch.compile (``strategy.compile_stage=
+true``; the default turns it on from 2^27 selected values, e.g. ResNet50 size from n = 10) and,
+on the ``bulyan eager`` row, without; compiling happens before the timings and is printed.
+
 Each time is the median of ``--repeats`` runs. ``GB/s`` is n*d*4 bytes / time (the updates read
 once), next to the machine's memory bandwidth measured here (sum and copy of a 1 GiB tensor).
 ``GEMM`` is one pass U @ U.T (torch, float32): the Krum family needs exactly one, so their

@@ -1,10 +1,12 @@
-"""Why Bulyan stays above 2x one GEMM pass: torch's compiled sort and selection cost more.
+"""Bulyan's second stage, ours against what torch offers, each as a multiple of one GEMM pass.
 
 Bulyan's second stage needs, for every coordinate of the theta selected updates, the beta values
-closest to the median. fedmed does it with a sorting network of elementwise min/max over column
-blocks (strategies/aggregators/ops.py). This script times that against what torch offers for the
-same stage (sort, median + topk, median alone), each as a multiple of one GEMM pass U @ U.T over
-the n stacked updates, on one thread, in one run.
+closest to the median. fedmed does it with a sorting network of elementwise min/max, either eager
+over column blocks (strategies/aggregators/ops.py) or fused into one kernel by torch.compile
+(strategies/aggregators/fused.py, ``strategy.compile_stage``). This script times the whole rule
+both ways against torch's own tools for the same stage (sort, median + topk, median alone), each
+as a multiple of one GEMM pass U @ U.T over the n stacked updates, on one thread, in one run.
+Compiling the fused kernel is done first and not timed.
 
     python experiments/bulyan_alternatives.py [--n 50] [--d 2226434]
 """
@@ -48,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     n, d = args.n, args.d
-    bulyan = make_aggregator("bulyan")
+    bulyan = make_aggregator("bulyan", compile_stage=False)
     f = bulyan.malicious(n)
     theta, beta = n - 2 * f, n - 4 * f
     updates = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
@@ -61,8 +63,12 @@ def main() -> None:
         return block.gather(1, nearest).mean(1)
 
     gemm = timed(lambda: updates @ updates.T, args.repeats)
+    fused = make_aggregator("bulyan", compile_stage=True)
     rows = {
-        "fedmed bulyan, whole rule (Krum stage included)": timed(
+        "fedmed bulyan, fused stage, whole rule": timed(
+            lambda: fused.aggregate(updates, torch.ones(n), client_ids=range(n), generator=torch.Generator()),
+            args.repeats),
+        "fedmed bulyan, eager stage, whole rule": timed(
             lambda: bulyan.aggregate(updates, torch.ones(n), client_ids=range(n), generator=torch.Generator()),
             args.repeats),
         "torch.sort per coordinate, middle beta averaged": timed(
