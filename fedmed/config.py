@@ -151,7 +151,7 @@ class StrategyConfig:
     # multikrum: how many lowest-score updates are averaged (None: n - f)
     num_to_keep: Optional[int] = None
     # bulyan: its per-coordinate stage as one kernel compiled by torch.compile (null: on the CPU
-    # when the selected updates hold >= 2^27 values; compiling takes ~20 s once per process)
+    # when the selected updates hold >= 2^24 values; compiling takes 4-15 s once per process)
     compile_stage: Optional[bool] = None
     # trimmed_mean: share trimmed from each end of every coordinate, in [0, 0.5) (Flower's default)
     beta: float = 0.2

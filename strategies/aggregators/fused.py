@@ -2,17 +2,18 @@
 
 Why by hand: in eager torch the stage (a sorting network over the theta selected values of every
 coordinate, the window of the beta values nearest their median, the per-row count of values
-outside it) is some 500 elementwise passes over memory. The eager version in ``ops`` is as tight
-as separate torch calls get and still costs 1.7 GEMM passes at n = 50
+outside it) is some 500 elementwise passes over memory. With the eager version in ``ops``, as
+tight as separate torch calls get, the whole rule costs 2.5 GEMM passes at n = 50
 (experiments/bulyan_alternatives.py); ``torch.sort`` and ``torch.median`` cost more. Written
 once, column by column, the stage compiles with Inductor into a single loop that keeps a
-column's theta values in registers: 0.34 GEMM passes in the same setting, and bit for bit the
-eager result.
+column's theta values in registers: the rule then costs 1.4 GEMM passes, and gives bit for bit
+the eager result.
 
-Compiling takes some 20 s on first use in a process for each (theta, beta) (Inductor caches on
-disk, so later processes take less), so ``Bulyan`` uses it by default only where the stage is
-large enough to win that back in a few rounds (``FUSE_AUTO_VALUES``), and only on the CPU: on a
-GPU ``torch.sort`` is already one kernel. Without a working C++ compiler ``torch.compile`` fails;
+Compiling takes 4-15 s here on first use in a process for each (theta, beta), about 1 s once
+Inductor's disk cache holds it, so ``Bulyan`` uses it by default from model-sized stages on
+(``FUSE_AUTO_VALUES``: MobileNetV2 at n = 10 has 8 x 2.2M = 17.8M values), where the eager stage
+costs 1-3 GEMM passes more every round, and only on the CPU: on a GPU ``torch.sort`` is already
+one kernel. Without a working C++ compiler ``torch.compile`` fails;
 Bulyan then logs why and stays with the eager stage.
 """
 
@@ -25,8 +26,8 @@ import torch
 
 from strategies.aggregators.ops import batcher_runs, median_windows
 
-# the stage is fused when theta * d reaches this (ResNet50 at n = 10 has 8 x 23.5M = 188M values)
-FUSE_AUTO_VALUES = 1 << 27
+# the stage is fused when theta * d reaches this (2^24, about 16.8M values); test-sized inputs stay eager
+FUSE_AUTO_VALUES = 1 << 24
 # columns per call of the compiled kernel; the remainder goes through the same function eagerly
 FUSE_BLOCK_COLUMNS = 1 << 16
 
