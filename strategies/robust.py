@@ -214,7 +214,9 @@ class RobustAggregation(FedMedAvg):
             dtype=torch.float64)
         metrics = self.train_metrics_aggr_fn([msg.content for msg in accepted], self.weighted_by_key)
         updates = stack_updates(records, self._global_arrays)
-        reference = self.reference_update(self._global_arrays, num_examples) if self.reference_update is not None else None
+        reference = None
+        if self.reference_update is not None:
+            reference = self.reference_update(self._global_arrays, num_examples)
         try:
             result = self.aggregator.aggregate(updates, num_examples, client_ids=ids,
                                                generator=round_generator(self.seed, server_round),

@@ -39,9 +39,9 @@ class Bulyan(Krum):
     than the rest.
 
     ``compile_stage``: run the per-coordinate stage as one kernel compiled by ``torch.compile``
-    (``strategies/aggregators/fused.py``; same result bit for bit, the rule 1.4 instead of 2.5 GEMM
-    passes at n = 50, 4-15 s to compile once per process). None: on the CPU when theta * d >= 2^24; True: always on the
-    CPU, and an error if it cannot compile; False: never.
+    (``strategies/aggregators/fused.py``; same result bit for bit, the rule 1.4 instead of 2.5
+    GEMM passes at n = 50, 4-15 s to compile once per process). None: on the CPU when
+    theta * d >= 2^24; True: always on the CPU, and an error if it cannot compile; False: never.
     """
 
     name = "bulyan"
