@@ -63,3 +63,15 @@ def test_fltrust_with_badnets_uses_the_servers_root_data(tmp_path):
     assert all(r["detection/tpr"] is not None for r in rows[1:])
     assert summary["final"]["accuracy"] is not None
     assert summary["detection"]["strategy"] == "fltrust"
+
+
+def test_bulyan_with_its_compiled_stage_in_a_federation(tmp_path):
+    # the fused kernel compiled and run inside the ServerApp; compile_stage=true turns a failure
+    # to compile into an error rather than the eager fallback
+    summary, rows = federation(tmp_path, "federation.num_clients=7", "federation.clients_per_round=7",
+                               "attack=gaussian", "attack.ids=[4]", "attack.start_round=2", "strategy=bulyan",
+                               "strategy.compile_stage=true")
+    for row in rows[2:]:  # f = 1: the Krum stage drops two of seven, the noise update among them
+        assert 4 in row["detection/flagged"] and row["detection/tpr"] == 1.0
+        assert row["detection/scores"]["4"] == 1.0
+    assert summary["detection"]["strategy"] == "bulyan" and summary["final"]["accuracy"] is not None
