@@ -10,7 +10,7 @@ As in the paper's ServerUpdate (Algorithm 1), the server takes as many SGD itera
 each on a batch drawn at random from the root data. Its update's norm becomes the norm of the
 aggregate, so it must be of the clients' size: one epoch over 100 root images (4 steps, the last
 on 4 images) against a client's 14 gave a reference nearly orthogonal to every client (cosine
-0.00-0.14) whose norm ran up to 5x the clients' (3.38 against 0.59-0.86) once the model was off
+-0.04 to 0.14) whose norm ran up to 5x the clients' (3.38 against 0.59-0.86) once the model was off
 balance, and the global model swung between the two classes from round to round.
 """
 
