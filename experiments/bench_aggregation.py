@@ -241,11 +241,12 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                        if name == "fltrust" else None)
 
                 def end_to_end():
-                    updates = stack_updates([ArrayRecord(dict(r)) for r in records], global_record)
+                    replies = [ArrayRecord(dict(r)) for r in records]
+                    updates = stack_updates(replies, global_record)
                     result = aggregator.aggregate(updates, counts, client_ids=ids,
                                                   generator=torch.Generator().manual_seed(0), reference=ref)
                     del updates
-                    stats = batchnorm_statistics([ArrayRecord(dict(r)) for r in records], counts, result.flagged)
+                    stats = batchnorm_statistics(replies, counts, result.flagged)
                     return apply_update(global_record, result.update, result.noise, stats)
 
                 e2e[name] = timed(end_to_end, repeats)

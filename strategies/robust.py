@@ -98,7 +98,7 @@ def batchnorm_statistics(records: Sequence[ArrayRecord], num_examples: torch.Ten
     rows = [row for row in range(len(records)) if row not in excluded]
     if not rows:
         return None
-    weights = np.asarray(num_examples, dtype=np.float64)[list(rows)]
+    weights = np.asarray(num_examples, dtype=np.float64)[rows]
     weights = weights / weights.sum()
     keys = [key for key in records[0].keys() if is_batchnorm_statistic(key)]
     result = {}
