@@ -57,8 +57,11 @@ def check_config(cfg: DictConfig) -> None:
             f"federation.clients_per_round={fed.clients_per_round} must be between 1 and "
             f"federation.num_clients={fed.num_clients}"
         )
+    from fedmed.config import check_client, check_eval
     from fedmed.poisoning import check_attack
 
+    check_client(cfg.client)
+    check_eval(cfg.eval)
     check_attack(cfg.attack, num_clients=int(fed.num_clients))
     if cfg.ray.num_gpus_per_client > 0 and cfg.device == "cpu":
         raise ValueError("ray.num_gpus_per_client > 0 with device=cpu: use device=auto or cuda")
