@@ -72,10 +72,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run one federation described by ``cfg``; outputs go to ``output_dir``. Returns the summary."""
     import json
 
-    from flwr.simulation import run_simulation
-
     from clients.client_app import app as client_app
     from fedmed.data import dataset_from_config
+    from fedmed.simulation import simulate
     from strategies.server_app import make_server_app, prepare_config
 
     check_config(cfg)
@@ -93,12 +92,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if cfg.progress:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(cfg, output_dir, share_arrays=uses_shared_arrays(cfg.ray)),
-        client_app=client_app,
-        num_supernodes=int(cfg.federation.num_clients),
-        backend_config=backend_config(cfg.ray),
-    )
+    simulate(make_server_app(cfg, output_dir, share_arrays=uses_shared_arrays(cfg.ray)), client_app,
+             int(cfg.federation.num_clients), backend_config(cfg.ray))
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())
