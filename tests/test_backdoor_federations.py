@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedmed.runner import run
-from tests.helpers import compose_config
+from tests.helpers import BOUNDED_WAITS, compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ SMALL = ("federation.num_clients=5", "federation.clients_per_round=5", "federati
 
 
 def federation(tmp_path, *overrides):
-    cfg = compose_config(*SMALL, f"output_dir={tmp_path}", *overrides)
+    cfg = compose_config(*SMALL, *BOUNDED_WAITS, f"output_dir={tmp_path}", *overrides)
     summary = run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return summary, rows

@@ -11,7 +11,7 @@ from fedmed.data import dataset_from_config
 from fedmed.models import build_model
 from fedmed.runner import run
 from fedmed.train import evaluate
-from tests.helpers import compose_config
+from tests.helpers import BOUNDED_WAITS, compose_config
 
 ROUND_KEYS = {"round", "loss", "accuracy", "balanced_accuracy", "auc", "time_s"}
 
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 def run_federation(tmp_path, *overrides):
     cfg = compose_config(
+        *BOUNDED_WAITS,
         "federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=2",
         "progress=false", "eval.max_samples=64", f"output_dir={tmp_path}", *overrides,
     )

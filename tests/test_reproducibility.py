@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedmed.runner import run
-from tests.helpers import compose_config
+from tests.helpers import BOUNDED_WAITS, compose_config
 from tests.test_end_to_end import without_timings
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ EVERY_SOURCE = (
 
 
 def metrics(out, seed):
-    run(compose_config(*EVERY_SOURCE, f"seed={seed}", f"output_dir={out}"), out)
+    run(compose_config(*EVERY_SOURCE, *BOUNDED_WAITS, f"seed={seed}", f"output_dir={out}"), out)
     return [without_timings(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
