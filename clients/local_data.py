@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fedmed.data import ClientShare, client_share, site_share
 from fedmed.poisoning import attack_section
-from fedmed.site_data import examples_per_class
+from fedmed.site_data import default_site_name, examples_per_class
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -39,7 +39,7 @@ def site_name(node_config: dict) -> str:
     if DATA_PATH in node_config:
         return Path(str(node_config[DATA_PATH])).expanduser().name.removesuffix(".npz")
     if PARTITION_ID in node_config:
-        return f"site-{int(node_config[PARTITION_ID])}"
+        return default_site_name(node_config[PARTITION_ID])
     raise KeyError(f"node_config has neither 'partition-id' (simulation) nor 'data-path' (deployment); {NODE_CONFIG_HINT}")
 
 

@@ -68,6 +68,11 @@ def read_site_npz(path: Path, shape: FederationShape) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
+def default_site_name(partition_id: int) -> str:
+    """Simulated partition i's name, and the stem of the file ``fedmed-sites`` writes for it."""
+    return f"site-{int(partition_id)}"
+
+
 def examples_per_class(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=num_classes).tolist()
 
