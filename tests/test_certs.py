@@ -3,12 +3,13 @@
 import argparse
 import ipaddress
 import os
+import socket
+import ssl
 import subprocess
 import sys
-from concurrent import futures
+import threading
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -66,32 +67,46 @@ def test_site_keys_load_the_way_flower_loads_them(material):
     assert (material / "a.pub").read_bytes() != (material / "b.pub").read_bytes()
 
 
-def _handshake(material: Path, target: str) -> bool:
-    """Whether a gRPC client trusting ca.crt completes TLS with a server holding server.pem."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    credentials = grpc.ssl_server_credentials([((material / "server.key").read_bytes(),
-                                                (material / "server.pem").read_bytes())])
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
-        channel = grpc.secure_channel(f"{target}:{port}",
-                                      grpc.ssl_channel_credentials((material / "ca.crt").read_bytes()))
+def _handshake(material: Path, server_name: str) -> None:
+    """TLS between a client trusting ca.crt and a server holding server.pem, the way Flower 1.42's
+    SuperLink serves (uvicorn, Python's ssl); raises ssl.SSLCertVerificationError on a bad name."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(material / "server.pem", material / "server.key")
+    client_context = ssl.create_default_context(cafile=str(material / "ca.crt"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            try:
+                with server_context.wrap_socket(connection, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
         try:
-            grpc.channel_ready_future(channel).result(timeout=5)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with client_context.wrap_socket(raw, server_hostname=server_name) as tls:
+                    tls.sendall(b"x")
         finally:
-            channel.close()
-    finally:
-        server.stop(None)
+            thread.join(timeout=10)
 
 
 def test_tls_handshake_succeeds_for_the_certified_names_only(material, tmp_path):
-    assert _handshake(material, "localhost")
-    assert _handshake(material, "127.0.0.1")
+    _handshake(material, "localhost")
+    _handshake(material, "127.0.0.1")
     assert main([str(tmp_path / "name-only"), "--host", "localhost"]) == 0
-    assert not _handshake(tmp_path / "name-only", "127.0.0.1")  # the address is not in its SANs
+    with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
+        _handshake(tmp_path / "name-only", "127.0.0.1")  # the address is not in its SANs
+    assert main([str(tmp_path / "other-ca"), "--host", "localhost"]) == 0
+    (tmp_path / "mixed").mkdir()
+    for name in ("server.pem", "server.key"):
+        (tmp_path / "mixed" / name).write_bytes((material / name).read_bytes())
+    (tmp_path / "mixed" / "ca.crt").write_bytes((tmp_path / "other-ca" / "ca.crt").read_bytes())
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
+        _handshake(tmp_path / "mixed", "localhost")  # a CA that did not sign it is not trusted
 
 
 def test_bad_requests_are_refused(tmp_path, capsys):

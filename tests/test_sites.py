@@ -88,26 +88,26 @@ def test_site_partition_bakes_each_sites_scanner_into_its_images(tmp_path):
         assert change > (0.002 if i == 0 else 0.01)  # site 0 is the mild reference site
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, data: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FEDMED_DATA": str(data)}
     return subprocess.run([sys.executable, "-m", "fedmed.sites", *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=300)
 
 
-def test_cli_writes_sites_and_refuses_without_output_dir(tmp_path):
-    small = ["dataset.n_train=120", "dataset.n_val=30", "dataset.n_test=30", "federation.num_clients=2",
-             "partition.min_partition_size=5"]
-    done = run_cli(*small, f"output_dir={tmp_path / 'sites'}")
+def test_cli_writes_the_sites_and_manifest(tmp_path, medmnist_root):
+    readme = ["dataset=pneumoniamnist", "federation.num_clients=3"]  # README, "Site data"
+    done = run_cli(*readme, f"output_dir={tmp_path / 'sites'}", data=medmnist_root)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "sites" / "manifest.json").read_text())
-    assert sorted(manifest["sites"]) == ["site-0", "site-1"]
-    assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["manifest.json", "site-0.npz", "site-1.npz"]
+    assert sorted(manifest["sites"]) == ["site-0", "site-1", "site-2"]
+    assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == [
+        "manifest.json", "site-0.npz", "site-1.npz", "site-2.npz"]
+    assert "site-2.npz: " in done.stdout
 
-    missing = run_cli(*small)
-    assert missing.returncode == 2 and "output_dir is not set: give output_dir=DIR" in missing.stderr
 
-
-def test_cli_refuses_a_used_folder_and_attacks(tmp_path, capsys):
+def test_cli_refuses_no_output_dir_a_used_folder_and_attacks(tmp_path, capsys):
+    assert main(["federation.num_clients=2"]) == 2
+    assert "output_dir is not set: give output_dir=DIR" in capsys.readouterr().err
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "site-0.npz").write_bytes(b"")
     assert main(["federation.num_clients=2", f"output_dir={tmp_path / 'used'}"]) == 2
