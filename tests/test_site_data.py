@@ -104,12 +104,15 @@ def test_float_images_are_rescaled_not_truncated(tmp_path, caplog, scale):
     assert "float32" in caplog.text
 
 
-def test_rgb_site_in_an_rgb_federation_and_2d_labels_are_read(tmp_path):
+def test_rgb_site_in_an_rgb_federation_is_read_and_a_grey_one_refused(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (24, 28, 28, 3), dtype=np.uint8)
     path = write_site(tmp_path / "site.npz", train_images=rgb, val_images=rgb[:8])
     share = site_share(str(path), {**job(), "channels": 3})
     np.testing.assert_array_equal(share.images[share.train_indices], rgb)
     assert share.labels.shape == (32,) and share.labels.dtype == np.int64
+    grey = write_site(tmp_path / "grey.npz")
+    with pytest.raises(SiteDataError, match=r"1 channel\(s\) \(grey\); the federation's have 3 \(RGB\)"):
+        site_share(str(grey), {**job(), "channels": 3})
 
 
 class _MakesFolderWhenUnpickled:
