@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local_data import is_simulated, local_share, partition_id
+from clients.local_data import device_setting, is_simulated, local_share, partition_id
 from clients.local_training import LocalData, train_round
 from clients.malicious import malicious_round
 from fedmed.config import model_norm_for
@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     pid = partition_id(context.node_config, context.node_id)
     share = local_share(job, context.node_config)
-    device = resolve_device(job["device"])
+    device = resolve_device(device_setting(job, context.node_config))
     seed = derive_seed(job["seed"], server_round, pid)
     torch.manual_seed(seed)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
@@ -121,7 +121,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     pid = partition_id(context.node_config, context.node_id)
     share = local_share(job, context.node_config)
-    device = resolve_device(job["device"])
+    device = resolve_device(device_setting(job, context.node_config))
     metrics = {"num-examples": len(share.val_indices), "partition-id": pid}
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

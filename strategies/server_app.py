@@ -210,6 +210,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
 
     job = job_from_config(cfg)
     job["num_classes"] = dataset.num_classes  # deployed sites need it to build the same head
+    job["channels"], job["image_size"] = dataset.channels, dataset.image_size  # sites check their data against them
     try:
         result = strategy.start(
             grid=grid,
