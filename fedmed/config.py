@@ -287,6 +287,34 @@ def check_defense(defense) -> None:
             raise ValueError(f"defense.soft_weight={defense['soft_weight']} must be in [0, 1]")
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def check_client(client) -> None:
+    """Refuse local-training settings that would fail inside every client, naming the key."""
+    if client["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"client.optimizer={client['optimizer']!r} is not known; use one of {', '.join(OPTIMIZERS)}")
+    for key in ("epochs", "batch_size"):
+        if int(client[key]) < 1:
+            raise ValueError(f"client.{key}={client[key]} must be >= 1")
+    if not float(client["lr"]) > 0:
+        raise ValueError(f"client.lr={client['lr']} must be > 0 (e.g. 0.01 for SGD, 0.001 for Adam)")
+    if not 0 <= float(client["momentum"]) < 1:
+        raise ValueError(f"client.momentum={client['momentum']} must be in [0, 1)")
+    if float(client["weight_decay"]) < 0:
+        raise ValueError(f"client.weight_decay={client['weight_decay']} must be >= 0")
+    if not 0 <= float(client["val_fraction"]) < 1:
+        raise ValueError(f"client.val_fraction={client['val_fraction']} must be in [0, 1) (share held out locally)")
+
+
+def check_eval(eval_cfg) -> None:
+    """The assessment's schedule and batch size (the attacks and epsilons: strategies/robustness.py)."""
+    if int(eval_cfg["every"]) < 1:
+        raise ValueError(f"eval.every={eval_cfg['every']} must be >= 1 (robustness assessed every N rounds)")
+    if int(eval_cfg["batch_size"]) < 1:
+        raise ValueError(f"eval.batch_size={eval_cfg['batch_size']} must be >= 1")
+
+
 def model_norm_for(norm: str, defense_name: str) -> str:
     """DP-SGD cannot use BatchNorm (it mixes examples, so per-example gradients are undefined):
     under ``defense=dp_sgd`` every model, clients' and server's alike, gets GroupNorm."""

@@ -57,8 +57,11 @@ def check_config(cfg: DictConfig) -> None:
             f"federation.clients_per_round={fed.clients_per_round} must be between 1 and "
             f"federation.num_clients={fed.num_clients}"
         )
+    from fedmed.config import check_client, check_eval
     from fedmed.poisoning import check_attack
 
+    check_client(cfg.client)
+    check_eval(cfg.eval)
     check_attack(cfg.attack, num_clients=int(fed.num_clients))
     if cfg.ray.num_gpus_per_client > 0 and cfg.device == "cpu":
         raise ValueError("ray.num_gpus_per_client > 0 with device=cpu: use device=auto or cuda")
@@ -69,10 +72,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Run one federation described by ``cfg``; outputs go to ``output_dir``. Returns the summary."""
     import json
 
-    from flwr.simulation import run_simulation
-
     from clients.client_app import app as client_app
     from fedmed.data import dataset_from_config
+    from fedmed.simulation import simulate
     from strategies.server_app import make_server_app, prepare_config
 
     check_config(cfg)
@@ -90,12 +92,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if cfg.progress:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(cfg, output_dir, share_arrays=uses_shared_arrays(cfg.ray)),
-        client_app=client_app,
-        num_supernodes=int(cfg.federation.num_clients),
-        backend_config=backend_config(cfg.ray),
-    )
+    simulate(make_server_app(cfg, output_dir, share_arrays=uses_shared_arrays(cfg.ray)), client_app,
+             int(cfg.federation.num_clients), backend_config(cfg.ray))
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())
