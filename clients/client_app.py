@@ -17,6 +17,7 @@ from fedmed.config import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
+from fedmed.precision import Precision
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, arrays_file, read_arrays, reply_file_for, write_arrays
 from fedmed.site_shift import apply_site_shift
@@ -129,7 +130,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     seed = derive_seed(job["seed"], server_round, pid, 1)
     eval_cfg = job["eval"]
     result = evaluate(model, share.images, share.labels, share.val_indices, batch_size=int(eval_cfg["batch_size"]),
-                      device=device, transform=_site_transform(share, seed, device))
+                      device=device, transform=_site_transform(share, seed, device),
+                      precision=Precision.of(job["client"], device))
     if bool(config.get(ASSESS_KEY, False)):
         indices = share.val_indices[fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed)]
         result.update(assess_robustness(

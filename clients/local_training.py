@@ -16,6 +16,7 @@ from clients.defenses import METHODS, AdversarialTraining, SoftLabelStep, round_
 from clients.privacy import PrivateRound
 from fedmed.attacks import eval_mode, make_attack
 from fedmed.config import check_defense
+from fedmed.precision import Precision
 from fedmed.train import (BatchTransform, cross_entropy_step, derive_seed, gather_batch, make_optimizer,
                           train_local)
 
@@ -46,7 +47,8 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
 
     optimizer = new_optimizer(model.parameters())
     common = dict(epochs=int(client["epochs"]), batch_size=int(client["batch_size"]), device=device,
-                  seed=seed, augment=bool(client["augment"]), transform=data.transform)
+                  seed=seed, augment=bool(client["augment"]), transform=data.transform,
+                  precision=Precision.of(client, device))
     generator = torch.Generator(device).manual_seed(derive_seed(seed, 3))
     metrics: dict[str, float] = {}
     if name == "dp_sgd":

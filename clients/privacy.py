@@ -10,8 +10,6 @@ import warnings
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -45,6 +43,8 @@ def noise_for(defense: dict, sample_rate: float, total_epochs: int) -> float:
     ``total_epochs`` epochs at ``delta`` (a client that joins every round)."""
     if defense["noise_multiplier"] is not None:
         return float(defense["noise_multiplier"])
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(
         target_epsilon=float(defense["target_epsilon"]), target_delta=float(defense["delta"]),
         sample_rate=sample_rate, epochs=total_epochs, accountant="rdp",
@@ -72,6 +72,10 @@ class PrivateRound:
         self._quiet = _quiet_opacus()
         self._quiet.__enter__()
         try:
+            # imported here: Opacus takes seconds to import, in every client process, and only
+            # defense=dp_sgd needs it
+            from opacus import PrivacyEngine
+
             self.engine = PrivacyEngine(accountant="rdp")
             self.engine.accountant.load_state_dict({"history": load_history(state), "mechanism": "rdp"})
             self.model, self.optimizer, self.loader = self.engine.make_private(

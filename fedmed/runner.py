@@ -60,7 +60,7 @@ def check_config(cfg: DictConfig) -> None:
     from fedmed.config import check_client, check_eval
     from fedmed.poisoning import check_attack
 
-    check_client(cfg.client)
+    check_client(cfg.client, str(cfg.device))
     check_eval(cfg.eval)
     check_attack(cfg.attack, num_clients=int(fed.num_clients))
     if cfg.ray.num_gpus_per_client > 0 and cfg.device == "cpu":

@@ -52,7 +52,8 @@ def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
         clients_per_round=int(cfg.federation.clients_per_round),
         seed=int(cfg.seed),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
-        assess_round=lambda r: assess_clients and assessment_round(cfg, r),
+        # the clients' assessment, every site attacking its own share, runs once, after the last round
+        assess_round=lambda r: assess_clients and r == int(cfg.federation.rounds) and assessment_round(cfg, r),
         shared_arrays=shared_arrays,
     )
     params = OmegaConf.to_container(cfg.strategy, resolve=True)
