@@ -37,6 +37,7 @@ def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn
         model_cfg["name"], num_classes, in_channels, pretrained=False,
         freeze_backbone=bool(model_cfg["freeze_backbone"]),
         norm=model_norm_for(model_cfg["norm"], job["defense"]["name"]),
+        assimilation=model_cfg.get("assimilation", "none"),
     )
 
 

@@ -12,6 +12,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fedmed.assimilation import check_kind
+
 
 @dataclass
 class DatasetConfig:
@@ -40,6 +42,21 @@ class ModelConfig:
     # "batch" (BatchNorm, running statistics averaged with the weights by FedAvg; measured to
     # rise most steadily with plain SGD) or "group" (GroupNorm, as DP-SGD requires)
     norm: str = "batch"
+    # domain-assimilation modules before the backbone (fedmed/assimilation.py):
+    # none | texture | colour | both; their training settings are the `assimilation` section
+    assimilation: str = "none"
+
+
+@dataclass
+class AssimilationConfig:
+    """Training of the domain-assimilation modules that ``model.assimilation`` selects."""
+
+    # loss = cross entropy + texture_weight * mean |GLCM statistics(input) - (adapted image)|
+    texture_weight: float = 1.0
+    levels: int = 8  # grey levels of the soft GLCM
+    distances: list[int] = field(default_factory=lambda: [1, 2, 4])  # at 0, 45, 90, 135 degrees
+    # the backbone (all but its head) is frozen for the first K rounds while modules and head learn
+    freeze_backbone_rounds: int = 0
 
 
 @dataclass
@@ -214,6 +231,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     defense: DefenseConfig = MISSING
+    assimilation: AssimilationConfig = field(default_factory=AssimilationConfig)
     attack: AttackConfig = MISSING
     strategy: StrategyConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -324,6 +342,36 @@ def check_eval(eval_cfg) -> None:
         raise ValueError(f"eval.every={eval_cfg['every']} must be >= 1 (robustness assessed every N rounds)")
     if int(eval_cfg["batch_size"]) < 1:
         raise ValueError(f"eval.batch_size={eval_cfg['batch_size']} must be >= 1")
+def check_assimilation(assimilation, kind: str, defense, *, freeze_backbone: bool = False,
+                       image_size: int | None = None, rounds: int | None = None) -> None:
+    """Refuse assimilation settings that cannot work, naming the key. ``assimilation`` is the
+    ``assimilation`` section, ``kind`` is ``model.assimilation``, ``defense`` the ``defense``
+    section; ``image_size`` and ``rounds`` are checked where they are known (the server)."""
+    check_kind(kind)
+    weight, levels = assimilation["texture_weight"], assimilation["levels"]
+    distances, frozen = list(assimilation["distances"]), assimilation["freeze_backbone_rounds"]
+    if not weight >= 0 or weight == float("inf"):
+        raise ValueError(f"assimilation.texture_weight={weight} must be a finite number >= 0 (0: no texture loss)")
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+        raise ValueError(f"assimilation.levels={levels!r} must be an integer from 2 to 256 (grey levels of the GLCM)")
+    if not distances or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in distances):
+        raise ValueError(f"assimilation.distances={distances} must be a non-empty list of integers >= 1 (pixels)")
+    if image_size is not None and max(distances) >= image_size:
+        raise ValueError(f"assimilation.distances={distances} reach past a {image_size}-pixel image "
+                         f"(dataset.size={image_size}): every distance must be below it")
+    if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
+        raise ValueError(f"assimilation.freeze_backbone_rounds={frozen!r} must be an integer >= 0")
+    if frozen > 0 and freeze_backbone:
+        raise ValueError(f"assimilation.freeze_backbone_rounds={frozen} unfreezes the backbone after {frozen} "
+                         "rounds, but model.freeze_backbone=true keeps it frozen throughout: set one of them only")
+    if rounds is not None and frozen >= rounds:
+        raise ValueError(f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
+                         "backbone would never train; use model.freeze_backbone=true for that")
+    if kind != "none" and weight > 0 and defense["name"] == "dp_sgd" and defense["adversarial"] is not None:
+        raise ValueError(
+            f"assimilation.texture_weight={weight} with defense=dp_sgd and defense.adversarial: the texture "
+            "loss on the clean image needs a second backward pass, which Opacus's per-example clipping "
+            "refuses; set assimilation.texture_weight=0 or drop defense.adversarial")
 
 
 def model_norm_for(norm: str, defense_name: str) -> str:

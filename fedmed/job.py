@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 JOB_KEY = "fedmed-job"
 # set in an evaluate message's config on rounds where clients also assess robustness
 ASSESS_KEY = "assess-robustness"
-CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "attack", "eval")
+CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "assimilation", "attack", "eval")
 
 
 def job_from_config(cfg: DictConfig) -> dict:

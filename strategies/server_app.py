@@ -22,7 +22,7 @@ from fedmed.poisoning import attack_section, attacks_in_round, backdoor_asr, bac
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
-from fedmed.config import check_defense, model_norm_for
+from fedmed.config import check_assimilation, check_defense, model_norm_for
 from fedmed.report import (MetricsLog, plot_backdoor_per_round, plot_robustness_per_round, plot_robustness_vs_eps,
                            plot_rounds, print_summary, round_line, write_summary)
 from fedmed.serialization import load_arrays, model_to_arrays, save_model
@@ -72,6 +72,9 @@ def assessment_round(cfg: DictConfig, server_round: int) -> bool:
 def prepare_config(cfg: DictConfig) -> None:
     """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
     check_defense(cfg.defense)
+    check_assimilation(cfg.assimilation, str(cfg.model.assimilation), cfg.defense,
+                       freeze_backbone=bool(cfg.model.freeze_backbone), image_size=int(cfg.dataset.size),
+                       rounds=int(cfg.federation.rounds))
     strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
     aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
     try:
@@ -143,7 +146,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     model = build_model(
         cfg.model.name, dataset.num_classes, dataset.channels, pretrained=bool(cfg.model.pretrained),
         weights_path=cfg.model.weights_path, freeze_backbone=bool(cfg.model.freeze_backbone),
-        norm=str(cfg.model.norm),
+        norm=str(cfg.model.norm), assimilation=str(cfg.model.assimilation),
     )
     reference_update = None
     if cfg.strategy.name == "fltrust":
