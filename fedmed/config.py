@@ -75,6 +75,8 @@ class FederationConfig:
     # share of clients that also evaluate the global model on their local hold-out each round
     fraction_evaluate: float = 0.0
     round_timeout_s: float = 3600.0
+    # a round completes with at least this many valid replies; fewer stop the run, resumably
+    min_replies: int = 1
     # how long the server waits for num_clients nodes to connect (deployment, `flwr run`)
     connect_timeout_s: float = 600.0
 
@@ -224,6 +226,25 @@ class RayConfig:
 
 
 @dataclass
+class FaultConfig:
+    """One injected fault (simulation only, clients/faults.py): chaos testing of a federation."""
+
+    kind: str = "raise"  # raise | hang | garbage
+    partitions: list[int] = field(default_factory=list)
+    start_round: int = 1  # the fault acts from this round on
+    phase: str = "train"  # train | evaluate (garbage: train only, its reply carries weights)
+    # garbage: what is wrong with the reply: nan | inf | huge (finite 3e38) | shape | dtype |
+    # missing_key | negative_count | absurd_count
+    garbage: str = "nan"
+    hang_s: Optional[float] = None  # hang: seconds; None: for good
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1  # write checkpoint.pt every this many rounds (and when a run stops early)
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
@@ -236,6 +257,10 @@ class Config:
     strategy: StrategyConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fault: list[FaultConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # a run folder to continue from its checkpoint (its config.yaml is the configuration)
+    resume: Optional[str] = None
     seed: int = 0
     device: str = "auto"
     # None: Hydra's run folder

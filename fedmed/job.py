@@ -25,6 +25,7 @@ def job_from_config(cfg: DictConfig) -> dict:
     # attack.mode=replacement estimates a round's examples from it (fedmed.poisoning.update_scale)
     job["clients_per_round"] = int(cfg.federation.clients_per_round)
     job["rounds"] = int(cfg.federation.rounds)  # DP-SGD spreads a target epsilon over them
+    job["fault"] = OmegaConf.to_container(cfg.fault, resolve=True)  # chaos testing, simulation only
     return job
 
 

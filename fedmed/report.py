@@ -38,10 +38,11 @@ def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl`` and keeps the rows in memory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rows: list[dict] = ()) -> None:
+        """``rows``: those of a resumed run's checkpoint, written first."""
         self.path = path
-        self.rows: list[dict] = []
-        path.write_text("")
+        self.rows: list[dict] = list(rows)
+        path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def append(self, row: dict) -> None:
         row = json_safe(row)
@@ -68,7 +69,7 @@ def write_summary(path: Path, rows: list[dict], wall_time_s: float, extra: dict)
     final = rows[-1] if rows else {}
     scored = [r for r in rows if r.get("accuracy") is not None]
     summary = {
-        "final": {k: v for k, v in final.items() if k not in ("clients", "rejected", "client_eval")},
+        "final": {k: v for k, v in final.items() if k not in ("clients", "rejected", "failures", "client_eval")},
         "best_accuracy": max((r["accuracy"] for r in scored), default=None),
         "rounds": final.get("round", 0),
         "wall_time_s": wall_time_s,

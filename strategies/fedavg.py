@@ -5,8 +5,9 @@ AISTATS 2017 — aggregation is Flower's own ``FedAvg``. On top of it this class
 
 * samples clients by partition id with a seeded ``random.Random``, so the same seed picks the same
   clients (Flower samples node ids, which are random per run);
-* rejects replies with NaN/Inf, wrong keys or shapes, or no example count, and skips failed
-  clients, logging each (``strategies.replies``);
+* rejects replies with NaN/Inf or huge values, wrong keys, shapes or dtypes, or an example count
+  that is missing, not a whole positive number or absurd next to the others', logging each
+  (``strategies.replies``);
 * aggregates in partition-id order, so the floating-point sum is the same in every run;
 * keeps each client's own metrics per round instead of only their average.
 """
@@ -26,7 +27,7 @@ from flwr.supercore import log
 
 from fedmed.job import ASSESS_KEY
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
-from strategies.replies import Rejection, reply_partition_id, training_reply_problem
+from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
 
 
 def _metrics_of(msg: Message) -> dict:
@@ -147,9 +148,21 @@ class FedMedAvg(FedAvg):
                 log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
                 rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
         accepted.sort(key=lambda item: (item[0] is None, item[0]))
+        accepted = self._without_outlying_counts(server_round, accepted, rejected)
         self.rejections[server_round] = rejected
         self.client_train_metrics[server_round] = [_metrics_of(msg) for _, msg in accepted]
         return [msg for _, msg in accepted]
+
+    def _without_outlying_counts(self, server_round: int, accepted: list, rejected: list[Rejection]) -> list:
+        counts = [float(_metrics_of(msg)[WEIGHT_KEY]) for _, msg in accepted]
+        kept = []
+        for (pid, msg), problem in zip(accepted, outlying_counts(counts)):
+            if problem is None:
+                kept.append((pid, msg))
+            else:
+                log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
+                rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
