@@ -51,6 +51,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -187,6 +188,8 @@ def plot(groups: dict, path: Path, title: str) -> bool:
     xs = [0] + [e * 255 for e in EPS]
     colours = {row: plt.get_cmap("tab10")(i) for i, row in enumerate(ROWS)}
     for ax, panel in zip(axes.flat, panels):
+        majority = summarise([r["majority_share"] for row in ROWS for r in groups.get((*panel, row), [])])[0]
+        ax.axhline(majority, color="grey", ls=":", lw=1, label="majority class")
         for row in ROWS:
             results = groups.get((*panel, row))
             if not results:
@@ -203,7 +206,7 @@ def plot(groups: dict, path: Path, title: str) -> bool:
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (solid PGD, dashed FGSM)")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=70 * len(panels)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -264,8 +267,10 @@ def main() -> int:
                                             config["steps"], seed)
                             assessed.write_text(json.dumps(result, indent=1))
                         result = json.loads(assessed.read_text())
+                        # a model that answers the majority class everywhere scores this much
+                        majority = float(np.bincount(y.numpy()).max() / len(y))
                         records.append({"model": model_name, "dataset": dataset, "setting": setting, "row": row,
-                                        "seed": seed, **result})
+                                        "seed": seed, "majority_share": majority, **result})
                         print(f"{tag}: ACC {result['accuracy']:.3f} BACC {result['balanced_accuracy']:.3f} "
                               f"PGD@2/255 {result['pgd@2/255']:.3f} -- {status}", flush=True)
     return write_outputs(out, records, failed, args.config, config, time.monotonic() - started)
@@ -281,9 +286,9 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["model"], r["dataset"], r["setting"], r["row"]), []).append(r)
-    shown = ["accuracy", "balanced_accuracy", "auc",
+    shown = ["majority_share", "accuracy", "balanced_accuracy", "auc",
              *[f"{a}@{eps_label(e)}" for a in ATTACKS for e in EPS], "asr_pgd@2/255"]
-    header = ["model", "dataset", "setting", "row", "seeds", "ACC", "BACC", "AUC",
+    header = ["model", "dataset", "setting", "row", "seeds", "majority", "ACC", "BACC", "AUC",
               *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in EPS], "ASR PGD 2/255"]
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
     top = eps_label(EPS[-1])
@@ -304,7 +309,8 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
     title = (f"assimilation study, config {name}: {config['overrides']['federation.rounds']} rounds x "
              f"{config['overrides']['client.epochs']} local epochs; attacks with {config['steps']} steps on "
              f"{config['samples'] or 'all'} test images")
-    note = ("Accuracy under attack, white-box through the whole model (modules included), pixel-space L-inf "
+    note = ("majority: accuracy of a model that answers the majority class everywhere, on the attacked images. "
+            "Accuracy under attack, white-box through the whole model (modules included), pixel-space L-inf "
             "eps; ASR: share of the correctly classified images the attack turns wrong; mean ± sd over seeds.")
     figure = out / "assimilation.png"
     drawn = plot(groups, figure, title)
