@@ -114,8 +114,10 @@ def train(msg: Message, context: Context) -> Message:
         return _garbage_train_reply(msg, context.node_config, fault["garbage"], len(share.train_indices), pid)
     device = resolve_device(device_setting(job, context.node_config))
     seed = derive_seed(job["seed"], server_round, pid)
-    torch.manual_seed(seed)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
+    # Seeded after the model: building it (only on a worker's first call) draws from the same
+    # generator, and which call is a worker's first differs from run to run (and on resume).
+    torch.manual_seed(seed)
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
     attack = job.get("attack")
     check_attack(attack, share.num_classes, int(job["num_clients"]))

@@ -137,6 +137,7 @@ def run_stoppable(simulate: Callable[[], None], stop: StopControl, keeper, outpu
     from fedmed.shared_arrays import remove_own_directories
 
     started = time.monotonic()
+    flower_log_level = logging.getLogger("flwr").level  # release_client_actors silences it
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         stop.install()
@@ -158,6 +159,7 @@ def run_stoppable(simulate: Callable[[], None], stop: StopControl, keeper, outpu
         if ray.is_initialized():
             ray.shutdown()
         remove_own_directories()
+        logging.getLogger("flwr").setLevel(flower_log_level)
         if in_main_thread:
             stop.restore()
 
@@ -187,7 +189,7 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"fedmed: run stopped ({stopped}); "
               + (f"continue it with: {hint}" if hint else "no round was complete, nothing to resume"),
               file=sys.stderr, flush=True)
-        exit_leaving_stuck_threads(EXIT_CODES.get(str(stopped), 3))
+        exit_leaving_stuck_threads(EXIT_CODES.get(str(stopped), 3), grace_s=0.0)
     print(f"outputs in {output_dir.resolve()} (final accuracy {summary['final'].get('accuracy')})")
     exit_leaving_stuck_threads(0)
 

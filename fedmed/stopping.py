@@ -13,11 +13,15 @@ interrupt only the main thread's wait, leaving the ServerApp thread polling for 
   the actors and raises ``RunInterrupted`` in the main thread, which unwinds Flower's simulation
   (it shuts Ray down on the way); the runner then writes what is complete and exits non-zero.
 * A second one exits the process at once.
+
+``ray.init`` (run by Flower in the main thread) replaces the SIGTERM handler with its own
+``sys.exit``; the ServerApp thread asks the main thread to take it back (SIGUSR1) once Ray runs.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import sys
@@ -38,6 +42,8 @@ def release_client_actors() -> int:
     if not ray.is_initialized():
         return 0
     handles = [o for o in gc.get_objects() if isinstance(o, ray.actor.ActorHandle) and CLIENT_ACTOR in repr(o)]
+    # Flower logs each call the kill ends with its traceback: noise, the server is done with them
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     for handle in handles:
         ray.kill(handle, no_restart=True)
     return len(handles)
@@ -85,12 +91,14 @@ class StopControl:
 
 
 def exit_leaving_stuck_threads(code: int, grace_s: float = 5.0) -> None:
-    """Exit with ``code``; should threads still wait on something that never returns, end the
-    process without joining them."""
+    """Exit with ``code``; should threads still wait on something that never returns (or, after
+    an interruption, ``grace_s=0``: the ServerApp thread in the middle of a step), end the process
+    without joining them."""
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     for thread in stuck:
         thread.join(grace_s / max(len(stuck), 1))
     if any(t.is_alive() for t in stuck):
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

