@@ -41,7 +41,7 @@ Configurations (CONFIGS below)
 
 Written to --out: `<dataset>/<setting>/seed<k>/<row>/` (each run's fedmed outputs and
 `assessment.json`; a run or an assessment already there is skipped, so an interrupted study
-resumes), `table.csv` (every seed), `table.md` (mean +- sd over seeds) and `assimilation.png`.
+resumes; `--table-only` tabulates what is there), `table.csv` (every seed), `table.md` (mean +- sd over seeds) and `assimilation.png`.
 """
 
 from __future__ import annotations
@@ -220,6 +220,8 @@ def main() -> int:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--table-only", action="store_true",
+                        help="tabulate the runs already in --out (with their assessments); start nothing new")
     parser.add_argument("--weights", nargs="+", default=[], metavar="ARCH=PATH",
                         help="ImageNet weights per architecture (model.weights_path), full config")
     args = parser.parse_args()
@@ -254,6 +256,8 @@ def main() -> int:
                         run_args = [f"model={model_name}", f"dataset={dataset}", *overrides(settings),
                                     f"dataset.root={root}", f"seed={seed}", "progress=false", *args.overrides]
                         tag = f"{'/'.join(key)} seed {seed}"
+                        if args.table_only and not (run_dir / "summary.json").exists():
+                            continue
                         status = run_once(run_dir, run_args, tag)
                         if status is None:
                             failed.append((*key, str(seed)))
