@@ -13,7 +13,6 @@ from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from clients.defenses import METHODS, AdversarialTraining, SoftLabelStep, round_eps, temperature_step
-from clients.privacy import PrivateRound
 from fedmed.attacks import eval_mode, make_attack
 from fedmed.config import check_defense
 from fedmed.train import (BatchTransform, cross_entropy_step, derive_seed, gather_batch, make_optimizer,
@@ -50,6 +49,8 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
     generator = torch.Generator(device).manual_seed(derive_seed(seed, 3))
     metrics: dict[str, float] = {}
     if name == "dp_sgd":
+        from clients.privacy import PrivateRound  # Opacus, imported only by DP-SGD clients
+
         total_epochs = int(job["rounds"]) * int(client["epochs"])
         with PrivateRound(model, optimizer, data.indices, batch_size=int(client["batch_size"]), defense=defense,
                           total_epochs=total_epochs, state=state, seed=derive_seed(seed, 4)) as private:

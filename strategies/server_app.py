@@ -29,7 +29,8 @@ from fedmed.serialization import load_arrays, model_to_arrays, save_model
 from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.train import derive_seed, evaluate, resolve_device
 from strategies.aggregators import TooFewReplies, make_aggregator
-from strategies.fedavg import FedMedAvg, discover_partitions
+from strategies.fedavg import FedMedAvg
+from strategies.nodes import Federation, discover
 from strategies.robust import RobustAggregation
 from strategies.root_update import make_root_update
 from strategies.robustness import check_eval_config, global_robustness, is_assessment_round, weakest_client
@@ -86,15 +87,21 @@ def prepare_config(cfg: DictConfig) -> None:
         cfg.model.norm = norm
 
 
-def log_partitions(cfg: DictConfig, dataset, plots_dir: Path, console: Console) -> None:
-    partitions = client_partitions(
-        dataset.train.labels, int(cfg.federation.num_clients), OmegaConf.to_container(cfg.partition),
-        int(cfg.seed), dataset.name,
-    )
-    counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
+def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: Path, console: Console) -> None:
+    """Examples per client and class: deployed sites' own counts, or the simulated split."""
+    names = None
+    if federation.deployed:
+        counts = federation.label_counts(dataset.num_classes)
+        names = [federation.name(pid) for pid in range(len(counts))]
+    else:
+        partitions = client_partitions(
+            dataset.train.labels, int(cfg.federation.num_clients), OmegaConf.to_container(cfg.partition),
+            int(cfg.seed), dataset.name,
+        )
+        counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
     if cfg.progress:
-        console.print(format_label_table(counts, list(dataset.class_names)))
-    plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png")
+        console.print(format_label_table(counts, list(dataset.class_names), names))
+    plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png", names)
 
 
 def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int], attacking: bool) -> RoundDetection | None:
@@ -126,8 +133,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
 
     # Ask the nodes first: in simulation this waits until Ray has started its processes, and
     # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
-    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients),
-                                            float(cfg.federation.connect_timeout_s))
+    federation = discover(grid, int(cfg.federation.num_clients), float(cfg.federation.connect_timeout_s))
+    partition_of_node = federation.partition_of_node
     if len(partition_of_node) != cfg.federation.num_clients:
         # `flwr run` sizes the federation itself (its simulation config or the SuperNodes that
         # connect); the partitions follow the nodes that are really there.
@@ -137,7 +144,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         cfg.federation.num_clients = len(partition_of_node)
         cfg.federation.clients_per_round = min(cfg.federation.clients_per_round, len(partition_of_node))
     dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
-    log_partitions(cfg, dataset, plots_dir, console)
+    log_partitions(cfg, dataset, federation, plots_dir, console)
     device = resolve_device(str(cfg.device))
     model = build_model(
         cfg.model.name, dataset.num_classes, dataset.channels, pretrained=bool(cfg.model.pretrained),
@@ -155,6 +162,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         model_bytes = sum(len(array.data) for array in initial_arrays.values())
         shared_arrays = SharedArrays(shared_directory(model_bytes * (int(cfg.federation.clients_per_round) + 2)))
     strategy = build_strategy(cfg, partition_of_node, reference_update, shared_arrays)
+    strategy.federation = federation
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
     total_rounds = int(cfg.federation.rounds)
     test = dataset.test
@@ -196,6 +204,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
             row["privacy/epsilon"] = max(largest_epsilon)
         row["clients"] = clients
         row["rejected"] = [vars(r) for r in strategy.rejections.get(server_round, [])]
+        row["failures"] = strategy.failures.get(server_round, [])
+        if server_round in strategy.train_step_s:
+            row["train_step_s"] = strategy.train_step_s[server_round]
         if strategy.client_eval_metrics.get(server_round):
             row["client_eval"] = strategy.client_eval_metrics[server_round]
             row.update(weakest_client(row["client_eval"], attacks, eps))
@@ -231,7 +242,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     if any(key.startswith("adv/") for row in metrics_log.rows for key in row):
         plot_robustness_per_round(metrics_log.rows, plots_dir / "robustness_per_round.png", title)
         plot_robustness_vs_eps(metrics_log.rows, plots_dir / "robustness_vs_eps.png", title)
-    extra = {"rejected_replies": sum(len(r) for r in strategy.rejections.values())}
+    extra = {"rejected_replies": sum(len(r) for r in strategy.rejections.values()), **run_status(strategy.failures)}
     if attack["name"] != "none":
         plot_backdoor_per_round(metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}",
                                 int(attack["start_round"]))
@@ -243,6 +254,13 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     if cfg.progress:
         print_summary(metrics_log.rows, title, console)
     return summary
+
+
+def run_status(failures: dict[int, list[dict]]) -> dict:
+    """``degraded`` when a client was lost during the run (the rounds went on without it)."""
+    lost = sorted({str(f["client"]) for round_failures in failures.values() for f in round_failures
+                   if f["kind"] == "lost"})
+    return {"status": "degraded" if lost else "completed", "lost_clients": lost}
 
 
 def backdoor_summary(rows: list[dict], start_round: int) -> dict:
@@ -264,8 +282,9 @@ def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     overrides = str(run_config.get("overrides", "")).split()
     with initialize_config_module(config_module="configs", version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
+    # relative to the SuperLink's working directory: the server app runs where the SuperLink does
     output_dir = Path(cfg.output_dir or f"outputs/flwr-run-{time.strftime('%Y%m%d-%H%M%S')}")
-    return cfg, output_dir
+    return cfg, output_dir.expanduser().resolve()
 
 
 def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = False) -> ServerApp:
@@ -288,5 +307,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg, output_dir = config_from_run_config(dict(context.run_config))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logging.getLogger("flwr").info("fedmed: writing outputs to %s", output_dir.resolve())
+    logging.getLogger("flwr").info("fedmed: writing outputs to %s; test split: dataset=%s (on this server)",
+                                   output_dir, cfg.dataset.name)
     run_federation(grid, cfg, output_dir)
