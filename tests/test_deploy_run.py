@@ -66,3 +66,16 @@ def test_relative_output_dir_is_made_absolute_here(tmp_path, monkeypatch):
         f"seed=1 output_dir={tmp_path / 'runs' / 'a'}"
     with pytest.raises(ValueError, match="double quotes"):
         run_overrides(['dataset.root="x"'], tmp_path)
+
+
+def test_the_app_package_holds_the_configs_and_no_tests():
+    """What `flwr run .` sends: the app's code, its yaml configs and checksums, not tests/."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(Path(__file__).parents[1]))).namelist())
+    assert {"configs/config.yaml", "configs/dataset/pneumoniamnist.yaml", "configs/strategy/fedavg.yaml",
+            "fedmed/medmnist_md5.json", "clients/client_app.py", "strategies/server_app.py"} <= names
+    assert not [n for n in names if n.startswith(("tests/", "experiments/", "outputs/"))]
