@@ -10,17 +10,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local_data import is_simulated, local_share, partition_id, site_class_counts, site_name
+from clients.faults import active_fault, garbage_reply, misbehave
+from clients.local_data import device_setting, is_simulated, local_share, partition_id, site_class_counts, site_name
 from clients.local_training import LocalData, train_round
 from clients.malicious import malicious_round
+from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_to_record
 from fedmed.config import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
+from fedmed.precision import Precision
+from fedmed.robustness import assess_robustness, fixed_subset
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, arrays_file, read_arrays, reply_file_for, write_arrays
 from fedmed.site_shift import apply_site_shift
-from fedmed.robustness import assess_robustness, fixed_subset
 from fedmed.train import derive_seed, evaluate, resolve_device
 
 app = ClientApp()
@@ -36,6 +39,7 @@ def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn
         model_cfg["name"], num_classes, in_channels, pretrained=False,
         freeze_backbone=bool(model_cfg["freeze_backbone"]),
         norm=model_norm_for(model_cfg["norm"], job["defense"]["name"]),
+        assimilation=model_cfg.get("assimilation", "none"),
     )
 
 
@@ -57,12 +61,12 @@ def _received_arrays(msg: Message, node_config: dict) -> ArrayRecord:
     return read_arrays(path)
 
 
-def _arrays_reply(model: torch.nn.Module, msg: Message) -> dict:
+def _arrays_reply(arrays: ArrayRecord, msg: Message) -> dict:
     """The reply's arrays, the way the global model came: in the message or in a file beside it."""
     path = arrays_file(msg.content["config"])
     if path is None:
-        return {"arrays": model_to_arrays(model)}
-    reply_path = write_arrays(model_to_arrays(model), reply_file_for(path, msg))
+        return {"arrays": arrays}
+    reply_path = write_arrays(arrays, reply_file_for(path, msg))
     return {"arrays-file": ConfigRecord({ARRAYS_FILE_KEY: str(reply_path)})}
 
 
@@ -95,6 +99,21 @@ def _identity(node_config: dict, pid: int) -> dict:
     return {"partition-id": pid} if is_simulated(node_config) else {}
 
 
+def _injected_fault(job: dict, node_config: dict, pid: int, server_round: int, phase: str) -> dict | None:
+    """The ``fault`` acting here now (simulated partitions only): raise and hang act at once (a
+    finite hang then carries on as a slow client), garbage is for the caller to reply."""
+    fault = active_fault(job.get("fault", []), pid, server_round, phase) if is_simulated(node_config) else None
+    if fault is not None:
+        misbehave(fault, pid, server_round)
+    return fault
+
+
+def _garbage_train_reply(msg: Message, node_config: dict, garbage: str, num_examples: int, pid: int) -> Message:
+    arrays, count = garbage_reply(_received_arrays(msg, node_config), num_examples, garbage)
+    metrics = MetricRecord({"num-examples": count, "partition-id": pid, "train_loss": 0.0})
+    return Message(RecordDict({**_arrays_reply(arrays, msg), "metrics": metrics}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
@@ -103,7 +122,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     pid = partition_id(context.node_config, context.node_id)
     share = local_share(job, context.node_config)
-    device = resolve_device(job["device"])
+    if STATE_RECORD in msg.content:  # the server's copy of this partition's state (after a resume, the only one)
+        restore_state(context.state, records_of(msg.content[STATE_RECORD]))
+    fault = _injected_fault(job, context.node_config, pid, server_round, "train")
+    if fault is not None and fault["kind"] == "garbage":
+        return _garbage_train_reply(msg, context.node_config, fault["garbage"], len(share.train_indices), pid)
+    device = resolve_device(device_setting(job, context.node_config))
     seed = derive_seed(job["seed"], server_round, pid)
     torch.manual_seed(seed)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
@@ -123,7 +147,9 @@ def train(msg: Message, context: Context) -> Message:
         **result,
         "train_time_s": time.perf_counter() - started,
     })
-    reply = RecordDict({**_arrays_reply(model, msg), "metrics": metrics})
+    reply = RecordDict({**_arrays_reply(model_to_arrays(model), msg), "metrics": metrics})
+    if is_simulated(context.node_config):
+        reply[STATE_RECORD] = state_to_record(context.state)
     return Message(reply, reply_to=msg)
 
 
@@ -135,8 +161,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     job = decode_job(str(config[JOB_KEY]))
     server_round = int(config["server-round"])
     pid = partition_id(context.node_config, context.node_id)
+    _injected_fault(job, context.node_config, pid, server_round, "evaluate")
     share = local_share(job, context.node_config)
-    device = resolve_device(job["device"])
+    device = resolve_device(device_setting(job, context.node_config))
     metrics = {"num-examples": len(share.val_indices), **_identity(context.node_config, pid)}
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -144,7 +171,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     seed = derive_seed(job["seed"], server_round, pid, 1)
     eval_cfg = job["eval"]
     result = evaluate(model, share.images, share.labels, share.val_indices, batch_size=int(eval_cfg["batch_size"]),
-                      device=device, transform=_site_transform(share, seed, device))
+                      device=device, transform=_site_transform(share, seed, device),
+                      precision=Precision.of(job["client"], device))
     if bool(config.get(ASSESS_KEY, False)):
         indices = share.val_indices[fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed)]
         result.update(assess_robustness(

@@ -12,11 +12,12 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
+from clients.assimilation import assimilation_settings, backbone_frozen, with_texture_loss
 from clients.defenses import METHODS, AdversarialTraining, SoftLabelStep, round_eps, temperature_step
 from fedmed.attacks import eval_mode, make_attack
-from fedmed.config import check_defense
-from fedmed.train import (BatchTransform, cross_entropy_step, derive_seed, gather_batch, make_optimizer,
-                          train_local)
+from fedmed.config import check_assimilation, check_defense
+from fedmed.precision import Precision
+from fedmed.train import BatchTransform, cross_entropy_step, derive_seed, gather_batch, make_optimizer, train_local
 
 log = logging.getLogger("fedmed")
 CHECK_KEY = "fedmed-robust-check"
@@ -34,9 +35,21 @@ class LocalData:
 def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: int, seed: int,
                 device: torch.device, state: RecordDict) -> dict[str, float]:
     """Train ``model`` in place; returns the metrics the client reports (loss, accuracy, and the
-    defence's own: privacy epsilon, robust accuracy on a training batch)."""
+    defence's own: privacy epsilon, robust accuracy on a training batch).
+
+    With domain-assimilation modules, the texture loss joins the defence's step, and the backbone
+    is frozen in the first ``assimilation.freeze_backbone_rounds`` rounds."""
+    check_defense(job["defense"])
+    assimilation = assimilation_settings(job)
+    check_assimilation(assimilation, job.get("model", {}).get("assimilation", "none"), job["defense"])
+    with backbone_frozen(model, server_round <= int(assimilation["freeze_backbone_rounds"])):
+        return _train_round(model, data, job, assimilation, server_round=server_round, seed=seed, device=device,
+                            state=state)
+
+
+def _train_round(model: nn.Module, data: LocalData, job: dict, assimilation: dict, *, server_round: int,
+                 seed: int, device: torch.device, state: RecordDict) -> dict[str, float]:
     defense, client = job["defense"], job["client"]
-    check_defense(defense)
     name = defense["name"]
 
     def new_optimizer(params) -> torch.optim.Optimizer:
@@ -45,7 +58,8 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
 
     optimizer = new_optimizer(model.parameters())
     common = dict(epochs=int(client["epochs"]), batch_size=int(client["batch_size"]), device=device,
-                  seed=seed, augment=bool(client["augment"]), transform=data.transform)
+                  seed=seed, augment=bool(client["augment"]), transform=data.transform,
+                  precision=Precision.of(client, device))
     generator = torch.Generator(device).manual_seed(derive_seed(seed, 3))
     metrics: dict[str, float] = {}
     if name == "dp_sgd":
@@ -57,6 +71,7 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
             step = None
             if defense["adversarial"] is not None:
                 step = adversarial_step(defense, defense["adversarial"], server_round, generator, private.hooks_off)
+            step = with_texture_loss(step, model, assimilation)
             result = train_local(private.model, data.images, data.labels, data.indices,
                                  optimizer=private.optimizer, batches=private.batches,
                                  step=step or cross_entropy_step, **common)
@@ -64,10 +79,11 @@ def train_round(model: nn.Module, data: LocalData, job: dict, *, server_round: i
             metrics["noise_multiplier"] = private.noise_multiplier
         adversarial = defense["adversarial"]
     elif name == "distillation":
-        result = distill(model, new_optimizer, data, defense, common)
+        result = distill(model, new_optimizer, data, defense, common, assimilation)
         adversarial = None
     else:
         step = adversarial_step(defense, name, server_round, generator) if name in METHODS else None
+        step = with_texture_loss(step, model, assimilation)
         result = train_local(model, data.images, data.labels, data.indices, optimizer=optimizer,
                              step=step or cross_entropy_step, **common)
         adversarial = name if name in METHODS else None
@@ -88,7 +104,8 @@ def adversarial_step(defense: dict, name: str, server_round: int, generator: tor
     )
 
 
-def distill(model: nn.Module, new_optimizer, data: LocalData, defense: dict, common: dict) -> dict[str, float]:
+def distill(model: nn.Module, new_optimizer, data: LocalData, defense: dict, common: dict,
+            assimilation: dict) -> dict[str, float]:
     """``defensive``: a copy of the received model is trained at temperature T (the teacher),
     then the model itself learns the teacher's soft labels at T and is sent back (Papernot et
     al. 2016). ``federated``: the received global model, frozen, teaches the local model on a
@@ -102,7 +119,7 @@ def distill(model: nn.Module, new_optimizer, data: LocalData, defense: dict, com
     else:
         step = SoftLabelStep(teacher, temperature, soft_weight=float(defense["soft_weight"]))
     return train_local(model, data.images, data.labels, data.indices, optimizer=new_optimizer(model.parameters()),
-                       step=step, **common)
+                       step=with_texture_loss(step, model, assimilation), **common)
 
 
 def robust_check(model: nn.Module, data: LocalData, eps: float, seed: int, device: torch.device,

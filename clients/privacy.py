@@ -10,16 +10,21 @@ import warnings
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 STATE_KEY = "fedmed-privacy"
-# Seeded noise is the point of a reproducible simulation; and Opacus's hooks fire on the first
-# layer, whose input needs no gradient: both warnings would repeat every round for nothing.
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@contextlib.contextmanager
+def _quiet_opacus():
+    """Seeded noise is the point of a reproducible simulation; and Opacus's hooks fire on the
+    first layer, whose input needs no gradient: both warnings would repeat every round for nothing.
+    Scoped here rather than set for the whole process at import."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
 
 
 def load_history(state: RecordDict) -> list[tuple[float, float, int]]:
@@ -38,6 +43,8 @@ def noise_for(defense: dict, sample_rate: float, total_epochs: int) -> float:
     ``total_epochs`` epochs at ``delta`` (a client that joins every round)."""
     if defense["noise_multiplier"] is not None:
         return float(defense["noise_multiplier"])
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(
         target_epsilon=float(defense["target_epsilon"]), target_delta=float(defense["delta"]),
         sample_rate=sample_rate, epochs=total_epochs, accountant="rdp",
@@ -57,17 +64,28 @@ class PrivateRound:
                  defense: dict, total_epochs: int, state: RecordDict, seed: int) -> None:
         self.state = state
         self.delta = float(defense["delta"])
-        self.engine = PrivacyEngine(accountant="rdp")
-        self.engine.accountant.history = load_history(state)
         sample_rate = batch_size / len(indices)
         self.noise_multiplier = noise_for(defense, sample_rate, total_epochs)
         loader = DataLoader(TensorDataset(torch.as_tensor(indices)), batch_size=batch_size)
         generator = torch.Generator().manual_seed(seed)
-        self.model, self.optimizer, self.loader = self.engine.make_private(
-            module=model.train(), optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.noise_multiplier, max_grad_norm=float(defense["max_grad_norm"]),
-            poisson_sampling=True, noise_generator=generator,
-        )
+        # entered here and left in __exit__: the engine, make_private and every training step warn
+        self._quiet = _quiet_opacus()
+        self._quiet.__enter__()
+        try:
+            # imported here: Opacus takes seconds to import, in every client process, and only
+            # defense=dp_sgd needs it
+            from opacus import PrivacyEngine
+
+            self.engine = PrivacyEngine(accountant="rdp")
+            self.engine.accountant.load_state_dict({"history": load_history(state), "mechanism": "rdp"})
+            self.model, self.optimizer, self.loader = self.engine.make_private(
+                module=model.train(), optimizer=optimizer, data_loader=loader,
+                noise_multiplier=self.noise_multiplier, max_grad_norm=float(defense["max_grad_norm"]),
+                poisson_sampling=True, noise_generator=generator,
+            )
+        except BaseException:
+            self._quiet.__exit__(None, None, None)
+            raise
 
     def batches(self):
         return (batch[0].numpy() for batch in self.loader)
@@ -88,5 +106,8 @@ class PrivateRound:
         return self
 
     def __exit__(self, *exc) -> None:
-        save_history(self.state, list(self.engine.accountant.history))
-        self.model._close()
+        try:
+            save_history(self.state, list(self.engine.accountant.state_dict()["history"]))
+            self.model._close()
+        finally:
+            self._quiet.__exit__(None, None, None)

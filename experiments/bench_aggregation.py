@@ -7,7 +7,11 @@ For n = 10, 50, 100 client updates of ResNet50 size (d = 23,512,130, torchvision
   itself (strategies/aggregators), which is what RobustAggregation calls once per round;
 * ``ours e2e``: what Flower's ``aggregate_train`` does too, from the clients' ArrayRecords to the
   new global ArrayRecord: ``stack_updates`` (deserialise every array, subtract the global
-  model), the rule, ``apply_update`` (add, serialise). Reply validation is left out of both;
+  model), the rule, ``apply_update`` (add, serialise). Reply validation is left out of both.
+  As in ``RobustAggregation``, the updates are stacked into a buffer kept from round to round
+  (``UpdateRows``): the table times rounds after the first; the first round, which allocates
+  the buffer, is printed below it with the peak memory of the path (VmHWM above the resident
+  memory before it, the replies being already there);
 * ``flower``: Flower 1.41's own ``aggregate_train`` (FedMedian, FedTrimmedAvg, Krum, MultiKrum,
   Bulyan) on Messages holding the same weights (global + U). Building the Messages is not timed
   (they wrap the same pre-serialised Arrays); deserialising the arrays is, as it is part of
@@ -52,7 +56,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from strategies.aggregators import AGGREGATORS, make_aggregator  # noqa: E402
 from strategies.aggregators.fused import FUSE_BLOCK_COLUMNS  # noqa: E402
-from strategies.robust import apply_update, batchnorm_statistics, stack_updates  # noqa: E402
+from strategies.robust import UpdateRows, apply_update, batchnorm_statistics, stack_updates  # noqa: E402
 
 GB = 1e9
 SIZES = {"resnet50": 23_512_130, "mobilenet_v2": 2_226_434}  # checked against torchvision in main()
@@ -70,6 +74,28 @@ def available_bytes() -> float:
 
 def fits(needed: float) -> bool:
     return needed * 1.15 + 1.0 * GB < available_bytes()
+
+
+class PeakMemory:
+    """Peak resident memory above the level at ``start``: the kernel's high-water mark (VmHWM),
+    reset by writing 5 to /proc/self/clear_refs. It counts every allocation (torch's and numpy's
+    too, which tracemalloc does not see)."""
+
+    @staticmethod
+    def _status(field: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024.0
+        return math.nan
+
+    def start(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = self._status("VmRSS")
+
+    def stop(self) -> float:
+        return self._status("VmHWM") - self.base
 
 
 def timed(fn, repeats: int) -> float:
@@ -216,6 +242,9 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
 
     # ArrayRecords of the weights (global + update), built without holding U
     e2e: dict[str, float | str] = {}
+    first: dict[str, float] = {}
+    peak_bytes: dict[str, float] = {}
+    peak = PeakMemory()
     flower: dict[str, float | str] = {}
     records_bytes = nbytes
     if not fits(records_bytes):
@@ -240,16 +269,25 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                 ref = (stack_updates([ArrayRecord(dict(r)) for r in records[: n // 2]], global_record).mean(0)
                        if name == "fltrust" else None)
 
+                rows_buffer = UpdateRows()  # a server's, kept from round to round
+
                 def end_to_end():
                     replies = [ArrayRecord(dict(r)) for r in records]
-                    updates = stack_updates(replies, global_record)
+                    updates = stack_updates(replies, global_record, rows_buffer(n, d))
                     result = aggregator.aggregate(updates, counts, client_ids=ids,
                                                   generator=torch.Generator().manual_seed(0), reference=ref)
-                    del updates
                     stats = batchnorm_statistics(replies, counts, result.flagged)
                     return apply_update(global_record, result.update, result.noise, stats)
 
+                # the first round allocates the buffer (and pays its page faults); the others reuse it
+                gc.collect()
+                peak.start()
+                started = time.perf_counter()
+                end_to_end()
+                first[name] = time.perf_counter() - started
+                peak_bytes[name] = peak.stop()
                 e2e[name] = timed(end_to_end, repeats)
+                del rows_buffer
             if name in FLOWER:
                 needed = 2 * nbytes + (d * 8.0)
                 if not fits(needed):
@@ -296,6 +334,9 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                 notes.append(f"  {name} ({label}) {value}")
     for note in dict.fromkeys(notes):
         print(note)
+    for name in first:
+        print(f"{name} e2e, first round (allocates the stacking buffer): {first[name]:.3f} s; peak memory "
+              f"of the path {peak_bytes[name] / GB:.2f} GB = {peak_bytes[name] / nbytes:.2f} x the stacked updates")
     results[(size, n)] = {"ours": ours, "e2e": e2e, "flower": flower, "gemm": gemm}
 
 

@@ -4,12 +4,15 @@ Workload: ResNet18, PneumoniaMNIST 28 px, 10 clients all sampled, 3 rounds, 1 lo
 batch 32, IID partition, no augmentation; the global model evaluated on the test split after
 every round. (a) runs it as one process (experiments/bare_loop.py, the same fedmed training
 functions, torch using every core), (b) runs `fedmed-sim` on it. Steady-state round time is the
-mean over rounds after the first (the first pays Ray's start-up and actor creation).
+mean over rounds after the first (the first pays Ray's start-up and actor creation). Fixed cost
+is the whole command minus rounds x steady round: (a) runs in a subprocess of its own too, so
+both pay the interpreter's start and imports. (c) times the README's first command, `fedmed-sim`
+with no arguments (in a temporary folder), and when its first round line (round 0) appears.
 
     python experiments/bench_overhead.py [--root ../shared/data/medmnist] [--rounds 3]
-        [--transport auto,message] [--repeats 3]
+        [--transport auto,message] [--repeats 3] [--no-default-run]
 
-Last line: overhead_ratio=<steady-state (b)/(a)>.
+Last lines: fixed_cost_s=<(b)'s fixed cost>, default_run_s=<(c)>, overhead_ratio=<steady-state (b)/(a)>.
 """
 
 from __future__ import annotations
@@ -40,12 +43,38 @@ def steady_round_s(times: list[float]) -> float:
     return sum(deltas) / len(deltas)
 
 
-def run_bare(root: str, rounds: int, norm: str) -> tuple[float, float]:
+def fixed_cost_s(total: float, steady: float, rounds: int) -> float:
+    return total - rounds * steady
+
+
+def bare_rows(root: str, rounds: int, norm: str) -> list[dict]:
     logging.getLogger("opacus").setLevel(logging.WARNING)
+    return bare_fedavg(dataset="pneumoniamnist", root=root, norm=norm, rounds=rounds, partition={"name": "iid"},
+                       **WORKLOAD)
+
+
+def run_bare(root: str, rounds: int, norm: str) -> tuple[float, float]:
+    """(steady round, whole command) of the bare loop, in a fresh interpreter like fedmed-sim."""
     started = time.monotonic()
-    rows = bare_fedavg(dataset="pneumoniamnist", root=root, norm=norm, rounds=rounds,
-                       partition={"name": "iid"}, **WORKLOAD)
-    return steady_round_s([r["time_s"] for r in rows]), time.monotonic() - started
+    child = subprocess.run([sys.executable, __file__, "--bare-child", "--root", root, "--rounds", str(rounds),
+                            "--norm", norm], check=True, capture_output=True, text=True)
+    total = time.monotonic() - started
+    rows = json.loads(child.stdout.strip().splitlines()[-1])
+    return steady_round_s([r["time_s"] for r in rows]), total
+
+
+def run_default(folder: Path) -> tuple[float, float | None]:
+    """(whole command, seconds until its round 0 line) of `fedmed-sim` without arguments."""
+    started = time.monotonic()
+    first_line = None
+    with subprocess.Popen([sys.executable, "-m", "fedmed"], cwd=folder, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, "COLUMNS": "200"}) as child:
+        for line in child.stdout:
+            if first_line is None and line.lstrip().startswith("round 0/"):
+                first_line = time.monotonic() - started
+    if child.returncode != 0:
+        raise RuntimeError(f"fedmed-sim without arguments exited with {child.returncode}")
+    return time.monotonic() - started, first_line
 
 
 def run_fedmed(root: str, rounds: int, norm: str, out: Path, transport: str) -> tuple[float, float]:
@@ -80,7 +109,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternate the runs this many times and report medians: on a shared machine "
                              "the same run varied by 20%% between two runs")
+    parser.add_argument("--no-default-run", action="store_true", help="skip (c), the default command")
+    parser.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_child:
+        print(json.dumps(bare_rows(args.root, args.rounds, args.norm)))
+        return
     transports = args.transport.split(",")
     for transport in transports:
         if transport not in ("auto", "shared_memory", "message"):
@@ -105,7 +139,19 @@ def main() -> None:
         print(f"fedmed-sim, ray.model_transport={transport}: steady round {fed_round:7.2f} s   total "
               f"{fed_total:7.1f} s   (rounds {', '.join(f'{r:.2f}' for r, _ in fed[transport])})   "
               f"ratio {ratios[transport][0]:.3f}")
+    bare_fixed = fixed_cost_s(bare_total, bare_round, args.rounds)
+    fed_round, fed_total = (statistics.median(v) for v in zip(*fed[transports[0]]))
+    fed_fixed = fixed_cost_s(fed_total, fed_round, args.rounds)
+    print(f"fixed cost (command minus {args.rounds} x steady round): fedmed-sim {fed_fixed:.1f} s, bare loop "
+          f"{bare_fixed:.1f} s, ratio {fed_fixed / bare_fixed:.2f}")
     print(f"total_time_ratio={ratios[transports[0]][1]:.3f}")
+    print(f"fixed_cost_s={fed_fixed:.1f}")
+    if not args.no_default_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            default_total, first_line = run_default(Path(tmp))
+        shown = f"{first_line:.1f} s" if first_line is not None else "not seen"
+        print(f"fedmed-sim without arguments: {default_total:.1f} s, its round 0 line after {shown}")
+        print(f"default_run_s={default_total:.1f}")
     print(f"overhead_ratio={ratios[transports[0]][0]:.3f}")
 
 

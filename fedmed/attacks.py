@@ -115,15 +115,21 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
             )
 
 
-def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
+def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, targeted: bool,
+                copies: int = 1) -> torch.Tensor:
     """Gradient of the attack objective with respect to ``x_adv`` only.
 
     Untargeted: cross entropy with the true labels (to be increased). Targeted: minus the cross
-    entropy with the target labels, so that ascending it moves towards the target.
+    entropy with the target labels, so that ascending it moves towards the target. ``copies``:
+    the batch holds that many attacks of one batch of images (``attack_each_eps``); the loss is
+    the sum divided by one copy's size, so each copy gets the gradient it gets alone.
     """
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x_adv), y)
+        if copies == 1:
+            loss = F.cross_entropy(model(x_adv), y)
+        else:
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum") / (y.shape[0] // copies)
         if targeted:
             loss = -loss
         (grad,) = torch.autograd.grad(loss, x_adv)
@@ -139,7 +145,7 @@ def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     return _per_sample(t.flatten(1).norm(p=2, dim=1), t.ndim)
 
 
-def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
     """Project ``x_adv`` onto the ``eps`` ball around ``x``, then clamp to [0, 1].
 
     Clamping after the projection keeps the bound: x is in [0, 1], so clamping only moves a
@@ -147,7 +153,7 @@ def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> tor
     """
     delta = x_adv - x
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        delta = delta.clamp(-eps, eps)  # eps: a number, or one per sample (N, 1, ...)
     else:
         # eps / 0 = inf for a zero delta; min(inf, 1) = 1 leaves it as it is.
         delta = delta * torch.clamp(eps / _l2_norms(delta), max=1.0)
@@ -160,18 +166,20 @@ def _sign_step_attack(
     y: torch.Tensor,
     x_start: torch.Tensor,
     *,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int,
-    alpha: float,
+    alpha: float | torch.Tensor,
     decay: float | None,
     targeted: bool,
+    copies: int = 1,
 ) -> torch.Tensor:
     """Iterated L-inf sign steps from ``x_start`` with projection (BIM / PGD), with momentum
-    on the L1-normalised gradient when ``decay`` is given (MI-FGSM)."""
+    on the L1-normalised gradient when ``decay`` is given (MI-FGSM). ``eps`` and ``alpha`` are
+    numbers or per-sample tensors (N, 1, ...) (``attack_each_eps``)."""
     x_adv = x_start
     momentum = torch.zeros_like(x) if decay is not None else None
     for _ in range(steps):
-        grad = _input_grad(model, x_adv, y, targeted)
+        grad = _input_grad(model, x_adv, y, targeted, copies)
         if momentum is not None:
             # g_{t+1} = mu * g_t + grad / mean|grad| (per sample). The paper divides by the L1
             # norm; the mean differs by the constant D = C*H*W for grad and momentum alike, so
@@ -388,3 +396,56 @@ def make_attack(name: str, eps: float, *, seed: int = 0) -> Callable[[nn.Module,
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     return Attack(name, eps, int(seed))
+
+
+# --- every epsilon of one attack in one batch ----------------------------------------------------
+
+# Attacks that take the same steps at every radius, only scaled by it: one batch can hold them all.
+_BATCHABLE = ("fgsm", "bim", "mifgsm")
+
+
+def attack_each_eps(name: str, eps: list[float], seeds: list[int], model: nn.Module, x: torch.Tensor,
+                    y: torch.Tensor) -> list[torch.Tensor]:
+    """``[make_attack(name, e, seed=s)(model, x, y) for e, s in zip(eps, seeds)]``, computed as
+    one attack on a batch holding a copy of ``x`` per radius.
+
+    Each copy gets the gradient, random start (its own seeded generator) and steps it gets alone,
+    with ``eps`` and the step size per sample; only the model's arithmetic on a larger batch may
+    round differently. L-inf attacks (``fgsm``, ``bim``, ``mifgsm``, ``pgd``, ``pgd<k>``) are
+    batched; ``pgd_l2`` runs one radius after the other.
+    """
+    if len(eps) != len(seeds):
+        raise ValueError(f"{len(eps)} epsilons and {len(seeds)} seeds")
+    attacks = [make_attack(name, e, seed=s) for e, s in zip(eps, seeds)]
+    steps = _pgd_steps(name)
+    if len(attacks) < 2 or not (name in _BATCHABLE or steps >= 1):
+        return [attack(model, x, y) for attack in attacks]
+    _check_inputs(x, y)
+    x = x.detach()
+    k, n = len(attacks), x.shape[0]
+    radii = [attack.eps for attack in attacks]
+    per_sample = torch.tensor(radii, dtype=x.dtype, device=x.device).repeat_interleave(n)
+    eps_t = _per_sample(per_sample, x.ndim)
+    xs, ys = x.repeat(k, *([1] * (x.ndim - 1))), y.repeat(k)
+    with eval_mode(model):
+        if name == "fgsm":
+            grad = _input_grad(model, xs, ys, False, copies=k)
+            out = torch.clamp(xs + eps_t * grad.sign(), 0.0, 1.0).detach()
+        elif name in ("bim", "mifgsm"):
+            alpha = _per_sample(torch.tensor([e / DEFAULT_STEPS for e in radii], dtype=x.dtype,
+                                             device=x.device).repeat_interleave(n), x.ndim)
+            out = _sign_step_attack(model, xs, ys, xs, eps=eps_t, steps=DEFAULT_STEPS, alpha=alpha,
+                                    decay=1.0 if name == "mifgsm" else None, targeted=False, copies=k)
+        else:  # pgd: each copy's random start from its own generator, as pgd() draws it
+            starts = [torch.empty_like(x).uniform_(-e, e, generator=torch.Generator(device=x.device).manual_seed(a.seed))
+                      for e, a in zip(radii, attacks)]
+            x_start = torch.clamp(xs + torch.cat(starts), 0.0, 1.0)
+            alpha = _per_sample(torch.tensor([2.5 * e / steps for e in radii], dtype=x.dtype,
+                                             device=x.device).repeat_interleave(n), x.ndim)
+            out = _sign_step_attack(model, xs, ys, x_start, eps=eps_t, steps=steps, alpha=alpha, decay=None,
+                                    targeted=False, copies=k)
+    chunks = list(out.split(n))
+    for i, e in enumerate(radii):  # eps = 0 returns the clean batch itself, as each attack does alone
+        if e == 0:
+            chunks[i] = x.clone()
+    return chunks

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.dataset import ArrayDataset, Split
+from fedmed.dataset import ArrayDataset
 from fedmed.poisoning import held_out_indices
+from fedmed.site_data import FederationShape, read_site
 from fedmed.site_shift import SiteShift, site_shifts
 from fedmed.train import derive_seed
 
@@ -134,41 +135,11 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
 
 
 def site_share(data_path: str, job: dict) -> ClientShare:
-    """A deployed hospital's own data: a MedMNIST-layout ``.npz`` (train/val keys) or an image folder."""
-    path = Path(data_path).expanduser()
-    seed = int(job["seed"])
-    if path.is_dir():
-        from fedmed.imagefolder import load_imagefolder
-
-        ds = load_imagefolder(str(path), size=int(job["dataset"]["size"]),
-                              channels=int(job["dataset"]["channels"]), seed=seed)
-        train, val = ds.train, ds.val
-    else:
-        train, val = _read_site_npz(path)
-    num_classes = int(job["num_classes"])
-    largest = int(max(train.labels.max(), val.labels.max(), 0))
-    if largest >= num_classes:
-        raise ValueError(f"site data {path} has label {largest}, but the federation's model has "
-                         f"{num_classes} classes (labels 0..{num_classes - 1})")
+    """A deployed hospital's own data (a MedMNIST-layout ``.npz`` or an image folder), checked
+    against the federation's classes, channels and image size (``fedmed.site_data``)."""
+    shape = FederationShape.from_job(job)
+    train, val = read_site(Path(data_path).expanduser(), shape, int(job["seed"]))
     images = np.concatenate([train.images, val.images])
     labels = np.concatenate([train.labels, val.labels])
     n = len(train)
-    return ClientShare(images, labels, np.arange(n), np.arange(n, len(labels)), num_classes, None)
-
-
-def _read_site_npz(path: Path) -> tuple[Split, Split]:
-    if not path.is_file():
-        raise FileNotFoundError(f"site data file {path} (node_config data-path) does not exist")
-    try:
-        with np.load(path) as arrays:
-            splits = []
-            for split in ("train", "val"):
-                images = arrays[f"{split}_images"]
-                if images.ndim == 3:
-                    images = images[..., None]
-                splits.append(Split(images.astype(np.uint8, copy=False),
-                                    arrays[f"{split}_labels"].reshape(-1).astype(np.int64)))
-    except KeyError as err:
-        raise ValueError(f"site data file {path} lacks {err}: it needs train_images, train_labels, "
-                         "val_images, val_labels (MedMNIST layout)") from err
-    return splits[0], splits[1]
+    return ClientShare(images, labels, np.arange(n), np.arange(n, len(labels)), shape.num_classes, None)

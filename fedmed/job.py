@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 JOB_KEY = "fedmed-job"
 # set in an evaluate message's config on rounds where clients also assess robustness
 ASSESS_KEY = "assess-robustness"
-CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "attack", "eval")
+CLIENT_SECTIONS = ("dataset", "partition", "model", "client", "defense", "assimilation", "attack", "eval")
 
 
 def job_from_config(cfg: DictConfig) -> dict:
@@ -25,6 +25,7 @@ def job_from_config(cfg: DictConfig) -> dict:
     # attack.mode=replacement estimates a round's examples from it (fedmed.poisoning.update_scale)
     job["clients_per_round"] = int(cfg.federation.clients_per_round)
     job["rounds"] = int(cfg.federation.rounds)  # DP-SGD spreads a target epsilon over them
+    job["fault"] = OmegaConf.to_container(cfg.fault, resolve=True)  # chaos testing, simulation only
     return job
 
 

@@ -304,8 +304,8 @@ def check_md5(path: Path, file_name: str, md5: str, verify_md5: bool) -> list[di
         "download=True)"
     )
     if verify_md5:
-        raise ValueError(message + ", or pass verify_md5=False to use it anyway.")
-    warnings.warn(message + "; using it anyway because verify_md5=False.", stacklevel=3)
+        raise ValueError(message + ", or set dataset.verify_md5=false to use it anyway.")
+    warnings.warn(message + "; using it anyway because dataset.verify_md5=false.", stacklevel=3)
     return [entry["n_samples"] for entry in official.values()]
 
 

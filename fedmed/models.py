@@ -31,6 +31,8 @@ from torchvision.models import (
 from torchvision.models import densenet as _tv_densenet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fedmed.assimilation import ColourModule, TextureModule, build_modules, check_kind
+
 __all__ = [
     "ARCHITECTURES",
     "MedicalClassifier",
@@ -84,14 +86,24 @@ def min_input_size(name: str) -> int:
 class MedicalClassifier(nn.Module):
     """A torchvision backbone that takes pixels in [0, 1].
 
-    ``forward(x)``: ``x`` float (N, C, H, W), C = ``in_channels``. Grey images are expanded to the
-    backbone's 3-channel stem, images smaller than ``min_size`` are resized up (bilinear), then
-    ImageNet normalisation is applied. Mean and std are non-persistent buffers: they move with
+    ``forward(x)``: ``x`` float (N, C, H, W), C = ``in_channels``. The domain-assimilation
+    modules, when there are any (``model.assimilation``, :mod:`fedmed.assimilation`), adapt the
+    image first (:meth:`adapt`); then grey images are expanded to the backbone's 3-channel stem,
+    images smaller than ``min_size`` are resized up (bilinear), and ImageNet normalisation is
+    applied (:meth:`classify_adapted`). Mean and std are non-persistent buffers: they move with
     ``.to(device)`` but are not in the state_dict, so they are never averaged, attacked or sent.
+    The modules' weights are, under ``texture.*`` and ``colour.*``.
     """
 
     def __init__(
-        self, backbone: nn.Module, arch: str, num_classes: int, in_channels: int, min_size: int
+        self,
+        backbone: nn.Module,
+        arch: str,
+        num_classes: int,
+        in_channels: int,
+        min_size: int,
+        texture: TextureModule | None = None,
+        colour: ColourModule | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -99,6 +111,9 @@ class MedicalClassifier(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.min_size = min_size
+        # None leaves the state dict exactly as without assimilation
+        self.texture = texture
+        self.colour = colour
         self.register_buffer(
             "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
         )
@@ -106,16 +121,29 @@ class MedicalClassifier(nn.Module):
 
     @property
     def head(self) -> nn.Module:
-        """The classification layer (the only trainable part with ``freeze_backbone=True``)."""
+        """The classification layer (the only trainable part of the backbone with ``freeze_backbone=True``)."""
         return self.backbone.get_submodule(_HEAD[self.arch])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def has_modules(self) -> bool:
+        return self.texture is not None or self.colour is not None
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """The image after the texture and colour modules (``x`` itself without them)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{self.arch} built for in_channels={self.in_channels} expects input "
                 f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        if self.in_channels == 1:
+        if self.texture is not None:
+            x = self.texture(x)
+        if self.colour is not None:
+            x = self.colour(x)
+        return x
+
+    def classify_adapted(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an image that :meth:`adapt` returned."""
+        if x.shape[1] == 1:
             # A view, not a copy: the stem's 3 input channels all see the same grey pixels.
             x = x.expand(-1, 3, -1, -1)
         height, width = x.shape[-2:]
@@ -124,6 +152,9 @@ class MedicalClassifier(nn.Module):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
         return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify_adapted(self.adapt(x))
 
 
 # --- builders ------------------------------------------------------------------------------
@@ -136,6 +167,7 @@ def densenet121(
     weights_path: str | None = None,
     freeze_backbone: bool = False,
     norm: str = "batch",
+    assimilation: str = "none",
 ) -> MedicalClassifier:
     """DenseNet121 (ImageNet weights: ``DenseNet121_Weights.IMAGENET1K_V1``)."""
     return _build(
@@ -148,6 +180,7 @@ def densenet121(
         weights_path,
         freeze_backbone,
         norm,
+        assimilation,
     )
 
 
@@ -158,6 +191,7 @@ def mobilenet_v2(
     weights_path: str | None = None,
     freeze_backbone: bool = False,
     norm: str = "batch",
+    assimilation: str = "none",
 ) -> MedicalClassifier:
     """MobileNetV2 (ImageNet weights: ``MobileNet_V2_Weights.IMAGENET1K_V1``)."""
     return _build(
@@ -170,6 +204,7 @@ def mobilenet_v2(
         weights_path,
         freeze_backbone,
         norm,
+        assimilation,
     )
 
 
@@ -180,6 +215,7 @@ def resnet50(
     weights_path: str | None = None,
     freeze_backbone: bool = False,
     norm: str = "batch",
+    assimilation: str = "none",
 ) -> MedicalClassifier:
     """ResNet50 (ImageNet weights: ``ResNet50_Weights.IMAGENET1K_V2``, the better of the two)."""
     return _build(
@@ -192,6 +228,7 @@ def resnet50(
         weights_path,
         freeze_backbone,
         norm,
+        assimilation,
     )
 
 
@@ -202,6 +239,7 @@ def resnet18(
     weights_path: str | None = None,
     freeze_backbone: bool = False,
     norm: str = "batch",
+    assimilation: str = "none",
 ) -> MedicalClassifier:
     """ResNet18 (ImageNet weights: ``ResNet18_Weights.IMAGENET1K_V1``)."""
     return _build(
@@ -214,6 +252,7 @@ def resnet18(
         weights_path,
         freeze_backbone,
         norm,
+        assimilation,
     )
 
 
@@ -233,6 +272,7 @@ def build_model(
     weights_path: str | None = None,
     freeze_backbone: bool = False,
     norm: str = "batch",
+    assimilation: str = "none",
 ) -> MedicalClassifier:
     """Build the architecture called ``name`` (one of :data:`ARCHITECTURES`).
 
@@ -241,6 +281,9 @@ def build_model(
     torchvision's layout (ImageNet 1000-class head included) from a file instead.
     ``freeze_backbone=True`` leaves only the new head trainable. ``norm="group"`` swaps every
     BatchNorm for GroupNorm through Opacus, as DP-SGD needs (per-sample gradients).
+    ``assimilation`` (``none``, ``texture``, ``colour``, ``both``) puts the domain-assimilation
+    modules in front of the backbone (:mod:`fedmed.assimilation`); they start as the identity
+    (grey replicated for the colour module) and stay trainable with ``freeze_backbone=True``.
     """
     _check_name(name)
     return _BUILDERS[name](
@@ -250,6 +293,7 @@ def build_model(
         weights_path=weights_path,
         freeze_backbone=freeze_backbone,
         norm=norm,
+        assimilation=assimilation,
     )
 
 
@@ -273,6 +317,7 @@ def _build(
     weights_path: str | None,
     freeze_backbone: bool,
     norm: str,
+    assimilation: str,
 ) -> MedicalClassifier:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{arch}: num_classes must be a positive integer, got {num_classes!r}")
@@ -285,6 +330,8 @@ def _build(
         raise ValueError(
             f"{arch}: unknown norm {norm!r} (config key `model.norm`); valid: {', '.join(NORMS)}"
         )
+
+    check_kind(assimilation)  # before the slow part
 
     # Built with torchvision's own 1000-class head so that ImageNet checkpoints load strictly
     # (every key checked); the head is replaced only afterwards.
@@ -310,7 +357,9 @@ def _build(
         backbone.requires_grad_(False)
         backbone.get_submodule(_HEAD[arch]).requires_grad_(True)
 
-    return MedicalClassifier(backbone, arch, num_classes, in_channels, _MIN_INPUT_SIZE[arch])
+    # after the backbone, so that a seed gives the same backbone with and without modules
+    texture, colour = build_modules(assimilation, in_channels)
+    return MedicalClassifier(backbone, arch, num_classes, in_channels, _MIN_INPUT_SIZE[arch], texture, colour)
 
 
 def _replace_head(backbone: nn.Module, arch: str, num_classes: int) -> None:

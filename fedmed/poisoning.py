@@ -85,6 +85,12 @@ def check_attack(attack: Mapping, num_classes: int | None = None, num_clients: i
     if name not in ATTACKS:
         raise ValueError(f"attack={name!r} is not known; use one of {', '.join(ATTACKS)}")
     if name == "none":
+        defaults = attack_section(None)
+        changed = [key for key, value in a.items() if key != "name" and value != defaults[key]]
+        if changed:
+            settings = ", ".join(f"attack.{key}={a[key]!r}" for key in changed)
+            raise ValueError(f"{settings} has no effect with attack=none (all clients honest): choose an attack "
+                             f"(e.g. attack=edge_case) or drop the setting")
         return
     if mode not in ATTACK_MODES:
         raise ValueError(f"attack.mode={mode!r} is not known; use one of {', '.join(ATTACK_MODES)}")

@@ -9,13 +9,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from rich.console import Console
+from rich.table import Table
 
 MAIN_KEYS = ("loss", "accuracy", "balanced_accuracy", "auc")
 VERSIONED_PACKAGES = ("fedmed", "flwr", "torch", "torchvision", "ray", "numpy", "opacus", "scikit-learn")
@@ -32,13 +29,20 @@ def json_safe(value):
     return value
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure outside pyplot: no global backend switch, nothing to close (it is garbage-collected)."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl`` and keeps the rows in memory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rows: list[dict] = ()) -> None:
+        """``rows``: those of a resumed run's checkpoint, written first."""
         self.path = path
-        self.rows: list[dict] = []
-        path.write_text("")
+        self.rows: list[dict] = list(rows)
+        path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def append(self, row: dict) -> None:
         row = json_safe(row)
@@ -80,7 +84,7 @@ def write_summary(path: Path, rows: list[dict], wall_time_s: float, extra: dict)
     final = rows[-1] if rows else {}
     scored = [r for r in rows if r.get("accuracy") is not None]
     summary = {
-        "final": {k: v for k, v in final.items() if k not in ("clients", "rejected", "client_eval")},
+        "final": {k: v for k, v in final.items() if k not in ("clients", "rejected", "failures", "client_eval")},
         "best_accuracy": max((r["accuracy"] for r in scored), default=None),
         "rounds": final.get("round", 0),
         "wall_time_s": wall_time_s,
@@ -177,7 +181,7 @@ def print_summary(rows: list[dict], title: str, console: Console | None = None) 
 def plot_robustness_per_round(rows: list[dict], path: Path, title: str) -> Path:
     """Accuracy under each attack per round, one panel per attack, one line per epsilon."""
     attacks = sorted({a for r in rows for a in robust_scores(r, "accuracy")})
-    fig, axes = plt.subplots(1, len(attacks), figsize=(5 * len(attacks), 4), squeeze=False)
+    fig, axes = _subplots(1, len(attacks), figsize=(5 * len(attacks), 4), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
         assessed = [(r["round"], robust_scores(r, "accuracy")[attack]) for r in rows
                     if attack in robust_scores(r, "accuracy")]
@@ -192,7 +196,6 @@ def plot_robustness_per_round(rows: list[dict], path: Path, title: str) -> Path:
     fig.suptitle(f"{title}: robustness per round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -200,7 +203,7 @@ def plot_robustness_vs_eps(rows: list[dict], path: Path, title: str) -> Path:
     """Accuracy against epsilon at the last assessed round (eps 0 is clean accuracy); the weakest
     client's robust accuracy on its own data dashed beside it."""
     row = [r for r in rows if robust_scores(r, "accuracy")][-1]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     worst = robust_scores({k.replace("/worst_client_accuracy", "/worst"): v for k, v in row.items()}, "worst")
     for attack, by_eps in robust_scores(row, "accuracy").items():
         eps_values = sorted(by_eps)
@@ -217,14 +220,13 @@ def plot_robustness_vs_eps(rows: list[dict], path: Path, title: str) -> Path:
     fig.suptitle(f"{title}: robustness against epsilon", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str) -> Path:
     """Accuracy, balanced accuracy and AUC of the global model per round, loss beside them."""
     rounds = [r["round"] for r in rows]
-    fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_score, ax_loss) = _subplots(1, 2, figsize=(10, 4))
     for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "AUC")):
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
@@ -242,14 +244,13 @@ def plot_rounds(rows: list[dict], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_backdoor_per_round(rows: list[dict], path: Path, title: str, start_round: int) -> Path:
     """Backdoor success rate and main-task accuracy per round, the strategy's TPR/FPR beside them;
     a dashed line where the attack starts (the ASR before it is the clean model's tail error)."""
-    fig, (ax_asr, ax_det) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_asr, ax_det) = _subplots(1, 2, figsize=(10, 4))
     for ax, keys in ((ax_asr, (("backdoor/asr", "backdoor ASR"), ("accuracy", "main-task accuracy"))),
                      (ax_det, (("detection/tpr", "TPR (attackers flagged)"), ("detection/fpr", "FPR (honest flagged)")))):
         for key, label in keys:
@@ -265,5 +266,4 @@ def plot_backdoor_per_round(rows: list[dict], path: Path, title: str, start_roun
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmed.attacks import eval_mode, make_attack
+from fedmed.attacks import attack_each_eps, eval_mode, make_attack
 from fedmed.metrics import classification_metrics
 from fedmed.train import BatchTransform, derive_seed, gather_batch
 
@@ -52,6 +52,18 @@ def fixed_subset(num_items: int, max_samples: int | None, seed: int) -> np.ndarr
     return np.sort(rng.choice(num_items, size=int(max_samples), replace=False))
 
 
+# An attack's epsilons share one batch (``attack_each_eps``) up to this many input values: the
+# backward pass's activations grow with the batch.
+ATTACK_BATCH_VALUES = 1 << 22
+
+
+def _eps_groups(attacks: list[str], eps: list[float], x: torch.Tensor) -> list[tuple[str, list[float]]]:
+    """(attack, epsilons attacked in one batch) pairs covering every attack and epsilon."""
+    per_group = max(1, ATTACK_BATCH_VALUES // max(1, x.numel()))
+    return [(name, [float(e) for e in eps[i:i + per_group]]) for name in attacks
+            for i in range(0, len(eps), per_group)]
+
+
 def _name_id(text: str) -> int:
     """A stable integer for a string (Python's hash() is salted per process)."""
     return zlib.crc32(text.encode("utf-8"))
@@ -73,8 +85,9 @@ def assess_robustness(
     """Accuracy and AUC of ``model`` on ``images[indices]`` under each attack at each eps.
 
     Every batch is gathered once (``transform``, if given, applied to the clean batch as in
-    :func:`fedmed.train.predict_probs`), attacked with each (attack, eps) pair, and the
-    adversarial batch classified in eval mode. The attack on batch ``b`` is seeded with
+    :func:`fedmed.train.predict_probs`), attacked with each (attack, eps) pair (an attack's
+    epsilons together in one batch, ``attack_each_eps``), and each adversarial batch classified
+    in eval mode. The attack on batch ``b`` is seeded with
     ``derive_seed(seed, attack, eps, b)``, so the result depends only on the inputs and ``seed``.
     Returns ``{metric_key(attack, eps, "accuracy"): float, metric_key(attack, eps, "auc"):
     float | None}`` (AUC is None where it is undefined, e.g. a single class among the labels),
@@ -113,11 +126,11 @@ def assess_robustness(
             y = label_tensor[batch].to(device, non_blocking=True)
             with torch.no_grad():
                 clean_probs.append(torch.softmax(model(x).double(), dim=1).cpu())
-            for (name, e), key in zip(pairs, keys):
-                attack_seed = derive_seed(seed, _name_id(name), _name_id(key[1]), batch_index)
-                x_adv = make_attack(name, e, seed=attack_seed)(model, x, y)
-                with torch.no_grad():
-                    probs[key].append(torch.softmax(model(x_adv).double(), dim=1).cpu())
+            for name, group in _eps_groups(attacks, eps, x):
+                seeds = [derive_seed(seed, _name_id(name), _name_id(eps_key(e)), batch_index) for e in group]
+                for e, x_adv in zip(group, attack_each_eps(name, group, seeds, model, x, y)):
+                    with torch.no_grad():
+                        probs[name, eps_key(e)].append(torch.softmax(model(x_adv).double(), dim=1).cpu())
 
     clean = classification_metrics(true_labels, torch.cat(clean_probs).numpy())
     results: dict[str, float | None] = {

@@ -3,9 +3,15 @@ engine on Ray (one virtual SuperNode per client)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -13,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed.config import register_configs
+from fedmed.stopping import RunInterrupted, StopControl, exit_leaving_stuck_threads
 
 register_configs()
 
@@ -57,31 +64,51 @@ def check_config(cfg: DictConfig) -> None:
             f"federation.clients_per_round={fed.clients_per_round} must be between 1 and "
             f"federation.num_clients={fed.num_clients}"
         )
+    from fedmed.config import check_client, check_eval
     from fedmed.poisoning import check_attack
 
+    check_client(cfg.client, str(cfg.device))
+    check_eval(cfg.eval)
     check_attack(cfg.attack, num_clients=int(fed.num_clients))
     if cfg.ray.num_gpus_per_client > 0 and cfg.device == "cpu":
         raise ValueError("ray.num_gpus_per_client > 0 with device=cpu: use device=auto or cuda")
     uses_shared_arrays(cfg.ray)
+    from clients.faults import check_faults
+
+    check_faults(OmegaConf.to_container(cfg.fault, resolve=True), int(fed.num_clients))
+    if not 1 <= fed.min_replies <= fed.clients_per_round:
+        raise ValueError(f"federation.min_replies={fed.min_replies} must be between 1 and "
+                         f"federation.clients_per_round={fed.clients_per_round}")
+    if cfg.checkpoint.every < 1:
+        raise ValueError(f"checkpoint.every={cfg.checkpoint.every} must be >= 1")
 
 
-def run(cfg: DictConfig, output_dir: Path) -> dict:
-    """Run one federation described by ``cfg``; outputs go to ``output_dir``. Returns the summary."""
+def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
+    """Run one federation described by ``cfg``; outputs go to ``output_dir``. Returns the summary.
+
+    ``resume``: continue the run in ``output_dir`` from its checkpoint (``cfg`` is its config).
+    Raises ``RunInterrupted`` after a SIGINT/SIGTERM and ``NotEnoughReplies`` when a round gets
+    fewer valid replies than ``federation.min_replies``; both leave a checkpoint and a summary
+    marked ``interrupted``.
+    """
     import json
 
-    from flwr.simulation import run_simulation
-
     from clients.client_app import app as client_app
+    from fedmed.checkpoint import CHECKPOINT_FILE, CheckpointKeeper, read_checkpoint
     from fedmed.data import dataset_from_config
+    from fedmed.simulation import simulate
     from strategies.server_app import make_server_app, prepare_config
 
     check_config(cfg)
     prepare_config(cfg)
+    resume_from = read_checkpoint(output_dir / CHECKPOINT_FILE) if resume else None
     # Load (and verify) the data here, before Ray starts: a missing or corrupt file fails at
     # once with its own message, and the server's copy is then cached in this process.
     dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if not resume:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     summary_path = output_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -90,25 +117,87 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if cfg.progress:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(cfg, output_dir, share_arrays=uses_shared_arrays(cfg.ray)),
-        client_app=client_app,
-        num_supernodes=int(cfg.federation.num_clients),
-        backend_config=backend_config(cfg.ray),
-    )
+    keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
+    server_app = make_server_app(cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(),
+                                 keeper)
+    run_stoppable(functools.partial(simulate, server_app, client_app, int(cfg.federation.num_clients),
+                                    backend_config(cfg.ray)), stop, keeper, output_dir)
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())
 
 
+def run_stoppable(simulate: Callable[[], None], stop: StopControl, keeper, output_dir: Path) -> None:
+    """``simulate()`` with SIGINT/SIGTERM taken over (``fedmed.stopping``; main thread only). On
+    the first signal: the last complete round is checkpointed, Ray shut down, this run's shared
+    memory removed and summary.json marked interrupted, then ``RunInterrupted`` is raised."""
+    import ray
+
+    from fedmed.checkpoint import stopped_summary
+    from fedmed.shared_arrays import remove_own_directories
+
+    started = time.monotonic()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        stop.install()
+    try:
+        simulate()
+    except (RunInterrupted, SystemExit) as interruption:
+        # before the ServerApp takes SIGTERM back, ray.init's own handler answers it: sys.exit(SIGTERM)
+        if isinstance(interruption, SystemExit) and interruption.code != signal.SIGTERM:
+            raise
+        stop.requested.set()
+        reason = str(interruption) if isinstance(interruption, RunInterrupted) else "SIGTERM"
+        keeper.close()
+        if ray.is_initialized():
+            ray.shutdown()
+        remove_own_directories()
+        stopped_summary(output_dir, keeper, f"stopped by {reason}", time.monotonic() - started)
+        raise RunInterrupted(reason) from None
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        remove_own_directories()
+        if in_main_thread:
+            stop.restore()
+
+
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def resume_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task)
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, output_dir)
+    from fedmed.checkpoint import resumed_config
+    from strategies.rounds import NotEnoughReplies
+
+    if cfg.resume:
+        output_dir = Path(cfg.resume)
+        cfg = resumed_config(output_dir, cfg, resume_overrides())
+    else:
+        output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run(cfg, output_dir, resume=bool(cfg.resume))
+    except (RunInterrupted, NotEnoughReplies) as stopped:
+        hint = json.loads((output_dir / "summary.json").read_text()).get("resume") \
+            if (output_dir / "summary.json").exists() else None
+        print(f"fedmed: run stopped ({stopped}); "
+              + (f"continue it with: {hint}" if hint else "no round was complete, nothing to resume"),
+              file=sys.stderr, flush=True)
+        exit_leaving_stuck_threads(EXIT_CODES.get(str(stopped), 3))
     print(f"outputs in {output_dir.resolve()} (final accuracy {summary['final'].get('accuracy')})")
+    exit_leaving_stuck_threads(0)
 
 
 def main() -> None:
+    # A resumed run writes into its own folder, and Hydra's record of this invocation would
+    # overwrite nothing useful there: point Hydra at it and keep its .hydra/ out.
+    resume = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("resume=")), None)
+    if resume:
+        sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
     hydra_main()
 
 

@@ -19,14 +19,15 @@ def array_from_numpy(values: np.ndarray) -> Array:
 
     Flower's ``Array.from_numpy_ndarray`` runs ``np.save`` into a growing ``BytesIO``: 51 ms for
     ResNet18's state dict against 18 ms for the .npy header written once plus the raw bytes.
-    Anything but a C-contiguous array takes Flower's path.
+    The values are copied once, straight behind the header. Anything but a C-contiguous array
+    takes Flower's path.
     """
     if not values.flags.c_contiguous or values.dtype.hasobject:
         return Array(values)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
     return Array(dtype=str(values.dtype), shape=tuple(int(s) for s in values.shape), stype=SType.NUMPY,
-                 data=header.getvalue() + values.tobytes())
+                 data=b"".join((header.getvalue(), values)))
 
 
 def array_view(array: Array) -> np.ndarray:

@@ -92,6 +92,15 @@ def shared_directory(needed_bytes: int) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
 
 
+def remove_own_directories(pid: int | None = None) -> None:
+    """Remove the directories of this process (``pid``) in shared memory and the temporary
+    directory: what an interrupted run leaves when its ServerApp thread cannot close them."""
+    pid = os.getpid() if pid is None else pid
+    for parent in (_SHARED_MEMORY, Path(tempfile.gettempdir())):
+        for directory in parent.glob(f"{_PREFIX}{pid}-*"):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def remove_orphans(parent: Path) -> list[Path]:
     """Remove ``parent``'s directories of fedmed runs whose process no longer exists."""
     removed = []

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmed.metrics import classification_metrics
+from fedmed.precision import Precision
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 # One training step's gradients: takes (model, x, y), leaves the gradients in the parameters'
@@ -106,35 +107,40 @@ def train_local(
     transform: BatchTransform | None = None,
     step: TrainStep = cross_entropy_step,
     batches: Callable[[], Iterable[np.ndarray]] | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` over ``images[indices]``; returns mean loss and accuracy.
 
     ``step`` computes each batch's gradients (a defence's loss); ``batches``, if given, yields one
-    epoch's index batches instead of the shuffled ones (DP-SGD's Poisson sampling).
+    epoch's index batches instead of the shuffled ones (DP-SGD's Poisson sampling); ``precision``:
+    ``client.amp`` and ``client.channels_last`` (default float32, contiguous).
     """
     if len(indices) < 2:
         raise ValueError(f"a client needs at least 2 training images, got {len(indices)}")
     generator = torch.Generator().manual_seed(seed)
     device_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-    model.to(device).train()
+    precision = precision or Precision(device=device)
+    precision.prepare_model(model.to(device)).train()
     label_tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
-    for _ in range(epochs):
-        epoch = batches() if batches is not None else batch_order(np.asarray(indices), batch_size, generator)
-        for batch in epoch:
-            x = gather_batch(images, batch, device)
-            y = label_tensor[batch].to(device, non_blocking=True)
-            if transform is not None:
-                x = transform(x)
-            if augment:
-                x = augment_batch(x, device_generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = step(model, x, y)
-            optimizer.step()
-            total_loss += float(loss) * len(batch)
-            total_correct += int((logits.argmax(1) == y).sum())
-            total_seen += len(batch)
-            steps += 1
+    with precision.training(model) as optimizer_step:
+        for _ in range(epochs):
+            epoch = batches() if batches is not None else batch_order(np.asarray(indices), batch_size, generator)
+            for batch in epoch:
+                x = gather_batch(images, batch, device)
+                y = label_tensor[batch].to(device, non_blocking=True)
+                if transform is not None:
+                    x = transform(x)
+                if augment:
+                    x = augment_batch(x, device_generator)
+                optimizer.zero_grad(set_to_none=True)
+                with precision.autocast():
+                    loss, logits = step(model, precision.prepare_input(x), y)
+                optimizer_step(optimizer)
+                total_loss += float(loss) * len(batch)
+                total_correct += int((logits.argmax(1) == y).sum())
+                total_seen += len(batch)
+                steps += 1
     if total_seen == 0:
         return {"loss": math.nan, "accuracy": math.nan, "steps": steps}
     return {"loss": total_loss / total_seen, "accuracy": total_correct / total_seen, "steps": steps}
@@ -149,15 +155,19 @@ def predict_probs(
     batch_size: int,
     device: torch.device,
     transform: BatchTransform | None = None,
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """Softmax probabilities (N, num_classes) for ``images[indices]`` in eval mode."""
-    model.to(device).eval()
+    precision = precision or Precision(device=device)
+    precision.prepare_model(model.to(device)).eval()
     outputs = []
     for start in range(0, len(indices), batch_size):
         x = gather_batch(images, indices[start : start + batch_size], device)
         if transform is not None:
             x = transform(x)
-        outputs.append(torch.softmax(model(x).double(), dim=1).cpu())
+        with precision.autocast():
+            logits = model(precision.prepare_input(x))
+        outputs.append(torch.softmax(logits.double(), dim=1).cpu())
     return torch.cat(outputs).numpy()
 
 
@@ -170,9 +180,11 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device,
     transform: BatchTransform | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, float | None]:
     """Loss, accuracy, balanced accuracy and macro AUC of ``model`` on ``images[indices]``."""
     if indices is None:
         indices = np.arange(len(labels))
-    probs = predict_probs(model, images, indices, batch_size=batch_size, device=device, transform=transform)
+    probs = predict_probs(model, images, indices, batch_size=batch_size, device=device, transform=transform,
+                          precision=precision)
     return classification_metrics(np.asarray(labels)[indices], probs)

@@ -5,12 +5,14 @@ AISTATS 2017 — aggregation is Flower's own ``FedAvg``. On top of it this class
 
 * samples clients by partition id with a seeded ``random.Random``, so the same seed picks the same
   clients (Flower samples node ids, which are random per run);
-* rejects replies with NaN/Inf, wrong keys or shapes, or no example count, and skips failed
-  clients, logging each (``strategies.replies``);
+* rejects replies with NaN/Inf or huge values, wrong keys, shapes or dtypes, or an example count
+  that is missing, not a whole positive number or absurd next to the others', logging each
+  (``strategies.replies``);
 * aggregates in partition-id order, so the floating-point sum is the same in every run;
-* keeps each client's own metrics per round instead of only their average;
-* samples only nodes the SuperLink counts as online, and records per round the clients that
-  raised, were lost or timed out (``strategies.nodes``), by site name when deployed.
+* keeps each client's own metrics per round instead of only their average (with the site's name
+  when deployed);
+* samples only nodes the SuperLink counts as online, so a lost site is not sampled until it
+  has reconnected (``strategies.nodes``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,8 @@ from flwr.supercore import log
 
 from fedmed.job import ASSESS_KEY
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
-from strategies.nodes import Federation, online_partitions, round_failures
-from strategies.replies import Rejection, reply_partition_id, training_reply_problem
-
-SUPERLINK_NODE_ID = 1  # the sender of the error replies Flower makes for lost nodes
+from strategies.nodes import Federation, online_partitions
+from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
 
 
 def _metrics_of(msg: Message) -> dict:
@@ -100,10 +100,8 @@ class FedMedAvg(FedAvg):
         # per round: {"scores": {partition id: suspicion}, "flagged": [partition ids]}; FedAvg
         # suspects nobody (strategies/robust.py fills it from its aggregator)
         self.detection: dict[int, dict] = {}
-        # deployed sites' names (set by the server app); per round, the clients that failed
+        # deployed sites' names (set by the server app)
         self.federation: Federation | None = None
-        self.failures: dict[int, list[dict]] = {}
-        self._sent_to: list[int] = []
         self._grid: Grid | None = None
         # per round: seconds from sending the training messages to having the replies, which a
         # deployed step's overhead is measured against (experiments/bench_deployment.py)
@@ -144,7 +142,6 @@ class FedMedAvg(FedAvg):
             log(WARNING, "round %d: only %d of %d clients online; sampling %d", server_round, len(available),
                 len(self.partition_of_node), len(available))
         node_ids = self.sample_partitions(self.clients_per_round, available)
-        self._sent_to = node_ids
         self._sent_at = time.monotonic()
         return self._messages(arrays, config, node_ids, MessageType.TRAIN, server_round)
 
@@ -167,14 +164,8 @@ class FedMedAvg(FedAvg):
         """Valid replies in partition order; the others are logged and recorded as rejected."""
         assert self._global_arrays is not None, "configure_train must run before aggregate_train"
         self.train_step_s[server_round] = time.monotonic() - self._sent_at
-        replies = list(replies)
-        online = set(self._grid.get_node_ids()) if self._grid is not None else set(self.partition_of_node)
-        self.failures[server_round] = round_failures(self._sent_to, replies, online, self.partition_of_node,
-                                                     self.federation)
         accepted, rejected = [], []
         for msg in replies:
-            if msg.metadata.src_node_id == SUPERLINK_NODE_ID:
-                continue  # a lost node: recorded under its own name in self.failures
             pid = reply_partition_id(msg, self.partition_of_node)
             problem = self.shared_arrays.collect(msg) if self.shared_arrays is not None else None
             problem = problem or training_reply_problem(msg, self._global_arrays)
@@ -184,6 +175,7 @@ class FedMedAvg(FedAvg):
                 log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
                 rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
         accepted.sort(key=lambda item: (item[0] is None, item[0]))
+        accepted = self._without_outlying_counts(server_round, accepted, rejected)
         self.rejections[server_round] = rejected
         self.client_train_metrics[server_round] = [self.client_metrics(pid, msg) for pid, msg in accepted]
         return [msg for _, msg in accepted]
@@ -194,6 +186,17 @@ class FedMedAvg(FedAvg):
         if self.federation is not None and self.federation.deployed:
             metrics["site"] = self.federation.name(pid)
         return metrics
+
+    def _without_outlying_counts(self, server_round: int, accepted: list, rejected: list[Rejection]) -> list:
+        counts = [float(_metrics_of(msg)[WEIGHT_KEY]) for _, msg in accepted]
+        kept = []
+        for (pid, msg), problem in zip(accepted, outlying_counts(counts)):
+            if problem is None:
+                kept.append((pid, msg))
+            else:
+                log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
+                rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

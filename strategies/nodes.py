@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
@@ -127,30 +127,3 @@ def online_partitions(grid: Grid, partition_of_node: dict[int, int]) -> list[int
     reconnects: Flower marks a node offline after two missed heartbeats)."""
     online = set(grid.get_node_ids())
     return sorted(pid for node, pid in partition_of_node.items() if node in online)
-
-
-def round_failures(sent_to: list[int], replies: list[Message], online: set[int],
-                   partition_of_node: dict[int, int], federation: Federation | None) -> list[dict]:
-    """Clients of one round that raised (``raised``), went offline (``lost``) or did not reply in
-    time (``timeout``), named by site when deployed.
-
-    A lost node's error reply comes from the SuperLink itself (node id 1), so who failed is read
-    from the nodes the round was sent to, not from the error replies' senders.
-    """
-    replied = {msg.metadata.src_node_id: msg for msg in replies}
-    failures = []
-    for node in sent_to:
-        reply = replied.get(node)
-        if reply is not None and not reply.has_error():
-            continue
-        if reply is not None:
-            kind, reason = "raised", reply.error.reason
-        elif node not in online:
-            kind, reason = "lost", "the node went offline during the round (missed its heartbeats)"
-        else:
-            kind, reason = "timeout", "no reply within federation.round_timeout_s"
-        pid = partition_of_node.get(node)
-        name = federation.name(pid) if federation is not None else pid
-        failures.append({"client": name, "partition_id": pid, "kind": kind, "reason": reason})
-        log(WARNING, "client %s failed (%s): %s", name, kind, reason)
-    return failures

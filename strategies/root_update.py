@@ -17,7 +17,6 @@ balance, and the global model swung between the two classes from round to round.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable
 
@@ -70,12 +69,13 @@ def make_root_update(model: nn.Module, root: Split, root_samples: int, client: d
         raise ValueError(f"strategy.root_iterations={iterations} must be >= 1, or null to match the clients")
     indices = root_indices(len(root.labels), root_samples, derive_seed(seed, 11))
     batch_size = int(client["batch_size"])
-    rounds = itertools.count(1)  # fresh batches each round
+    calls = Counter()  # fresh batches each round; a checkpoint keeps the count
 
     def reference_update(global_arrays: ArrayRecord, num_examples: torch.Tensor) -> torch.Tensor:
         steps = iterations if iterations is not None else client_iterations(num_examples, int(client["epochs"]),
                                                                               batch_size)
-        round_seed = derive_seed(seed, 12, next(rounds))
+        calls.value += 1
+        round_seed = derive_seed(seed, 12, calls.value)
         batches = random_batches(indices, steps, batch_size, torch.Generator().manual_seed(round_seed))
         local = copy.deepcopy(model)
         load_arrays(local, global_arrays)
@@ -86,4 +86,18 @@ def make_root_update(model: nn.Module, root: Split, root_samples: int, client: d
                     batches=lambda: batches)
         return flat_update(model_to_arrays(local.cpu()), global_arrays)
 
+    reference_update.calls = calls
     return reference_update
+
+
+class Counter:
+    """How many reference updates the server has computed (``state_dict`` for checkpoints)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = int(state["value"])

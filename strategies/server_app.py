@@ -3,6 +3,7 @@ every round (round 0 included) and writes the run's outputs (DESIGN.md's contrac
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -16,24 +17,45 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from fedmed.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointKeeper,
+    arrays_to_tensors,
+    generator_states,
+    restore_generators,
+    restore_strategy,
+    stopped_summary,
+    strategy_state,
+    tensors_to_arrays,
+)
+from fedmed.config import check_assimilation, check_defense, model_norm_for
 from fedmed.data import client_partitions, dataset_from_config
 from fedmed.detection import RoundDetection, run_totals, score_round
-from fedmed.poisoning import attack_section, attacks_in_round, backdoor_asr, backdoor_test_set, malicious_ids
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
-from fedmed.config import check_defense, model_norm_for
-from fedmed.report import (MetricsLog, plot_backdoor_per_round, plot_robustness_per_round, plot_robustness_vs_eps,
-                           plot_rounds, print_summary, round_line, write_summary)
+from fedmed.poisoning import attack_section, attacks_in_round, backdoor_asr, backdoor_test_set, malicious_ids
+from fedmed.report import (
+    MetricsLog,
+    plot_backdoor_per_round,
+    plot_robustness_per_round,
+    plot_robustness_vs_eps,
+    plot_rounds,
+    print_summary,
+    round_line,
+    write_summary,
+)
 from fedmed.serialization import load_arrays, model_to_arrays, save_model
 from fedmed.shared_arrays import SharedArrays, shared_directory
+from fedmed.stopping import StopControl, release_client_actors
 from fedmed.train import derive_seed, evaluate, resolve_device
 from strategies.aggregators import TooFewReplies, make_aggregator
 from strategies.fedavg import FedMedAvg
 from strategies.nodes import Federation, discover
 from strategies.robust import RobustAggregation
-from strategies.root_update import make_root_update
 from strategies.robustness import check_eval_config, global_robustness, is_assessment_round, weakest_client
+from strategies.root_update import make_root_update
+from strategies.rounds import NotEnoughReplies, RoundLoop
 
 
 def seed_everything(seed: int) -> None:
@@ -53,7 +75,8 @@ def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
         clients_per_round=int(cfg.federation.clients_per_round),
         seed=int(cfg.seed),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
-        assess_round=lambda r: assess_clients and assessment_round(cfg, r),
+        # the clients' assessment, every site attacking its own share, runs once, after the last round
+        assess_round=lambda r: assess_clients and r == int(cfg.federation.rounds) and assessment_round(cfg, r),
         shared_arrays=shared_arrays,
     )
     params = OmegaConf.to_container(cfg.strategy, resolve=True)
@@ -72,6 +95,9 @@ def assessment_round(cfg: DictConfig, server_round: int) -> bool:
 def prepare_config(cfg: DictConfig) -> None:
     """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
     check_defense(cfg.defense)
+    check_assimilation(cfg.assimilation, str(cfg.model.assimilation), cfg.defense,
+                       freeze_backbone=bool(cfg.model.freeze_backbone), image_size=int(cfg.dataset.size),
+                       rounds=int(cfg.federation.rounds))
     strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
     aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
     try:
@@ -116,11 +142,15 @@ def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int]
     return score_round(flagged, accepted + rejected, malicious if attacking else [])
 
 
-def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: bool = False) -> dict:
+def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: bool = False,
+                   resume_from: dict | None = None, stop: StopControl | None = None,
+                   keeper: CheckpointKeeper | None = None) -> dict:
     """The whole run on the server side; returns the summary it also writes to summary.json.
 
     ``share_arrays``: the clients run on this machine, so models travel as files in shared
     memory rather than inside the messages (``fedmed.shared_arrays``; only ``fedmed-sim`` knows).
+    ``resume_from``: a checkpoint (``fedmed.checkpoint``) to continue from. ``stop`` and
+    ``keeper``: shared with ``fedmed-sim``'s main thread, which handles SIGINT/SIGTERM.
     """
     started = time.monotonic()
     console = Console()
@@ -135,6 +165,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
     federation = discover(grid, int(cfg.federation.num_clients), float(cfg.federation.connect_timeout_s))
     partition_of_node = federation.partition_of_node
+    if stop is not None:
+        stop.take_signals_back()
     if len(partition_of_node) != cfg.federation.num_clients:
         # `flwr run` sizes the federation itself (its simulation config or the SuperNodes that
         # connect); the partitions follow the nodes that are really there.
@@ -149,7 +181,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     model = build_model(
         cfg.model.name, dataset.num_classes, dataset.channels, pretrained=bool(cfg.model.pretrained),
         weights_path=cfg.model.weights_path, freeze_backbone=bool(cfg.model.freeze_backbone),
-        norm=str(cfg.model.norm),
+        norm=str(cfg.model.norm), assimilation=str(cfg.model.assimilation),
     )
     reference_update = None
     if cfg.strategy.name == "fltrust":
@@ -163,17 +195,21 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         shared_arrays = SharedArrays(shared_directory(model_bytes * (int(cfg.federation.clients_per_round) + 2)))
     strategy = build_strategy(cfg, partition_of_node, reference_update, shared_arrays)
     strategy.federation = federation
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl")
+    resumed_rows = json.loads(resume_from["rows"]) if resume_from else []
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", resumed_rows)
+    keeper = keeper or CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
+    loop = RoundLoop(strategy, grid, timeout=float(cfg.federation.round_timeout_s),
+                     min_replies=int(cfg.federation.min_replies), stop=stop.requested if stop else None)
     total_rounds = int(cfg.federation.rounds)
     test = dataset.test
 
     attacks, eps = list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps]
-    largest_epsilon: list[float] = []
+    largest_epsilon: list[float] = list(resume_from["largest_epsilon"]) if resume_from else []
     # ground truth of the attack, for scoring detection only: never handed to the strategy
     attack = attack_section(OmegaConf.to_container(cfg.attack, resolve=True))
     malicious = malicious_ids(attack, int(cfg.federation.num_clients), seed)
     backdoor_set = backdoor_test_set(dataset, attack, seed)
-    detections: list[RoundDetection] = []
+    detections = [RoundDetection(**d) for d in json.loads(resume_from["detections"])] if resume_from else []
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         row: dict = {"round": server_round}
@@ -204,7 +240,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
             row["privacy/epsilon"] = max(largest_epsilon)
         row["clients"] = clients
         row["rejected"] = [vars(r) for r in strategy.rejections.get(server_round, [])]
-        row["failures"] = strategy.failures.get(server_round, [])
+        row["failures"] = loop.failures.get(server_round, [])
+        if server_round in loop.skipped:
+            row["skipped"] = loop.skipped[server_round]
         if server_round in strategy.train_step_s:
             row["train_step_s"] = strategy.train_step_s[server_round]
         if strategy.client_eval_metrics.get(server_round):
@@ -219,22 +257,47 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
             console.print(round_line(row, total_rounds, left))
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
+    def snapshot(arrays: ArrayRecord) -> dict:
+        return {"arrays": arrays_to_tensors(arrays), "strategy": strategy_state(strategy),
+                "clients": json.dumps(loop.client_states), "generators": generator_states(),
+                "rows": json.dumps(metrics_log.rows), "detections": json.dumps([vars(d) for d in detections]),
+                "largest_epsilon": list(largest_epsilon), "elapsed_s": time.monotonic() - started}
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+        keeper.end_of_round(server_round, total_rounds, lambda: snapshot(arrays))
+
     job = job_from_config(cfg)
     job["num_classes"] = dataset.num_classes  # deployed sites need it to build the same head
+    job["channels"], job["image_size"] = dataset.channels, dataset.image_size  # sites check their data against them
+    if resume_from is None:
+        arrays, first_round = initial_arrays, 1
+        evaluate_global(0, arrays)
+        end_of_round(0, arrays)
+    else:
+        arrays, first_round = tensors_to_arrays(resume_from["arrays"]), int(resume_from["round"]) + 1
+        restore_strategy(strategy, resume_from["strategy"])
+        loop.client_states = {int(pid): records for pid, records in json.loads(resume_from["clients"]).items()}
+        started -= float(resume_from["elapsed_s"])
+        restore_generators(resume_from["generators"])
+        logging.getLogger("fedmed").warning("resuming %s after round %d of %d", output_dir, first_round - 1,
+                                            total_rounds)
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial_arrays,
-            num_rounds=total_rounds,
-            timeout=float(cfg.federation.round_timeout_s),
+        final_arrays = loop.run(
+            arrays, first_round=first_round, num_rounds=total_rounds,
             train_config=ConfigRecord({JOB_KEY: encode_job(job)}),
             evaluate_config=ConfigRecord({JOB_KEY: encode_job(job)}),
-            evaluate_fn=evaluate_global,
+            evaluate_fn=evaluate_global, end_of_round=end_of_round,
         )
+    except NotEnoughReplies as error:
+        keeper.close()
+        stopped_summary(output_dir, keeper, str(error), time.monotonic() - started)
+        raise
     finally:
         if shared_arrays is not None:
             shared_arrays.close()
-    load_arrays(model, result.arrays)
+        if stop is not None:
+            stop.clients_stuck = loop.timed_out
+    load_arrays(model, final_arrays)
     save_model(model, output_dir / "model.safetensors")
     title = (f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients "
              f"({cfg.partition.name} partition), {cfg.strategy.name}")
@@ -242,7 +305,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     if any(key.startswith("adv/") for row in metrics_log.rows for key in row):
         plot_robustness_per_round(metrics_log.rows, plots_dir / "robustness_per_round.png", title)
         plot_robustness_vs_eps(metrics_log.rows, plots_dir / "robustness_vs_eps.png", title)
-    extra = {"rejected_replies": sum(len(r) for r in strategy.rejections.values()), **run_status(strategy.failures)}
+    extra = {"rejected_replies": sum(len(row.get("rejected", [])) for row in metrics_log.rows),
+             "failed_clients": sum(len(row.get("failures", [])) for row in metrics_log.rows),
+             **run_status(metrics_log.rows)}
     if attack["name"] != "none":
         plot_backdoor_per_round(metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}",
                                 int(attack["start_round"]))
@@ -256,10 +321,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     return summary
 
 
-def run_status(failures: dict[int, list[dict]]) -> dict:
+def run_status(rows: list[dict]) -> dict:
     """``degraded`` when a client was lost during the run (the rounds went on without it)."""
-    lost = sorted({str(f["client"]) for round_failures in failures.values() for f in round_failures
-                   if f["kind"] == "lost"})
+    lost = sorted({str(f["client"]) for row in rows for f in row.get("failures", []) if f.get("kind") == "lost"})
     return {"status": "degraded" if lost else "completed", "lost_clients": lost}
 
 
@@ -287,14 +351,22 @@ def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     return cfg, output_dir.expanduser().resolve()
 
 
-def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = False) -> ServerApp:
+def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = False,
+                    resume_from: dict | None = None, stop: StopControl | None = None,
+                    keeper: CheckpointKeeper | None = None) -> ServerApp:
     """A ServerApp bound to an already composed configuration (used by `fedmed-sim`, which
-    knows whether its clients share this machine: ``share_arrays``)."""
+    knows whether its clients share this machine: ``share_arrays``, and handles signals)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, output_dir, share_arrays)
+        try:
+            run_federation(grid, cfg, output_dir, share_arrays, resume_from, stop, keeper)
+        finally:
+            if stop is not None and stop.clients_stuck:
+                # some client never replied: its Ray worker may wait for good, and Flower with it
+                logging.getLogger("fedmed").warning("ending the %d ClientApp actors: a client did not reply and "
+                                                    "its call may never return", release_client_actors())
 
     return server_app
 

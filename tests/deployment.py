@@ -4,8 +4,6 @@ started through ``Processes`` so that ``stop_all`` ends each one, also when a te
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import signal
 import socket
@@ -15,11 +13,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -125,58 +118,17 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def _write_private_key(key, path: Path, encoding_format) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, encoding_format, serialization.NoEncryption()))
-    path.chmod(0o600)
-
-
 def make_certificates(directory: Path, sites: list[str]) -> dict[str, Path]:
-    """A development CA, a SuperLink certificate for 127.0.0.1/localhost, and an SSH-format EC
-    key pair per site (what `flwr supernode register` and `--auth-supernode-private-key` read)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmed test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now)
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-              .issuer_name(ca_name).public_key(server_key.public_key())
-              .serial_number(x509.random_serial_number()).not_valid_before(now)
-              .not_valid_after(now + datetime.timedelta(days=1))
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .sign(ca_key, hashes.SHA256()))
+    """`fedmed-certs`: a development CA, a SuperLink certificate for 127.0.0.1/localhost and a
+    key pair per site; the paths the SuperLink and SuperNodes are started with."""
+    subprocess.run([sys.executable, "-m", "fedmed.certs", str(directory), "--host", "localhost", "--ip", HOST,
+                    "--sites", *sites], check=True, capture_output=True, timeout=120, cwd=REPO)
     paths = {"ca": directory / "ca.crt", "server_cert": directory / "server.pem", "server_key": directory / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["server_cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private_key(server_key, paths["server_key"], serialization.PrivateFormat.PKCS8)
-    for site in sites:
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write_private_key(key, directory / f"{site}.key", serialization.PrivateFormat.OpenSSH)
-        (directory / f"{site}.pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-        paths[site] = directory / f"{site}.key"
-    return paths
+    return {**paths, **{site: directory / f"{site}.key" for site in sites}}
 
 
-def write_site_files(medmnist_file: Path, directory: Path, count: int, per_site: int, seed: int = 0) -> list[Path]:
-    """``count`` disjoint MedMNIST-layout site files (uint8, train/val keys) cut from the
-    official train split, ``per_site`` training and ``per_site // 4`` validation images each."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with np.load(medmnist_file) as data:
-        images, labels = data["train_images"], data["train_labels"]
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_val = per_site // 4
-    paths = []
-    for i in range(count):
-        rows = order[i * (per_site + n_val):(i + 1) * (per_site + n_val)]
-        path = directory / f"site-{i}.npz"
-        np.savez(path, train_images=images[rows[:per_site]], train_labels=labels[rows[:per_site]],
-                 val_images=images[rows[per_site:]], val_labels=labels[rows[per_site:]])
-        paths.append(path)
-    return paths
+def write_site_files(directory: Path, overrides: list[str]) -> list[Path]:
+    """`fedmed-sites`: one file per site, the simulation's split of the composed dataset."""
+    subprocess.run([sys.executable, "-m", "fedmed.sites", *overrides, f"output_dir={directory}"], check=True,
+                   capture_output=True, timeout=600, cwd=REPO)
+    return sorted(directory.glob("site-*.npz"))

@@ -445,6 +445,35 @@ def test_assess_robustness_keys_values_determinism_and_clean_bound(trained, data
     assert result["adv/pgd/0.0314/accuracy"] < clean["accuracy"]  # PGD at 8/255 does break it
 
 
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd3", "bim", "mifgsm", "pgd_l2"])
+def test_attack_each_eps_equals_each_radius_attacked_alone(trained, batch, name):
+    x, y = batch
+    eps, seeds = [0.0, 1 / 255, 4 / 255, 8 / 255], [5, 6, 7, 8]
+    together = attacks.attack_each_eps(name, eps, seeds, trained, x, y)
+    alone = [make_attack(name, e, seed=s)(trained, x, y) for e, s in zip(eps, seeds)]
+    assert len(together) == len(eps)
+    for e, a, b in zip(eps, together, alone):
+        assert torch.equal(a, b), (name, e)
+    assert not torch.equal(together[1], together[3])  # each copy kept its own radius
+
+
+def test_assess_robustness_batched_epsilons_equal_one_radius_at_a_time(trained, data, monkeypatch):
+    images, labels = data.test.images, data.test.labels
+    kwargs = dict(attacks=["fgsm", "pgd"], eps=[1 / 255, 4 / 255, 8 / 255], batch_size=8, device=CPU, seed=3)
+    calls = []
+    batched = attacks.attack_each_eps
+    monkeypatch.setattr("fedmed.robustness.attack_each_eps",
+                        lambda name, eps, *args: calls.append(len(eps)) or batched(name, eps, *args))
+    together = assess_robustness(trained, images, labels, np.arange(20), **kwargs)
+    assert set(calls) == {3}  # every epsilon of an attack in one batch
+    calls.clear()
+    monkeypatch.setattr("fedmed.robustness.ATTACK_BATCH_VALUES", 0)
+    alone = assess_robustness(trained, images, labels, np.arange(20), **kwargs)
+    assert set(calls) == {1}
+    assert together == alone
+
+
 def test_assess_robustness_attacks_the_transformed_batch(trained, data):
     images, labels = data.test.images, data.test.labels
     indices = np.arange(16)

@@ -22,6 +22,7 @@ def job(num_classes=3, *overrides):
                          "federation.num_clients=2", "client.batch_size=16", *overrides)
     result = job_from_config(cfg)
     result["num_classes"] = num_classes
+    result["channels"], result["image_size"] = 1, 28  # what the server sets from its test split
     return result
 
 

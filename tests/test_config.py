@@ -63,3 +63,20 @@ def test_backend_config_maps_ray_keys():
     backend = backend_config(cfg.ray)
     assert backend["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
     assert backend["init_args"]["address"] == "auto"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("client.lr=-1", "client.lr"), ("client.batch_size=0", "client.batch_size"), ("client.epochs=0", "client.epochs"),
+    ("client.optimizer=rmsprop", "client.optimizer"), ("client.momentum=1.5", "client.momentum"),
+    ("client.val_fraction=1.0", "client.val_fraction"), ("eval.every=0", "eval.every"),
+    ("attack.fraction=1.5", "attack.fraction"),  # with attack=none: no effect, refused rather than ignored
+])
+def test_values_out_of_range_are_refused_before_any_process_starts(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        check_config(compose_config(override))
+
+
+def test_dropped_chestmnist_preset_lists_the_datasets_there_are():
+    # ChestMNIST is multi-label; fedmed trains single-label classifiers, so it has no preset
+    with pytest.raises(ConfigCompositionException, match="pneumoniamnist"):
+        compose_config("dataset=chestmnist")

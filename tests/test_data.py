@@ -114,6 +114,7 @@ def test_wrong_md5_is_refused(tmp_path: Path, cache_dir: str) -> None:
         load_medmnist("pneumoniamnist", root=str(root), cache_dir=cache_dir)
     message = str(error.value)
     assert str(copy) in message and PNEUMONIA_MD5 in message and "download" in message
+    assert "dataset.verify_md5=false" in message  # the Hydra key a user can set
 
 
 def test_missing_file_names_searched_paths_and_download_hint(

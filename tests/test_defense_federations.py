@@ -4,10 +4,12 @@ the contract in metrics.jsonl."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedmed.robustness import eps_key
 from fedmed.runner import run
-from tests.helpers import compose_config
+from tests.helpers import BOUNDED_WAITS, compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +18,7 @@ SMALL = ("federation.num_clients=3", "federation.clients_per_round=3", "federati
 
 
 def federation(tmp_path, *overrides):
-    cfg = compose_config(*SMALL, f"output_dir={tmp_path}", *overrides)
+    cfg = compose_config(*SMALL, *BOUNDED_WAITS, f"output_dir={tmp_path}", *overrides)
     summary = run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return cfg, summary, rows
@@ -28,7 +30,7 @@ def test_robustness_keys_follow_the_contract(tmp_path):
                 for attack in ("fgsm", "pgd") for eps in (1 / 255, 2 / 255, 4 / 255, 8 / 255)
                 for metric in ("accuracy", "auc")}
     assert list(cfg.eval.attacks) == ["fgsm", "pgd"]
-    assert "adv/fgsm/0.0314/accuracy" in expected
+    assert "adv/fgsm/0.0314/accuracy" in rows[2]  # the contract's own spelling of 8/255
     # assessed at round 0 and at the last round (eval.every=2), not in between
     assert expected <= set(rows[0]) and expected <= set(rows[2])
     assert not any(k.startswith("adv/") for k in rows[1])
@@ -45,17 +47,38 @@ def test_robustness_keys_follow_the_contract(tmp_path):
         assert (tmp_path / "plots" / name).is_file()
 
 
-@pytest.mark.parametrize("overrides", [
-    ("defense=fgsm_at",), ("defense=pgd_at", "defense.steps=2"), ("defense=distillation",),
-    ("defense=distillation", "defense.mode=federated", "defense.temperature=4"),
+ONE_ATTACK = ("eval.attacks=[fgsm]", "eval.eps=[0.0314]")
+
+
+@pytest.fixture(scope="module")
+def undefended(tmp_path_factory):
+    """The same federation and seed with plain local training: what each defence must change."""
+    out = tmp_path_factory.mktemp("undefended")
+    _, _, rows = federation(out, *ONE_ATTACK)
+    return rows, load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("overrides, reports_robust_check", [
+    (("defense=fgsm_at",), True), (("defense=pgd_at", "defense.steps=2"), True), (("defense=distillation",), False),
+    (("defense=distillation", "defense.mode=federated", "defense.temperature=4"), False),
 ])
-def test_defense_runs_in_a_federation(tmp_path, overrides):
-    _, summary, rows = federation(tmp_path, "eval.attacks=[fgsm]", "eval.eps=[0.0314]", *overrides)
+def test_defense_changes_the_training_in_a_federation(tmp_path, undefended, overrides, reports_robust_check):
+    _, summary, rows = federation(tmp_path, *ONE_ATTACK, *overrides)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [c["partition-id"] for c in rows[2]["clients"]] == [0, 1, 2]
     assert rows[2]["rejected"] == []
     assert 0 <= rows[2]["adv/fgsm/0.0314/accuracy"] <= 1
-    assert summary["final"]["accuracy"] is not None
+    # the clients really trained with the defence: same seed, same data order, other losses and model
+    plain_rows, plain_model = undefended
+    assert rows[0]["accuracy"] == plain_rows[0]["accuracy"]  # the same initial model
+    for ours, plain in zip(rows[1]["clients"], plain_rows[1]["clients"]):
+        assert ours["partition-id"] == plain["partition-id"]
+        assert ours["train_loss"] != plain["train_loss"]
+    model = load_file(str(tmp_path / "model.safetensors"))
+    assert any(not torch.equal(model[k], plain_model[k]) for k in plain_model)
+    # adversarial training measures its clients' robustness on training images; distillation doesn't
+    assert all(("train_pgd_accuracy" in c) == reports_robust_check for c in rows[2]["clients"])
+    assert summary["final"]["accuracy"] == rows[2]["accuracy"]
 
 
 def test_dp_sgd_federation_reports_growing_epsilon_with_groupnorm(tmp_path):

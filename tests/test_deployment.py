@@ -15,38 +15,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fedmed.data import dataset_from_config
 from fedmed.models import build_model
 from fedmed.report import read_metrics
 from fedmed.serialization import load_model_file
 from fedmed.train import evaluate
+from tests.helpers import compose_config
 from tests.deployment import HOST, REPO, Processes, free_port, make_certificates, tool_env, wait_until, write_site_files
 
-pytestmark = pytest.mark.slow
+# the module's SuperLink and SuperNodes start once, in the first test's setup; each run is
+# bounded by RUN_TIMEOUT on its own
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SITES = ["site-a", "site-b"]
 CONNECTION = "hospitals"
 RUN_TIMEOUT = 600
 
 
-def overrides(medmnist_root: Path, output_dir: Path, rounds: int = 2, *extra: str) -> list[str]:
-    return ["dataset=pneumoniamnist", f"dataset.root={medmnist_root}", "model=resnet18",
-            f"federation.num_clients={len(SITES)}", f"federation.clients_per_round={len(SITES)}",
-            f"federation.rounds={rounds}", "federation.connect_timeout_s=300", "eval.attacks=[]",
-            "eval.clients=false", "client.batch_size=16", f"output_dir={output_dir}", *extra]
+# the federation's data: the server's test split, and the sites' files cut by `fedmed-sites`
+DATA = ["dataset=synthetic", "dataset.n_train=256", "dataset.n_val=64", "dataset.n_test=200", "seed=0",
+        f"federation.num_clients={len(SITES)}"]
+
+
+def overrides(output_dir: Path, rounds: int = 2) -> list[str]:
+    return [*DATA, "model=resnet18", f"federation.clients_per_round={len(SITES)}", f"federation.rounds={rounds}",
+            "federation.connect_timeout_s=300", "eval.attacks=[]", "eval.clients=false", "client.batch_size=16",
+            f"output_dir={output_dir}"]
 
 
 class Deployment:
     """A TLS SuperLink with SuperNode authentication, its sites' keys registered."""
 
-    def __init__(self, root: Path, medmnist_root: Path) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
         self.flwr_home = root / "flwr-home"
         self.flwr_home.mkdir(parents=True)
         self.certs = make_certificates(root / "certs", [*SITES, "site-x"])
-        self.site_files = dict(zip(SITES, write_site_files(medmnist_root / "pneumoniamnist.npz", root / "sites",
-                                                           len(SITES), per_site=64)))
+        self.site_files = dict(zip(SITES, write_site_files(root / "sites", DATA)))
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
         # Flower's own configuration file: the connection `flwr run/ls/supernode` use
@@ -99,16 +106,8 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def medmnist_root():
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
-    if not (root / "pneumoniamnist.npz").exists():
-        pytest.skip(f"{root} is not beside the repository")
-    return root
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, medmnist_root):
-    deployed = Deployment(tmp_path_factory.mktemp("deployment"), medmnist_root)
+def deployment(tmp_path_factory):
+    deployed = Deployment(tmp_path_factory.mktemp("deployment"))
     try:
         deployed.start_superlink()
         for site in SITES:
@@ -124,9 +123,9 @@ def run_id_of(done) -> int:
     return int(re.search(r"started run (\d+)", done.stdout).group(1))
 
 
-def test_deployed_run_writes_complete_reproducible_outputs(deployment, medmnist_root):
+def test_deployed_run_writes_complete_reproducible_outputs(deployment):
     first, second = deployment.root / "run-1", deployment.root / "run-2"
-    done = deployment.fedmed_run(overrides(medmnist_root, first))
+    done = deployment.fedmed_run(overrides(first))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"outputs in {first}" in done.stdout
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "plots/accuracy.png",
@@ -152,14 +151,14 @@ def test_deployed_run_writes_complete_reproducible_outputs(deployment, medmnist_
                    for line in log.splitlines()), (row, log)
 
     # the saved model re-evaluates to the recorded final accuracy
-    dataset = dataset_from_config({"name": "pneumoniamnist", "root": str(medmnist_root), "size": 28}, 0)
+    dataset = dataset_from_config(OmegaConf.to_container(compose_config(*DATA).dataset, resolve=True), 0)
     model = build_model("resnet18", dataset.num_classes, dataset.channels)
     load_model_file(model, first / "model.safetensors")
     again = evaluate(model, dataset.test.images, dataset.test.labels, device=torch.device("cpu"))
     assert again["accuracy"] == pytest.approx(summary["final"]["accuracy"], abs=1e-9)
 
     # the same seed and sites again: the same metrics, whatever node ids and timing
-    done = deployment.fedmed_run(overrides(medmnist_root, second))
+    done = deployment.fedmed_run(overrides(second))
     assert done.returncode == 0, done.stdout + done.stderr
     keys = ("round", "loss", "accuracy", "train_loss")
     assert [[r.get(k) for k in keys] for r in read_metrics(second / "metrics.jsonl")] == \
@@ -170,11 +169,11 @@ def rows_so_far(path: Path) -> list[dict]:
     return read_metrics(path) if path.exists() else []
 
 
-def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back_later(deployment, medmnist_root):
+def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back_later(deployment):
     out = deployment.root / "run-killed"
     metrics = out / "metrics.jsonl"
     run = deployment.processes.start("run-killed", deployment.fedmed_run_command(
-        overrides(medmnist_root, out, 3)), cwd=deployment.root)
+        overrides(out, 3)), cwd=deployment.root)
     wait_until(lambda: len(rows_so_far(metrics)) >= 1, 300, "round 0's evaluation")
     time.sleep(3)  # round 1's training has started at both sites
     deployment.processes.stop("site-b", sig=signal.SIGKILL)

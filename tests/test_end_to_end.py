@@ -4,10 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from fedmed.data import dataset_from_config
+from fedmed.models import build_model
 from fedmed.runner import run
-from tests.helpers import compose_config
+from fedmed.train import evaluate
+from tests.helpers import BOUNDED_WAITS, compose_config
 
 ROUND_KEYS = {"round", "loss", "accuracy", "balanced_accuracy", "auc", "time_s"}
 
@@ -16,12 +20,28 @@ pytestmark = pytest.mark.slow
 
 def run_federation(tmp_path, *overrides):
     cfg = compose_config(
+        *BOUNDED_WAITS,
         "federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=2",
         "progress=false", "eval.max_samples=64", f"output_dir={tmp_path}", *overrides,
     )
     summary = run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
+
+
+def reloaded_accuracy(out) -> float:
+    """The saved model.safetensors, loaded into the architecture config.yaml names and evaluated
+    on the test split again."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(out / "config.yaml")
+    dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))
+    model = build_model(cfg.model.name, dataset.num_classes, dataset.channels, norm=str(cfg.model.norm))
+    saved = load_file(str(out / "model.safetensors"))
+    assert set(saved) == set(model.state_dict())  # every weight and buffer of the model, nothing else
+    model.load_state_dict(saved)
+    return evaluate(model, dataset.test.images, dataset.test.labels, batch_size=256,
+                    device=torch.device("cpu"))["accuracy"]
 
 
 def check_contract(out, summary, rows, rounds=2):
@@ -35,6 +55,7 @@ def check_contract(out, summary, rows, rounds=2):
     assert summary["final"]["accuracy"] == rows[-1]["accuracy"]
     assert {"wall_time_s", "command", "versions"} <= set(summary)
     assert all(np.isfinite(t.numpy()).all() for t in load_file(str(out / "model.safetensors")).values())
+    assert reloaded_accuracy(out) == pytest.approx(rows[-1]["accuracy"], abs=1e-9)
 
 
 def test_pneumoniamnist_federation_beats_majority_rate(tmp_path, medmnist_root):

@@ -8,7 +8,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from strategies.fedavg import FedMedAvg
-from strategies.nodes import Federation, discover, round_failures
+from strategies.nodes import Federation, discover
+from strategies.rounds import RoundLoop
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -20,6 +21,8 @@ class FakeGrid:
         self.sites = sites
         self.counts = counts or {}
         self.online = set(sites)
+        self.lost: set[int] = set()  # answered for by Flower (node id 1): the node is gone
+        self.silent: set[int] = set()  # online, but never replies
         self.pushed: dict[str, Message] = {}
 
     def get_node_ids(self):
@@ -39,6 +42,10 @@ class FakeGrid:
         for mid in message_ids:
             node = self.pushed[mid].metadata.dst_node_id
             who = self.sites[node]
+            if self.pushed[mid].metadata.message_type != MessageType.QUERY:
+                if reply := self.round_reply(mid, node):
+                    replies.append(reply)
+                continue
             if isinstance(who, int):
                 content = RecordDict({"metrics": MetricRecord({"partition-id": who})})
             else:
@@ -46,6 +53,16 @@ class FakeGrid:
                                       "site": ConfigRecord({"name": who})})
             replies.append(Message(content, reply_to=self.pushed[mid]))
         return replies
+
+    def round_reply(self, mid: str, node: int) -> Message | None:
+        if node in self.silent:
+            return None
+        if node in self.lost:
+            by_flower = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+            reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=by_flower)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            return reply
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=self.pushed[mid])
 
 
 def test_sites_get_partition_ids_in_name_order_whatever_their_node_ids():
@@ -83,13 +100,16 @@ def test_a_lost_site_is_not_sampled_until_it_returns_and_its_failure_is_named():
     federation = discover(grid, 3, timeout=5)
     strategy = FedMedAvg(federation.partition_of_node, clients_per_round=3, seed=0)
     strategy.federation = federation
-    assert len(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)) == 3
-    grid.online.discard(11)  # site b's SuperNode killed during round 1
-    # Flower answers for a lost node itself (sender: the SuperLink, node id 1); a and c were slow
-    lost = Message(Error(code=5, reason="Node Unavailable"),
-                   reply_to=Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN))
-    failures = round_failures([10, 11, 12], [lost], set(grid.get_node_ids()), federation.partition_of_node, federation)
-    assert [(f["client"], f["kind"]) for f in failures] == [("a", "timeout"), ("b", "lost"), ("c", "timeout")]
+    loop = RoundLoop(strategy, grid, timeout=0.5, min_replies=1)
+    sent = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    assert len(sent) == 3
+    # site b's SuperNode is killed during round 1 (Flower answers for it); site c is slow
+    grid.lost.add(11)
+    grid.online.discard(11)
+    grid.silent.add(12)
+    replies = loop._replies(1, "train", sent)
+    assert len(replies) == 1
+    assert sorted((f["client"], f["kind"]) for f in loop.failures[1]) == [("b", "lost"), ("c", "timeout")]
     sent = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
     assert sorted(m.metadata.dst_node_id for m in sent) == [10, 12]
     grid.online.add(11)  # back

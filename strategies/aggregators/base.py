@@ -97,6 +97,15 @@ class Aggregator:
     def check_replies(self, n: int) -> None:
         """Raise ``TooFewReplies`` when the rule cannot aggregate ``n`` replies with its parameters."""
 
+    def state_dict(self) -> dict:
+        """What a stateful rule carries from round to round (tensors and plain values; a copy),
+        for checkpoints. Stateless rules: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"strategy={self.name} keeps no state, but the checkpoint holds {sorted(state)}")
+
     def _aggregate(self, updates: torch.Tensor, num_examples: torch.Tensor, *, client_ids: list[int],
                    generator: torch.Generator, reference: torch.Tensor | None) -> Aggregate:
         raise NotImplementedError

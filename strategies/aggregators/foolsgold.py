@@ -64,6 +64,12 @@ class FoolsGold(Aggregator):
         self.kappa = float(kappa)
         self.history: dict[int, torch.Tensor] = {}
 
+    def state_dict(self) -> dict:
+        return {"history": {cid: h.detach().cpu().clone() for cid, h in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {int(cid): h.clone() for cid, h in state["history"].items()}
+
     def _aggregate(self, updates, num_examples, *, client_ids, generator, reference) -> Aggregate:
         n, d = updates.shape
         for row, cid in enumerate(client_ids):

@@ -1,0 +1,97 @@
+"""Stopping a simulated run cleanly: SIGINT/SIGTERM, and clients that never reply.
+
+Flower's simulation runs the ServerApp in a thread while the main thread waits for the Ray calls
+of every message sent, each in a worker thread blocked in ``ray.get`` until its client returns.
+A client that hangs therefore kept the process alive after the run, and a Ctrl-C used to
+interrupt only the main thread's wait, leaving the ServerApp thread polling for replies until
+``federation.round_timeout_s`` and the process at 0% CPU. So:
+
+* ``release_client_actors`` kills the simulation's ClientApp actors with ``ray.kill``: each call
+  still waiting on one fails at once and Flower's worker threads end. The ServerApp does this
+  when it is done while some client never replied (``StopControl.clients_stuck``).
+* The first SIGINT or SIGTERM sets ``requested`` (the ServerApp stops at its next poll), releases
+  the actors and raises ``RunInterrupted`` in the main thread, which unwinds Flower's simulation
+  (it shuts Ray down on the way); the runner then writes what is complete and exits non-zero.
+* A second one exits the process at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import threading
+
+CLIENT_ACTOR = "ClientAppActor"  # Flower's actor class for simulated ClientApps
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM (a BaseException, so that Flower's ``except Exception`` lets it through)."""
+
+
+def release_client_actors() -> int:
+    """Kill this driver's ClientApp actors (``ray.kill``); returns how many. Flower keeps their
+    handles to itself, so they are found among the live objects."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    handles = [o for o in gc.get_objects() if isinstance(o, ray.actor.ActorHandle) and CLIENT_ACTOR in repr(o)]
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+    return len(handles)
+
+
+class StopControl:
+    """Shared by ``fedmed-sim``'s main thread and its ServerApp thread."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.clients_stuck = False
+        self._signals = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Take SIGINT and SIGTERM (main thread only)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._take_sigterm_back)
+
+    def take_signals_back(self) -> None:
+        """From the ServerApp thread once Ray runs: ``ray.init`` put its own SIGTERM handler in
+        place (``sys.exit``), and only the main thread may set handlers, so ask it with SIGUSR1."""
+        if signal.SIGUSR1 in self._previous:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _take_sigterm_back(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        self._signals += 1
+        if self._signals > 1:
+            print(f"\n{name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        print(f"\n{name}: stopping the run ({name} again to exit at once)", file=sys.stderr, flush=True)
+        self.requested.set()
+        release_client_actors()
+        raise RunInterrupted(name)
+
+
+def exit_leaving_stuck_threads(code: int, grace_s: float = 5.0) -> None:
+    """Exit with ``code``; should threads still wait on something that never returns, end the
+    process without joining them."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in stuck:
+        thread.join(grace_s / max(len(stuck), 1))
+    if any(t.is_alive() for t in stuck):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

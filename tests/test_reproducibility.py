@@ -1,0 +1,34 @@
+"""The same seed gives the same metrics when every source of randomness is in play at once:
+DP-SGD noise and Poisson sampling, random-start adversarial training, FLAME's noise on the
+aggregate, and an attacker's Gaussian update from its start round."""
+
+import json
+
+import pytest
+
+from fedmed.runner import run
+from tests.helpers import BOUNDED_WAITS, compose_config
+from tests.test_end_to_end import without_timings
+
+pytestmark = pytest.mark.slow
+
+EVERY_SOURCE = (
+    "federation.num_clients=4", "federation.clients_per_round=4", "federation.rounds=2",
+    "dataset.n_train=240", "dataset.n_test=90", "eval.attacks=[pgd]", "eval.eps=[0.0314]", "eval.max_samples=32",
+    "defense=dp_sgd", "defense.adversarial=fast_at", "strategy=flame", "attack=gaussian", "attack.ids=[3]",
+    "attack.start_round=2", "progress=false",
+)
+
+
+def metrics(out, seed):
+    run(compose_config(*EVERY_SOURCE, *BOUNDED_WAITS, f"seed={seed}", f"output_dir={out}"), out)
+    return [without_timings(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_same_metrics_with_every_source_of_noise(tmp_path):
+    first = metrics(tmp_path / "a", 3)
+    # every source was active: DP noise spent budget, FLAME scored the round the attacker sent noise
+    assert first[2]["privacy/epsilon"] > 0
+    assert first[2]["detection/tpr"] is not None and "3" in first[2]["detection/scores"]
+    assert metrics(tmp_path / "b", 3) == first
+    assert metrics(tmp_path / "c", 4) != first
