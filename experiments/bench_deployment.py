@@ -131,6 +131,8 @@ def main() -> None:
                               "client_train_time_s": [[c["train_time_s"] for c in r["clients"]] for r in rows]}),
                   flush=True)
         for name, values in results.items():
+            if not values:
+                raise RuntimeError(f"{name}: no round from 2 on had a client's reply; see the kept logs (--keep)")
             print(f"{name}: step overhead {statistics.median(values):.2f} s (rounds 2..: "
                   f"{', '.join(f'{v:.2f}' for v in values)})", flush=True)
         fastest = min(statistics.median(results[m]) for m in modes)

@@ -37,6 +37,10 @@ def _child(spec) -> int:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+    # this executor is itself part of the `fedmed` package: forget it, so that the app's fedmed
+    # comes from the run's FAB like its clients/ and strategies/, not from this site's install
+    for name in [n for n in sys.modules if n == "fedmed" or n.startswith("fedmed.")]:
+        del sys.modules[name]
     try:
         run_clientapp(
             runtime_api_address=spec.runtime_api_address,
