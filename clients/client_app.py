@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.faults import active_fault, garbage_reply, misbehave
-from clients.local_data import device_setting, is_simulated, local_share, partition_id
+from clients.local_data import device_setting, is_simulated, local_share, partition_id, site_class_counts, site_name
 from clients.local_training import LocalData, train_round
 from clients.malicious import malicious_round
 from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_to_record
@@ -77,11 +77,26 @@ def _site_transform(share, seed: int, device: torch.device):
     return lambda x: apply_site_shift(x, share.site_shift, generator)
 
 
+SITE_RECORD = "site"
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tells the server which partition this node holds (simulation), for seeded sampling."""
-    pid = partition_id(context.node_config, context.node_id)
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+    """Tells the server who this node is: its partition (simulation), or its site's name and
+    examples per class (deployment; the labels are counted, no image leaves)."""
+    if is_simulated(context.node_config):
+        pid = partition_id(context.node_config, context.node_id)
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+    content = RecordDict({
+        "metrics": MetricRecord({"class-counts": site_class_counts(context.node_config)}),
+        SITE_RECORD: ConfigRecord({"name": site_name(context.node_config)}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def _identity(node_config: dict, pid: int) -> dict:
+    """A simulated client names its partition in its metrics; the server knows a site by its node."""
+    return {"partition-id": pid} if is_simulated(node_config) else {}
 
 
 def _injected_fault(job: dict, node_config: dict, pid: int, server_round: int, phase: str) -> dict | None:
@@ -130,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
                              state=context.state)
     metrics = MetricRecord({
         "num-examples": len(share.train_indices),
-        "partition-id": pid,
+        **_identity(context.node_config, pid),
         **result,
         "train_time_s": time.perf_counter() - started,
     })
@@ -151,7 +166,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     _injected_fault(job, context.node_config, pid, server_round, "evaluate")
     share = local_share(job, context.node_config)
     device = resolve_device(device_setting(job, context.node_config))
-    metrics = {"num-examples": len(share.val_indices), "partition-id": pid}
+    metrics = {"num-examples": len(share.val_indices), **_identity(context.node_config, pid)}
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+import numpy as np
 
 from fedmed.data import ClientShare, client_share, site_share
 from fedmed.poisoning import attack_section
@@ -18,8 +21,18 @@ NODE_CONFIG_HINT = "start the SuperNode with --node-config 'data-path=\"/path/to
 
 
 def partition_id(node_config: dict, node_id: int) -> int:
-    """Simulated nodes carry ``partition-id``; a deployed site reports its node id instead."""
-    return int(node_config.get(PARTITION_ID, node_id))
+    """Simulated nodes carry ``partition-id``; a deployed site stands for itself by the number
+    its name hashes to (``site_number``), never by its node id, which changes between runs."""
+    if PARTITION_ID in node_config:
+        return int(node_config[PARTITION_ID])
+    if DATA_PATH in node_config:
+        return site_number(site_name(node_config))
+    return int(node_id)
+
+
+def site_number(name: str) -> int:
+    """A stable 63-bit number for a site name, for seeds that do not depend on random node ids."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 
 def is_simulated(node_config: dict) -> bool:
@@ -48,6 +61,23 @@ def class_counts(share: ClientShare) -> dict[str, list[int]]:
     server about its data (never the images)."""
     return {part: examples_per_class(share.labels[indices], share.num_classes)
             for part, indices in (("train", share.train_indices), ("val", share.val_indices))}
+
+
+def site_class_counts(node_config: dict) -> list[int]:
+    """Examples per class (train and val) in a deployed site's data, read from its labels only:
+    the answer to the server's first query, which carries no job to read the images by."""
+    path = Path(str(node_config[DATA_PATH])).expanduser()
+    if path.is_dir():
+        from fedmed.imagefolder import class_counts as folder_counts
+
+        return folder_counts(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"site data file {path} (node config data-path) does not exist")
+    with np.load(path) as arrays:
+        labels = np.concatenate([arrays["train_labels"].reshape(-1), arrays["val_labels"].reshape(-1)])
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"site data file {path} has label {labels.min()}: labels must be 0..num_classes-1")
+    return np.bincount(labels.astype(np.int64)).tolist()
 
 
 def device_setting(job: dict, node_config: dict) -> str:

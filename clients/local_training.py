@@ -14,7 +14,6 @@ from torch import nn
 
 from clients.assimilation import assimilation_settings, backbone_frozen, with_texture_loss
 from clients.defenses import METHODS, AdversarialTraining, SoftLabelStep, round_eps, temperature_step
-from clients.privacy import PrivateRound
 from fedmed.attacks import eval_mode, make_attack
 from fedmed.config import check_assimilation, check_defense
 from fedmed.precision import Precision
@@ -64,6 +63,8 @@ def _train_round(model: nn.Module, data: LocalData, job: dict, assimilation: dic
     generator = torch.Generator(device).manual_seed(derive_seed(seed, 3))
     metrics: dict[str, float] = {}
     if name == "dp_sgd":
+        from clients.privacy import PrivateRound  # Opacus, imported only by DP-SGD clients
+
         total_epochs = int(job["rounds"]) * int(client["epochs"])
         with PrivateRound(model, optimizer, data.indices, batch_size=int(client["batch_size"]), defense=defense,
                           total_epochs=total_epochs, state=state, seed=derive_seed(seed, 4)) as private:

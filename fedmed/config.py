@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fedmed.assimilation import check_kind
@@ -271,6 +270,8 @@ class Config:
 
 def register_configs() -> None:
     """Register the schema so that configs/*.yaml are validated against it."""
+    from hydra.core.config_store import ConfigStore  # Hydra only where configs are composed
+
     ConfigStore.instance().store(name="fedmed_schema", node=Config)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.dataset import ArrayDataset
-from fedmed.partition import partition_indices
 from fedmed.poisoning import held_out_indices
 from fedmed.site_data import FederationShape, read_site
 from fedmed.site_shift import SiteShift, site_shifts
@@ -82,6 +81,9 @@ class ClientShare:
 def _partitions(dataset_name: str, labels_bytes: bytes, num_clients: int, method: str, seed: int,
                 alpha: float, min_partition_size: int) -> list[np.ndarray]:
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    # imported here: Flower Datasets (and pandas, matplotlib) only where a simulated split is cut
+    from fedmed.partition import partition_indices
+
     return partition_indices(labels, num_clients, method, seed=seed, alpha=alpha,
                              min_partition_size=min_partition_size)
 

@@ -90,6 +90,19 @@ def load_imagefolder(
     )
 
 
+def class_counts(root: str) -> list[int]:
+    """Images per class in ``root``'s training pool and val/ folder, counted without reading them
+    (what a deployed site tells the server about its data)."""
+    root_path = Path(root).expanduser()
+    split_layout = _has_class_folders(root_path / "train")
+    pool_root = root_path / "train" if split_layout else root_path
+    class_names = _class_names(pool_root)
+    items = _list_images(pool_root, class_names, allow_missing=False)
+    if split_layout and (root_path / "val").is_dir():
+        items += _list_images(root_path / "val", class_names, allow_missing=True)
+    return np.bincount([label for _, label in items], minlength=len(class_names)).tolist()
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 

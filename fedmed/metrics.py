@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
@@ -14,6 +13,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     ``probs`` is (N, num_classes). AUC is None when the labels hold a single class (it is
     undefined there), so that metrics.jsonl stays valid JSON.
     """
+    # scikit-learn is slow to import: a deployed site pays for it only when it evaluates
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
+
     num_classes = probs.shape[1]
     predictions = probs.argmax(axis=1)
     class_ids = np.arange(num_classes)

@@ -230,20 +230,24 @@ def label_count_table(
     return counts
 
 
-def format_label_table(counts: np.ndarray, class_names: Sequence[str]) -> Table:
-    """A rich table with one row per client: its count of each class and its total."""
+def format_label_table(counts: np.ndarray, class_names: Sequence[str],
+                       client_names: Sequence[str] | None = None) -> Table:
+    """A rich table with one row per client (by index, or by ``client_names`` such as deployed
+    sites' names): its count of each class and its total."""
     _check_counts_match_names(counts, class_names)
+    client_names = client_names or [str(client) for client in range(len(counts))]
     table = Table(title="Samples per client and class")
     table.add_column("client", justify="right")
     for name in class_names:
         table.add_column(str(name), justify="right")
     table.add_column("total", justify="right", style="bold")
-    for client, row in enumerate(counts):
-        table.add_row(str(client), *(str(int(count)) for count in row), str(int(row.sum())))
+    for client, row in zip(client_names, counts):
+        table.add_row(client, *(str(int(count)) for count in row), str(int(row.sum())))
     return table
 
 
-def plot_label_counts(counts: np.ndarray, class_names: Sequence[str], path: str | Path) -> Path:
+def plot_label_counts(counts: np.ndarray, class_names: Sequence[str], path: str | Path,
+                      client_names: Sequence[str] | None = None) -> Path:
     """Save a stacked horizontal bar chart (one bar per client, a colour per class) as PNG."""
     _check_counts_match_names(counts, class_names)
     num_clients, num_classes = counts.shape
@@ -259,7 +263,7 @@ def plot_label_counts(counts: np.ndarray, class_names: Sequence[str], path: str 
         colour = colour_map(cls % colour_map.N)
         axes.barh(clients, counts[:, cls], left=left, color=colour, label=str(class_names[cls]))
         left += counts[:, cls]
-    axes.set_yticks(clients)
+    axes.set_yticks(clients, labels=client_names)
     axes.invert_yaxis()  # client 0 on top, as in the table
     axes.set_xlabel("samples")
     axes.set_ylabel("client")

@@ -65,6 +65,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+SECRET_OPTIONS = ("--token",)  # Flower hands its apps a run token on their command line
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret options replaced by ``***``."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] in SECRET_OPTIONS:
+            arg = "***"
+        elif arg.startswith(tuple(f"{option}=" for option in SECRET_OPTIONS)):
+            arg = arg.split("=", 1)[0] + "=***"
+        out.append(arg)
+    return out
+
+
 def write_summary(path: Path, rows: list[dict], wall_time_s: float, extra: dict) -> dict:
     final = rows[-1] if rows else {}
     scored = [r for r in rows if r.get("accuracy") is not None]
@@ -73,7 +88,7 @@ def write_summary(path: Path, rows: list[dict], wall_time_s: float, extra: dict)
         "best_accuracy": max((r["accuracy"] for r in scored), default=None),
         "rounds": final.get("round", 0),
         "wall_time_s": wall_time_s,
-        "command": " ".join(sys.argv),
+        "command": " ".join(redacted(sys.argv)),
         "versions": package_versions(),
         **extra,
     }

@@ -9,7 +9,10 @@ AISTATS 2017 — aggregation is Flower's own ``FedAvg``. On top of it this class
   that is missing, not a whole positive number or absurd next to the others', logging each
   (``strategies.replies``);
 * aggregates in partition-id order, so the floating-point sum is the same in every run;
-* keeps each client's own metrics per round instead of only their average.
+* keeps each client's own metrics per round instead of only their average (with the site's name
+  when deployed);
+* samples only nodes the SuperLink counts as online, so a lost site is not sampled until it
+  has reconnected (``strategies.nodes``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flwr.supercore import log
 
 from fedmed.job import ASSESS_KEY
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
+from strategies.nodes import Federation, online_partitions
 from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
 
 
@@ -96,11 +100,26 @@ class FedMedAvg(FedAvg):
         # per round: {"scores": {partition id: suspicion}, "flagged": [partition ids]}; FedAvg
         # suspects nobody (strategies/robust.py fills it from its aggregator)
         self.detection: dict[int, dict] = {}
+        # deployed sites' names (set by the server app)
+        self.federation: Federation | None = None
+        self._grid: Grid | None = None
+        # per round: seconds from sending the training messages to having the replies, which a
+        # deployed step's overhead is measured against (experiments/bench_deployment.py)
+        self.train_step_s: dict[int, float] = {}
+        self._sent_at = 0.0
 
-    def sample_partitions(self, count: int) -> list[int]:
-        """Node ids of ``count`` partitions drawn by the seeded generator, in partition order."""
+    def online(self) -> list[int]:
+        """Partitions that can be sampled now: those whose node is online (all without a grid)."""
+        if self._grid is None:
+            return sorted(self.partition_of_node.values())
+        return online_partitions(self._grid, self.partition_of_node)
+
+    def sample_partitions(self, count: int, available: list[int] | None = None) -> list[int]:
+        """Node ids of ``count`` partitions (at most all ``available`` ones, by default every
+        partition) drawn by the seeded generator, in partition order."""
         node_of_partition = {p: n for n, p in self.partition_of_node.items()}
-        chosen = sorted(self.rng.sample(sorted(node_of_partition), count))
+        candidates = sorted(node_of_partition if available is None else available)
+        chosen = sorted(self.rng.sample(candidates, min(count, len(candidates))))
         return [node_of_partition[p] for p in chosen]
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str,
@@ -117,26 +136,34 @@ class FedMedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global_arrays = arrays
-        node_ids = self.sample_partitions(self.clients_per_round)
+        self._grid = grid
+        available = self.online()
+        if len(available) < self.clients_per_round:
+            log(WARNING, "round %d: only %d of %d clients online; sampling %d", server_round, len(available),
+                len(self.partition_of_node), len(available))
+        node_ids = self.sample_partitions(self.clients_per_round, available)
+        self._sent_at = time.monotonic()
         return self._messages(arrays, config, node_ids, MessageType.TRAIN, server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         assess = self.assess_round(server_round)
+        available = self.online()
         if assess:
-            node_ids = sorted(self.partition_of_node, key=self.partition_of_node.get)
+            node_ids = self.sample_partitions(len(available), available)
         else:
             count = int(round(self.local_eval_fraction * len(self.partition_of_node)))
             if count == 0:
                 return []
-            node_ids = self.sample_partitions(count)
+            node_ids = self.sample_partitions(count, available)
         config = ConfigRecord({**config, ASSESS_KEY: assess})
         return self._messages(arrays, config, node_ids, MessageType.EVALUATE, server_round)
 
     def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Valid replies in partition order; the others are logged and recorded as rejected."""
         assert self._global_arrays is not None, "configure_train must run before aggregate_train"
+        self.train_step_s[server_round] = time.monotonic() - self._sent_at
         accepted, rejected = [], []
         for msg in replies:
             pid = reply_partition_id(msg, self.partition_of_node)
@@ -150,8 +177,15 @@ class FedMedAvg(FedAvg):
         accepted.sort(key=lambda item: (item[0] is None, item[0]))
         accepted = self._without_outlying_counts(server_round, accepted, rejected)
         self.rejections[server_round] = rejected
-        self.client_train_metrics[server_round] = [_metrics_of(msg) for _, msg in accepted]
+        self.client_train_metrics[server_round] = [self.client_metrics(pid, msg) for pid, msg in accepted]
         return [msg for _, msg in accepted]
+
+    def client_metrics(self, pid: int | None, msg: Message) -> dict:
+        """A reply's own metrics under the server's partition id, and its site's name if deployed."""
+        metrics = {**_metrics_of(msg), "partition-id": pid}
+        if self.federation is not None and self.federation.deployed:
+            metrics["site"] = self.federation.name(pid)
+        return metrics
 
     def _without_outlying_counts(self, server_round: int, accepted: list, rejected: list[Rejection]) -> list:
         counts = [float(_metrics_of(msg)[WEIGHT_KEY]) for _, msg in accepted]
@@ -183,7 +217,7 @@ class FedMedAvg(FedAvg):
                 log(WARNING, "round %d: local evaluation failed on node %d: %s", server_round,
                     msg.metadata.src_node_id, msg.error.reason)
                 continue
-            results.append(_metrics_of(msg))
+            results.append(self.client_metrics(reply_partition_id(msg, self.partition_of_node), msg))
         results.sort(key=lambda m: m.get("partition-id", -1))
         self.client_eval_metrics[server_round] = results
         return None
@@ -193,26 +227,3 @@ def _average_without_ids(records: list[RecordDict], weighted_by_key: str) -> Met
     averaged = aggregate_metricrecords(records, weighted_by_key)
     averaged.pop("partition-id", None)
     return averaged
-
-
-def discover_partitions(grid: Grid, num_nodes: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every node which partition it holds (one small query message each)."""
-    deadline = time.monotonic() + timeout
-    while len(node_ids := sorted(grid.get_node_ids())) < num_nodes:
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"only {len(node_ids)} of federation.num_clients={num_nodes} nodes connected in "
-                f"{timeout:.0f} s (federation.connect_timeout_s). Under `flwr run`, make the "
-                f"federation that size (`flwr federation simulation-config <federation> <superlink> "
-                f"--num-supernodes {num_nodes}`) or set federation.num_clients={len(node_ids)}"
-            )
-        time.sleep(0.5)
-    messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
-    mapping = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed the partition query: {reply.error.reason}")
-        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
-    if sorted(mapping.values()) != sorted(set(mapping.values())):
-        raise RuntimeError(f"two nodes report the same partition id: {sorted(mapping.values())}")
-    return mapping

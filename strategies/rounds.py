@@ -3,8 +3,9 @@
 Differences from ``Strategy.start``:
 
 * it can begin at any round (``first_round``), so a run resumes from its checkpoint;
-* clients that raised (an error reply) or sent nothing within ``federation.round_timeout_s``
-  are recorded per round in ``failures`` (by partition id) and never reach the strategy;
+* clients that raised (an error reply), were lost (Flower answers for a node that missed its
+  heartbeats) or sent nothing within ``federation.round_timeout_s`` are recorded per round in
+  ``failures`` (by partition id, and by site name when deployed) and never reach the strategy;
 * a round with fewer than ``federation.min_replies`` valid training replies stops the run
   (``NotEnoughReplies``): the run's last complete round is then its checkpoint;
 * an aggregate holding NaN or Inf is never installed: the round keeps the previous model and
@@ -64,9 +65,11 @@ def error_message(reason: str) -> str:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
-             stop: threading.Event | None = None) -> tuple[list[Message], list[int]]:
+             stop: threading.Event | None = None) -> tuple[list[tuple[int, Message]], list[int]]:
     """Send ``messages`` and collect the replies until all are in or ``timeout`` seconds pass.
-    Returns the replies and the node ids that did not reply in time."""
+    Returns (node the message went to, its reply) pairs and the node ids that did not reply in
+    time. The node comes from the message replied to: Flower itself (node id 1) answers for a
+    node it has lost."""
     messages = list(messages)
     if not messages:
         return [], []
@@ -79,7 +82,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
             raise RunStopped("stop requested while waiting for the clients' replies")
         for reply in grid.pull_messages(waiting):
             waiting.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            replies.append((node_of[reply.metadata.reply_to_message_id], reply))
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(POLL_S)
@@ -130,23 +133,31 @@ class RoundLoop:
         """The round's replies that carry content; failed and missing clients recorded."""
         replies, missing = exchange(self.grid, messages, self.timeout, self.stop)
         failures = self.failures.setdefault(server_round, [])
+        online = set(self.grid.get_node_ids()) if missing else set()
         for node in missing:
             self.timed_out = True
-            self._fail(failures, server_round, phase, node,
-                       f"no reply within federation.round_timeout_s={self.timeout:g}")
+            kind = "timeout" if node in online else "lost"
+            self._fail(failures, server_round, phase, node, kind,
+                       f"no reply within federation.round_timeout_s={self.timeout:g}" if kind == "timeout"
+                       else "the node went offline during the round")
         answered = []
-        for reply in replies:
-            if reply.has_error():
-                self._fail(failures, server_round, phase, reply.metadata.src_node_id,
-                           f"client raised: {error_message(reply.error.reason)}")
-            else:
+        for node, reply in replies:
+            if not reply.has_error():
                 answered.append(reply)
+            elif reply.metadata.src_node_id != node:  # Flower's answer for a node it lost
+                self._fail(failures, server_round, phase, node, "lost", error_message(reply.error.reason))
+            else:
+                self._fail(failures, server_round, phase, node, "raised",
+                           f"client raised: {error_message(reply.error.reason)}")
         return answered
 
-    def _fail(self, failures: list[dict], server_round: int, phase: str, node: int, reason: str) -> None:
+    def _fail(self, failures: list[dict], server_round: int, phase: str, node: int, kind: str, reason: str) -> None:
         pid = self.strategy.partition_of_node.get(node)
-        log(WARNING, "round %d: partition %s failed in %s: %s", server_round, pid, phase, reason)
-        failures.append({"partition_id": pid, "node_id": node, "phase": phase, "reason": reason})
+        federation = getattr(self.strategy, "federation", None)
+        client = federation.name(pid) if federation is not None else pid
+        log(WARNING, "round %d: client %s %s in %s: %s", server_round, client, kind, phase, reason)
+        failures.append({"client": client, "partition_id": pid, "node_id": node, "phase": phase, "kind": kind,
+                         "reason": reason})
 
     def run(self, arrays: ArrayRecord, *, first_round: int, num_rounds: int, train_config: ConfigRecord,
             evaluate_config: ConfigRecord, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],

@@ -50,7 +50,8 @@ from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.stopping import StopControl, release_client_actors
 from fedmed.train import derive_seed, evaluate, resolve_device
 from strategies.aggregators import TooFewReplies, make_aggregator
-from strategies.fedavg import FedMedAvg, discover_partitions
+from strategies.fedavg import FedMedAvg
+from strategies.nodes import Federation, discover
 from strategies.robust import RobustAggregation
 from strategies.robustness import check_eval_config, global_robustness, is_assessment_round, weakest_client
 from strategies.root_update import make_root_update
@@ -112,15 +113,21 @@ def prepare_config(cfg: DictConfig) -> None:
         cfg.model.norm = norm
 
 
-def log_partitions(cfg: DictConfig, dataset, plots_dir: Path, console: Console) -> None:
-    partitions = client_partitions(
-        dataset.train.labels, int(cfg.federation.num_clients), OmegaConf.to_container(cfg.partition),
-        int(cfg.seed), dataset.name,
-    )
-    counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
+def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: Path, console: Console) -> None:
+    """Examples per client and class: deployed sites' own counts, or the simulated split."""
+    names = None
+    if federation.deployed:
+        counts = federation.label_counts(dataset.num_classes)
+        names = [federation.name(pid) for pid in range(len(counts))]
+    else:
+        partitions = client_partitions(
+            dataset.train.labels, int(cfg.federation.num_clients), OmegaConf.to_container(cfg.partition),
+            int(cfg.seed), dataset.name,
+        )
+        counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
     if cfg.progress:
-        console.print(format_label_table(counts, list(dataset.class_names)))
-    plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png")
+        console.print(format_label_table(counts, list(dataset.class_names), names))
+    plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png", names)
 
 
 def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int], attacking: bool) -> RoundDetection | None:
@@ -156,8 +163,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
 
     # Ask the nodes first: in simulation this waits until Ray has started its processes, and
     # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
-    partition_of_node = discover_partitions(grid, int(cfg.federation.num_clients),
-                                            float(cfg.federation.connect_timeout_s))
+    federation = discover(grid, int(cfg.federation.num_clients), float(cfg.federation.connect_timeout_s))
+    partition_of_node = federation.partition_of_node
     if stop is not None:
         stop.take_signals_back()
     if len(partition_of_node) != cfg.federation.num_clients:
@@ -169,7 +176,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         cfg.federation.num_clients = len(partition_of_node)
         cfg.federation.clients_per_round = min(cfg.federation.clients_per_round, len(partition_of_node))
     dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
-    log_partitions(cfg, dataset, plots_dir, console)
+    log_partitions(cfg, dataset, federation, plots_dir, console)
     device = resolve_device(str(cfg.device))
     model = build_model(
         cfg.model.name, dataset.num_classes, dataset.channels, pretrained=bool(cfg.model.pretrained),
@@ -187,6 +194,7 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         model_bytes = sum(len(array.data) for array in initial_arrays.values())
         shared_arrays = SharedArrays(shared_directory(model_bytes * (int(cfg.federation.clients_per_round) + 2)))
     strategy = build_strategy(cfg, partition_of_node, reference_update, shared_arrays)
+    strategy.federation = federation
     resumed_rows = json.loads(resume_from["rows"]) if resume_from else []
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resumed_rows)
     keeper = keeper or CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
@@ -235,6 +243,8 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         row["failures"] = loop.failures.get(server_round, [])
         if server_round in loop.skipped:
             row["skipped"] = loop.skipped[server_round]
+        if server_round in strategy.train_step_s:
+            row["train_step_s"] = strategy.train_step_s[server_round]
         if strategy.client_eval_metrics.get(server_round):
             row["client_eval"] = strategy.client_eval_metrics[server_round]
             row.update(weakest_client(row["client_eval"], attacks, eps))
@@ -295,8 +305,9 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     if any(key.startswith("adv/") for row in metrics_log.rows for key in row):
         plot_robustness_per_round(metrics_log.rows, plots_dir / "robustness_per_round.png", title)
         plot_robustness_vs_eps(metrics_log.rows, plots_dir / "robustness_vs_eps.png", title)
-    extra = {"status": "completed", "rejected_replies": sum(len(row.get("rejected", [])) for row in metrics_log.rows),
-             "failed_clients": sum(len(row.get("failures", [])) for row in metrics_log.rows)}
+    extra = {"rejected_replies": sum(len(row.get("rejected", [])) for row in metrics_log.rows),
+             "failed_clients": sum(len(row.get("failures", [])) for row in metrics_log.rows),
+             **run_status(metrics_log.rows)}
     if attack["name"] != "none":
         plot_backdoor_per_round(metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}",
                                 int(attack["start_round"]))
@@ -308,6 +319,12 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     if cfg.progress:
         print_summary(metrics_log.rows, title, console)
     return summary
+
+
+def run_status(rows: list[dict]) -> dict:
+    """``degraded`` when a client was lost during the run (the rounds went on without it)."""
+    lost = sorted({str(f["client"]) for row in rows for f in row.get("failures", []) if f.get("kind") == "lost"})
+    return {"status": "degraded" if lost else "completed", "lost_clients": lost}
 
 
 def backdoor_summary(rows: list[dict], start_round: int) -> dict:
@@ -329,8 +346,9 @@ def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     overrides = str(run_config.get("overrides", "")).split()
     with initialize_config_module(config_module="configs", version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
+    # relative to the SuperLink's working directory: the server app runs where the SuperLink does
     output_dir = Path(cfg.output_dir or f"outputs/flwr-run-{time.strftime('%Y%m%d-%H%M%S')}")
-    return cfg, output_dir
+    return cfg, output_dir.expanduser().resolve()
 
 
 def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = False,
@@ -361,5 +379,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg, output_dir = config_from_run_config(dict(context.run_config))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logging.getLogger("flwr").info("fedmed: writing outputs to %s", output_dir.resolve())
+    logging.getLogger("flwr").info("fedmed: writing outputs to %s; test split: dataset=%s (on this server)",
+                                   output_dir, cfg.dataset.name)
     run_federation(grid, cfg, output_dir)

@@ -1,10 +1,14 @@
 """The ClientApp's handlers called directly: simulation partitions and deployed sites' own data."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from clients.client_app import evaluate_local, train
+from clients.client_app import evaluate_local, query, train
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.serialization import model_to_arrays
@@ -29,8 +33,8 @@ def message(kind: str, job_dict: dict, num_classes=3, channels=1) -> Message:
     return Message(content, dst_node_id=7, message_type=kind)
 
 
-def context(node_config: dict) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+def context(node_config: dict, node_id: int = 7) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
 
 
 def test_simulated_client_trains_its_partition():
@@ -54,19 +58,42 @@ def test_every_partition_trains(partition):
     assert np.isfinite(reply.content["metrics"]["train_loss"])
 
 
-def test_deployed_site_trains_and_evaluates_on_its_own_file(tmp_path):
+def write_site(path, train_labels, val_labels):
     rng = np.random.default_rng(0)
+    np.savez(path, train_images=rng.integers(0, 256, (len(train_labels), 28, 28), dtype=np.uint8),
+             train_labels=np.asarray(train_labels).reshape(-1, 1),
+             val_images=rng.integers(0, 256, (len(val_labels), 28, 28), dtype=np.uint8),
+             val_labels=np.asarray(val_labels).reshape(-1, 1))
+
+
+def test_deployed_site_trains_and_evaluates_on_its_own_file(tmp_path):
     site = tmp_path / "site.npz"
-    np.savez(site, train_images=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
-             train_labels=rng.integers(0, 3, (40, 1)), val_images=rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
-             val_labels=rng.integers(0, 3, (12, 1)))
+    write_site(site, np.random.default_rng(1).integers(0, 3, 40), np.random.default_rng(2).integers(0, 3, 12))
     job_dict = job()
-    reply = train(message(MessageType.TRAIN, job_dict), context({"data-path": str(site)}))
+    node_config = {"data-path": str(site), "site": "st-mary"}
+    msg = message(MessageType.TRAIN, job_dict)
+    reply = train(msg, context(node_config, node_id=7))
     assert reply.content["metrics"]["num-examples"] == 40
-    assert reply.content["metrics"]["partition-id"] == 7  # a site reports its node id
-    evaluated = evaluate_local(message(MessageType.EVALUATE, job_dict), context({"data-path": str(site)}))
+    assert "partition-id" not in reply.content["metrics"]  # the server knows a site by its node
+    # the site's seed comes from its name, not from the random node id Flower gave it this run
+    again = train(msg, context(node_config, node_id=123456789))
+    assert again.content["metrics"]["train_loss"] == reply.content["metrics"]["train_loss"]
+    evaluated = evaluate_local(message(MessageType.EVALUATE, job_dict), context(node_config))
     assert evaluated.content["metrics"]["num-examples"] == 12
     assert 0.0 <= evaluated.content["metrics"]["val_accuracy"] <= 1.0
+
+
+def test_query_reports_the_site_name_and_class_counts(tmp_path):
+    site = tmp_path / "hospital-b.npz"
+    write_site(site, [0, 2, 2, 0, 2], [1, 2])
+    ask = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
+    by_stem = query(ask, context({"data-path": str(site)}))
+    assert by_stem.content["site"]["name"] == "hospital-b"
+    assert list(by_stem.content["metrics"]["class-counts"]) == [2, 1, 4]
+    named = query(ask, context({"data-path": str(site), "site": "st-mary"}))
+    assert named.content["site"]["name"] == "st-mary"
+    simulated = query(ask, context({"partition-id": 3, "num-partitions": 4}))
+    assert simulated.content["metrics"]["partition-id"] == 3 and "site" not in simulated.content
 
 
 def test_site_labels_outside_the_model_are_refused(tmp_path):
@@ -81,3 +108,14 @@ def test_site_labels_outside_the_model_are_refused(tmp_path):
 def test_node_without_partition_or_data_path_is_told_what_to_set():
     with pytest.raises(KeyError, match="data-path"):
         train(message(MessageType.TRAIN, job()), context({}))
+
+
+def test_the_client_app_imports_no_library_it_does_not_use():
+    """A deployed step starts a process that imports the client app: no plotting, no Ray, no
+    Hydra, no Opacus (DP-SGD imports it), no scikit-learn (evaluation imports it), no Flower
+    Datasets (simulated splits import it). (rich comes with Flower's own command-line code.)"""
+    heavy = ("matplotlib", "ray", "hydra", "opacus", "sklearn", "datasets", "flwr_datasets", "pandas")
+    done = subprocess.run([sys.executable, "-c", "import sys, clients.client_app; "
+                           f"print([m for m in {heavy!r} if m in sys.modules])"],
+                          capture_output=True, text=True, timeout=300, check=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.strip() == "[]"

@@ -76,6 +76,9 @@ class FakeGrid:
         self.answer = answer
         self.pending = {}
 
+    def get_node_ids(self):
+        return [11, 12]  # both online: a missing reply is a timeout
+
     def push_messages(self, messages):
         ids = []
         for i, msg in enumerate(messages):
