@@ -73,7 +73,7 @@ def site_class_counts(node_config: dict) -> list[int]:
         return folder_counts(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"site data file {path} (node config data-path) does not exist")
-    with np.load(path) as arrays:
+    with np.load(path, allow_pickle=False) as arrays:
         labels = np.concatenate([arrays["train_labels"].reshape(-1), arrays["val_labels"].reshape(-1)])
     if labels.size and labels.min() < 0:
         raise ValueError(f"site data file {path} has label {labels.min()}: labels must be 0..num_classes-1")
