@@ -60,7 +60,8 @@ def active_fault(faults: list[dict], partition_id: int, server_round: int, phase
 def misbehave(fault: dict, partition_id: int, server_round: int) -> None:
     """Raise or hang, as the fault says (garbage acts on the reply instead)."""
     if fault["kind"] == "raise":
-        raise InjectedFault(f"injected fault: partition {partition_id} raises in {fault['phase']}, round {server_round}")
+        raise InjectedFault(f"injected fault: partition {partition_id} raises in {fault['phase']}, "
+                            f"round {server_round}")
     if fault["kind"] == "hang":
         threading.Event().wait(fault["hang_s"])
 

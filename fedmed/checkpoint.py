@@ -47,7 +47,8 @@ def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({key: array_from_numpy(np.ascontiguousarray(t.numpy())) for key, t in tensors.items()})
+    # t.contiguous(), not np.ascontiguousarray, which makes BatchNorm's 0-d counters 1-d
+    return ArrayRecord({key: array_from_numpy(t.contiguous().numpy()) for key, t in tensors.items()})
 
 
 def generator_states() -> dict:

@@ -75,6 +75,21 @@ def test_killed_and_resumed_run_equals_uninterrupted_one(tmp_path, setup):
     assert summary["status"] == "completed" and summary["rounds"] == 2
 
 
+def test_checkpoint_keeps_every_array_exactly(tmp_path):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedmed.checkpoint import arrays_to_tensors, tensors_to_arrays, write_checkpoint
+
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+                          "counter": Array(np.array(7, dtype=np.int64)), "f": Array(np.array(2.5))})
+    write_checkpoint(tmp_path / "c.pt", {"arrays": arrays_to_tensors(arrays)})
+    back = tensors_to_arrays(read_checkpoint(tmp_path / "c.pt")["arrays"])
+    for key, array in arrays.items():  # shapes (a 0-d counter stays 0-d), dtypes and values
+        assert (back[key].shape, back[key].dtype) == (array.shape, array.dtype), key
+        assert np.array_equal(back[key].numpy(), array.numpy()), key
+
+
 def write_run_folder(folder, *overrides):
     folder.mkdir()
     cfg = compose_config(*overrides, f"output_dir={folder}")
