@@ -36,7 +36,10 @@ def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn
     job = decode_job(job_text)
     model_cfg = job["model"]
     return build_model(
-        model_cfg["name"], num_classes, in_channels, pretrained=False,
+        model_cfg["name"],
+        num_classes,
+        in_channels,
+        pretrained=False,
         freeze_backbone=bool(model_cfg["freeze_backbone"]),
         norm=model_norm_for(model_cfg["norm"], job["defense"]["name"]),
         assimilation=model_cfg.get("assimilation", "none"),
@@ -44,8 +47,9 @@ def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn
 
 
 def _model_for(job: dict, num_classes: int, in_channels: int, arrays: ArrayRecord) -> torch.nn.Module:
-    model = _cached_model(encode_job({"model": job["model"], "defense": {"name": job["defense"]["name"]}}),
-                          num_classes, in_channels)
+    model = _cached_model(
+        encode_job({"model": job["model"], "defense": {"name": job["defense"]["name"]}}), num_classes, in_channels
+    )
     load_arrays(model, arrays)
     return model
 
@@ -56,8 +60,10 @@ def _received_arrays(msg: Message, node_config: dict) -> ArrayRecord:
     if path is None:
         return msg.content["arrays"]
     if not is_simulated(node_config):
-        raise ValueError(f"the server sent a file path ({path}) instead of the model; only simulated "
-                         "clients on the server's machine read those (ray.model_transport)")
+        raise ValueError(
+            f"the server sent a file path ({path}) instead of the model; only simulated "
+            "clients on the server's machine read those (ray.model_transport)"
+        )
     return read_arrays(path)
 
 
@@ -87,10 +93,12 @@ def query(msg: Message, context: Context) -> Message:
     if is_simulated(context.node_config):
         pid = partition_id(context.node_config, context.node_id)
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
-    content = RecordDict({
-        "metrics": MetricRecord({"class-counts": site_class_counts(context.node_config)}),
-        SITE_RECORD: ConfigRecord({"name": site_name(context.node_config)}),
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"class-counts": site_class_counts(context.node_config)}),
+            SITE_RECORD: ConfigRecord({"name": site_name(context.node_config)}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -136,19 +144,22 @@ def train(msg: Message, context: Context) -> Message:
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
     attack = job.get("attack")
     check_attack(attack, share.num_classes, int(job["num_clients"]))
-    if is_simulated(context.node_config) and attacks_now(attack, pid, int(job["num_clients"]), int(job["seed"]),
-                                                         server_round):
-        result = malicious_round(model, share, job, partition_id=pid, seed=seed, device=device,
-                                 transform=data.transform)
+    if is_simulated(context.node_config) and attacks_now(
+        attack, pid, int(job["num_clients"]), int(job["seed"]), server_round
+    ):
+        result = malicious_round(
+            model, share, job, partition_id=pid, seed=seed, device=device, transform=data.transform
+        )
     else:
-        result = train_round(model, data, job, server_round=server_round, seed=seed, device=device,
-                             state=context.state)
-    metrics = MetricRecord({
-        "num-examples": len(share.train_indices),
-        **_identity(context.node_config, pid),
-        **result,
-        "train_time_s": time.perf_counter() - started,
-    })
+        result = train_round(model, data, job, server_round=server_round, seed=seed, device=device, state=context.state)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(share.train_indices),
+            **_identity(context.node_config, pid),
+            **result,
+            "train_time_s": time.perf_counter() - started,
+        }
+    )
     reply = RecordDict({**_arrays_reply(model_to_arrays(model), msg), "metrics": metrics})
     if is_simulated(context.node_config):
         reply[STATE_RECORD] = state_to_record(context.state)
@@ -172,15 +183,31 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
     seed = derive_seed(job["seed"], server_round, pid, 1)
     eval_cfg = job["eval"]
-    result = evaluate(model, share.images, share.labels, share.val_indices, batch_size=int(eval_cfg["batch_size"]),
-                      device=device, transform=_site_transform(share, seed, device),
-                      precision=Precision.of(job["client"], device))
+    result = evaluate(
+        model,
+        share.images,
+        share.labels,
+        share.val_indices,
+        batch_size=int(eval_cfg["batch_size"]),
+        device=device,
+        transform=_site_transform(share, seed, device),
+        precision=Precision.of(job["client"], device),
+    )
     if bool(config.get(ASSESS_KEY, False)):
         indices = share.val_indices[fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed)]
-        result.update(assess_robustness(
-            model, share.images, share.labels, indices, attacks=list(eval_cfg["attacks"]),
-            eps=[float(e) for e in eval_cfg["eps"]], batch_size=int(eval_cfg["batch_size"]), device=device,
-            seed=seed, transform=_site_transform(share, seed, device),
-        ))
+        result.update(
+            assess_robustness(
+                model,
+                share.images,
+                share.labels,
+                indices,
+                attacks=list(eval_cfg["attacks"]),
+                eps=[float(e) for e in eval_cfg["eps"]],
+                batch_size=int(eval_cfg["batch_size"]),
+                device=device,
+                seed=seed,
+                transform=_site_transform(share, seed, device),
+            )
+        )
     metrics.update({f"val_{k}": v for k, v in result.items() if v is not None})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -43,8 +43,10 @@ def check_faults(faults: list[dict], num_clients: int) -> None:
             if fault["garbage"] not in GARBAGE:
                 raise ValueError(f"{where}.garbage={fault['garbage']!r}: choose one of {', '.join(GARBAGE)}")
         if not fault["partitions"] or not all(0 <= p < num_clients for p in fault["partitions"]):
-            raise ValueError(f"{where}.partitions={list(fault['partitions'])}: give partition ids in "
-                             f"[0, {num_clients - 1}] (federation.num_clients={num_clients})")
+            raise ValueError(
+                f"{where}.partitions={list(fault['partitions'])}: give partition ids in "
+                f"[0, {num_clients - 1}] (federation.num_clients={num_clients})"
+            )
         if fault["start_round"] < 1:
             raise ValueError(f"{where}.start_round={fault['start_round']} must be >= 1")
 
@@ -60,8 +62,9 @@ def active_fault(faults: list[dict], partition_id: int, server_round: int, phase
 def misbehave(fault: dict, partition_id: int, server_round: int) -> None:
     """Raise or hang, as the fault says (garbage acts on the reply instead)."""
     if fault["kind"] == "raise":
-        raise InjectedFault(f"injected fault: partition {partition_id} raises in {fault['phase']}, "
-                            f"round {server_round}")
+        raise InjectedFault(
+            f"injected fault: partition {partition_id} raises in {fault['phase']}, round {server_round}"
+        )
     if fault["kind"] == "hang":
         threading.Event().wait(fault["hang_s"])
 

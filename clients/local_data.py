@@ -53,14 +53,18 @@ def site_name(node_config: dict) -> str:
         return Path(str(node_config[DATA_PATH])).expanduser().name.removesuffix(".npz")
     if PARTITION_ID in node_config:
         return default_site_name(node_config[PARTITION_ID])
-    raise KeyError(f"node_config has neither 'partition-id' (simulation) nor 'data-path' (deployment); {NODE_CONFIG_HINT}")
+    raise KeyError(
+        f"node_config has neither 'partition-id' (simulation) nor 'data-path' (deployment); {NODE_CONFIG_HINT}"
+    )
 
 
 def class_counts(share: ClientShare) -> dict[str, list[int]]:
     """Examples per class in the share's training and validation parts: what a site tells the
     server about its data (never the images)."""
-    return {part: examples_per_class(share.labels[indices], share.num_classes)
-            for part, indices in (("train", share.train_indices), ("val", share.val_indices))}
+    return {
+        part: examples_per_class(share.labels[indices], share.num_classes)
+        for part, indices in (("train", share.train_indices), ("val", share.val_indices))
+    }
 
 
 def site_class_counts(node_config: dict) -> list[int]:
@@ -87,7 +91,7 @@ def device_setting(job: dict, node_config: dict) -> str:
         return str(job["device"])
     device = str(node_config.get(DEVICE, "auto"))
     if device.split(":")[0] not in SITE_DEVICES:
-        raise ValueError(f"node config device={device!r}: use \"auto\", \"cpu\" or \"cuda\" (\"cuda:N\" for one GPU)")
+        raise ValueError(f'node config device={device!r}: use "auto", "cpu" or "cuda" ("cuda:N" for one GPU)')
     return device
 
 
@@ -95,9 +99,11 @@ def refuse_simulation_only(job: dict) -> None:
     """What a server may not ask of a deployed site: poisoning attacks exist for simulation."""
     attack = attack_section(job.get("attack"))["name"]
     if attack != "none":
-        raise ValueError(f"this node is a deployed site (node config data-path) and the run asks for attack={attack}: "
-                         "attack= is simulation only, a site never poisons its update; run the federation with "
-                         "attack=none")
+        raise ValueError(
+            f"this node is a deployed site (node config data-path) and the run asks for attack={attack}: "
+            "attack= is simulation only, a site never poisons its update; run the federation with "
+            "attack=none"
+        )
 
 
 def local_share(job: dict, node_config: dict) -> ClientShare:
@@ -106,7 +112,8 @@ def local_share(job: dict, node_config: dict) -> ClientShare:
         refuse_simulation_only(job)
         return site_share(str(node_config[DATA_PATH]), job)
     if PARTITION_ID not in node_config:
-        raise KeyError(f"node_config has neither 'partition-id' (simulation) nor 'data-path' (deployment); "
-                       f"{NODE_CONFIG_HINT}")
+        raise KeyError(
+            f"node_config has neither 'partition-id' (simulation) nor 'data-path' (deployment); {NODE_CONFIG_HINT}"
+        )
     num_partitions = int(node_config.get(NUM_PARTITIONS, job["num_clients"]))
     return client_share(job, int(node_config[PARTITION_ID]), num_partitions)

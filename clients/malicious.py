@@ -39,8 +39,15 @@ from torch import nn
 
 from clients.local_training import LocalData
 from fedmed.data import ClientShare
-from fedmed.poisoning import (DATA_POISONING, add_trigger_uint8, attack_section, edge_case_split, edge_share,
-                              malicious_ids, update_scale)
+from fedmed.poisoning import (
+    DATA_POISONING,
+    add_trigger_uint8,
+    attack_section,
+    edge_case_split,
+    edge_share,
+    malicious_ids,
+    update_scale,
+)
 from fedmed.train import BatchTransform, TrainStep, cross_entropy_step, derive_seed, make_optimizer, train_local
 
 log = logging.getLogger("fedmed")
@@ -105,8 +112,16 @@ def poison_count(clean: int, poison_fraction: float) -> int:
     return int(round(clean * poison_fraction / (1.0 - poison_fraction)))
 
 
-def poisoned_data(share: ClientShare, attack: Mapping, *, partition_id: int, malicious: list[int], seed: int,
-                  run_seed: int, transform: BatchTransform | None = None) -> LocalData:
+def poisoned_data(
+    share: ClientShare,
+    attack: Mapping,
+    *,
+    partition_id: int,
+    malicious: list[int],
+    seed: int,
+    run_seed: int,
+    transform: BatchTransform | None = None,
+) -> LocalData:
     """The attacker's training pool for an attack round: its clean train indices plus
 
     - ``edge_case``: its share of the edge-case attacker set (fedmed.poisoning.edge_share),
@@ -130,12 +145,23 @@ def poisoned_data(share: ClientShare, attack: Mapping, *, partition_id: int, mal
     poison = np.zeros(0, dtype=np.int64)
     stamp = False
     if name == "edge_case":
-        split = edge_case_split(share.images, share.labels, int(a["source_class"]), float(a["tail_fraction"]),
-                                float(a["test_fraction"]), run_seed)
+        split = edge_case_split(
+            share.images,
+            share.labels,
+            int(a["source_class"]),
+            float(a["tail_fraction"]),
+            float(a["test_fraction"]),
+            run_seed,
+        )
         mine = edge_share(split, malicious, partition_id)
         if len(mine) == 0:
-            log.warning("partition %d: no edge-case images left for it (%d attacker images among %d malicious "
-                        "partitions); it trains on clean data", partition_id, len(split.attacker), len(malicious))
+            log.warning(
+                "partition %d: no edge-case images left for it (%d attacker images among %d malicious "
+                "partitions); it trains on clean data",
+                partition_id,
+                len(split.attacker),
+                len(malicious),
+            )
         poison = _repeat_to(mine, poison_count(len(clean), float(a["poison_fraction"])), rng)
     elif name == "badnets":
         candidates = clean[labels != target]
@@ -183,8 +209,14 @@ class ProjectedStep:
     the step before ``optimizer.step()``, so this projects the result of the previous ``every``
     steps). Call :meth:`finish` after training for the last projection."""
 
-    def __init__(self, params: list[torch.Tensor], reference: list[torch.Tensor], eps: float, every: int,
-                 inner: TrainStep = cross_entropy_step):
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        reference: list[torch.Tensor],
+        eps: float,
+        every: int,
+        inner: TrainStep = cross_entropy_step,
+    ):
         self.params, self.reference, self.eps, self.every, self.inner = params, reference, float(eps), int(every), inner
         self.calls = 0
         self.projections = 0
@@ -210,8 +242,16 @@ def send_update(params: list[torch.Tensor], reference: list[torch.Tensor], updat
         p.copy_(r + u.to(p.device, p.dtype))
 
 
-def malicious_round(model: nn.Module, share: ClientShare, job: dict, *, partition_id: int, seed: int,
-                    device: torch.device, transform: BatchTransform | None = None) -> dict[str, float]:
+def malicious_round(
+    model: nn.Module,
+    share: ClientShare,
+    job: dict,
+    *,
+    partition_id: int,
+    seed: int,
+    device: torch.device,
+    transform: BatchTransform | None = None,
+) -> dict[str, float]:
     """Train ``model`` in place as an attacker in an attack round; returns the metrics an honest
     client without a defence reports (train loss and accuracy)."""
     attack, client = attack_section(job["attack"]), job["client"]
@@ -219,17 +259,41 @@ def malicious_round(model: nn.Module, share: ClientShare, job: dict, *, partitio
     num_clients = int(job["num_clients"])
     params = float_parameters(model)
     reference = [p.detach().clone() for p in params]
-    optimizer = make_optimizer(model.parameters(), client["optimizer"], float(client["lr"]),
-                               float(client["momentum"]), float(client["weight_decay"]))
-    common = dict(epochs=int(client["epochs"]), batch_size=int(client["batch_size"]), optimizer=optimizer,
-                  device=device, seed=seed, augment=bool(client["augment"]), transform=transform)
+    optimizer = make_optimizer(
+        model.parameters(),
+        client["optimizer"],
+        float(client["lr"]),
+        float(client["momentum"]),
+        float(client["weight_decay"]),
+    )
+    common = dict(
+        epochs=int(client["epochs"]),
+        batch_size=int(client["batch_size"]),
+        optimizer=optimizer,
+        device=device,
+        seed=seed,
+        augment=bool(client["augment"]),
+        transform=transform,
+    )
     malicious = malicious_ids(attack, num_clients, int(job["seed"]))
-    scale = update_scale(attack, num_train=len(share.labels), num_clients=num_clients,
-                         clients_per_round=int(job.get("clients_per_round", num_clients)),
-                         attacker_examples=len(share.train_indices), num_malicious=len(malicious))
+    scale = update_scale(
+        attack,
+        num_train=len(share.labels),
+        num_clients=num_clients,
+        clients_per_round=int(job.get("clients_per_round", num_clients)),
+        attacker_examples=len(share.train_indices),
+        num_malicious=len(malicious),
+    )
     if name in DATA_POISONING:
-        data = poisoned_data(share, attack, partition_id=partition_id, seed=seed, run_seed=int(job["seed"]),
-                             malicious=malicious, transform=transform)
+        data = poisoned_data(
+            share,
+            attack,
+            partition_id=partition_id,
+            seed=seed,
+            run_seed=int(job["seed"]),
+            malicious=malicious,
+            transform=transform,
+        )
         step = cross_entropy_step
         if mode in ("pgd", "replacement"):
             step = ProjectedStep(params, reference, float(attack["eps"]), int(attack["project_every"]))

@@ -45,10 +45,15 @@ def noise_for(defense: dict, sample_rate: float, total_epochs: int) -> float:
         return float(defense["noise_multiplier"])
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(
-        target_epsilon=float(defense["target_epsilon"]), target_delta=float(defense["delta"]),
-        sample_rate=sample_rate, epochs=total_epochs, accountant="rdp",
-    ))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=float(defense["target_epsilon"]),
+            target_delta=float(defense["delta"]),
+            sample_rate=sample_rate,
+            epochs=total_epochs,
+            accountant="rdp",
+        )
+    )
 
 
 class PrivateRound:
@@ -60,8 +65,18 @@ class PrivateRound:
     written back to ``state``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, indices, *, batch_size: int,
-                 defense: dict, total_epochs: int, state: RecordDict, seed: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        indices,
+        *,
+        batch_size: int,
+        defense: dict,
+        total_epochs: int,
+        state: RecordDict,
+        seed: int,
+    ) -> None:
         self.state = state
         self.delta = float(defense["delta"])
         sample_rate = batch_size / len(indices)
@@ -79,9 +94,13 @@ class PrivateRound:
             self.engine = PrivacyEngine(accountant="rdp")
             self.engine.accountant.load_state_dict({"history": load_history(state), "mechanism": "rdp"})
             self.model, self.optimizer, self.loader = self.engine.make_private(
-                module=model.train(), optimizer=optimizer, data_loader=loader,
-                noise_multiplier=self.noise_multiplier, max_grad_norm=float(defense["max_grad_norm"]),
-                poisson_sampling=True, noise_generator=generator,
+                module=model.train(),
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=float(defense["max_grad_norm"]),
+                poisson_sampling=True,
+                noise_generator=generator,
             )
         except BaseException:
             self._quiet.__exit__(None, None, None)

@@ -41,14 +41,14 @@ Configurations (CONFIGS below)
 
 Written to --out: `<dataset>/<setting>/seed<k>/<row>/` (each run's fedmed outputs and
 `assessment.json`; a run or an assessment already there is skipped, so an interrupted study
-resumes; `--table-only` tabulates what is there), `table.csv` (every seed), `table.md` (mean +- sd over seeds) and `assimilation.png`.
+resumes; `--table-only` tabulates what is there), `table.csv` (every seed), `table.md` (mean +- sd
+over seeds) and `assimilation.png`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 import sys
 import textwrap
@@ -83,26 +83,62 @@ ROWS = {
 }
 SETTINGS = {
     "central": {"federation.num_clients": 1, "federation.clients_per_round": 1, "partition": "iid"},
-    "federated": {"federation.num_clients": 5, "federation.clients_per_round": 5, "partition": "dirichlet",
-                  "partition.alpha": 0.5},
+    "federated": {
+        "federation.num_clients": 5,
+        "federation.clients_per_round": 5,
+        "partition": "dirichlet",
+        "partition.alpha": 0.5,
+    },
 }
 ATTACKS = ["fgsm", "bim", "mifgsm", "pgd"]
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
 LARGE_EPS = 64 / 255
 SLACK = 0.02  # accuracy difference read as sampling noise in the ordering checks
 
-COMMON = {"client.optimizer": "adam", "client.lr": 0.001, "eval.attacks": ["fgsm"], "eval.eps": [8 / 255],
-          "eval.clients": False, "defense.eps": 4 / 255}
+COMMON = {
+    "client.optimizer": "adam",
+    "client.lr": 0.001,
+    "eval.attacks": ["fgsm"],
+    "eval.eps": [8 / 255],
+    "eval.clients": False,
+    "defense.eps": 4 / 255,
+}
 CONFIGS = {
-    "quick": {"models": ["resnet18"], "datasets": ["breastmnist"], "seeds": [0], "samples": 64, "steps": 5,
-              "overrides": {**COMMON, "federation.rounds": 3, "client.epochs": 2, "eval.every": 3,
-                            "eval.max_samples": 64, "device": "cpu", "ray.num_cpus_per_client": 1}},
-    "full": {"models": ["densenet121", "mobilenet_v2", "resnet50"], "datasets": DATASETS, "seeds": [0, 1, 2],
-             "samples": None, "steps": 10,
-             "overrides": {**COMMON, "dataset.size": 64, "model.pretrained": True,
-                           "assimilation.freeze_backbone_rounds": 2, "federation.rounds": 20, "client.epochs": 1,
-                           "eval.every": 20, "eval.max_samples": None, "device": "cuda",
-                           "ray.num_gpus_per_client": 0.2}},
+    "quick": {
+        "models": ["resnet18"],
+        "datasets": ["breastmnist"],
+        "seeds": [0],
+        "samples": 64,
+        "steps": 5,
+        "overrides": {
+            **COMMON,
+            "federation.rounds": 3,
+            "client.epochs": 2,
+            "eval.every": 3,
+            "eval.max_samples": 64,
+            "device": "cpu",
+            "ray.num_cpus_per_client": 1,
+        },
+    },
+    "full": {
+        "models": ["densenet121", "mobilenet_v2", "resnet50"],
+        "datasets": DATASETS,
+        "seeds": [0, 1, 2],
+        "samples": None,
+        "steps": 10,
+        "overrides": {
+            **COMMON,
+            "dataset.size": 64,
+            "model.pretrained": True,
+            "assimilation.freeze_backbone_rounds": 2,
+            "federation.rounds": 20,
+            "client.epochs": 1,
+            "eval.every": 20,
+            "eval.max_samples": None,
+            "device": "cuda",
+            "ray.num_gpus_per_client": 0.2,
+        },
+    },
 }
 
 
@@ -112,8 +148,9 @@ def eps_label(eps: float) -> str:
 
 def load_run_model(run_dir: Path, num_classes: int, channels: int) -> torch.nn.Module:
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    model = build_model(str(cfg.model.name), num_classes, channels, norm=str(cfg.model.norm),
-                        assimilation=str(cfg.model.assimilation))
+    model = build_model(
+        str(cfg.model.name), num_classes, channels, norm=str(cfg.model.norm), assimilation=str(cfg.model.assimilation)
+    )
     load_model_file(model, run_dir / "model.safetensors")
     return model.eval()
 
@@ -150,18 +187,22 @@ def assess(model, baseline, x, y, steps: int, seed: int) -> dict:
         for eps in EPS:
             wrong_after = predictions(run(name, eps)).argmax(1) != y
             result[f"{name}@{eps_label(eps)}"] = float((~wrong_after).float().mean())
-            result[f"asr_{name}@{eps_label(eps)}"] = (float(wrong_after[correct].float().mean())
-                                                      if correct.any() else None)
+            result[f"asr_{name}@{eps_label(eps)}"] = (
+                float(wrong_after[correct].float().mean()) if correct.any() else None
+            )
     result["ordered_pgd_bim_fgsm"] = all(
         result[f"pgd@{e}"] <= result[f"bim@{e}"] + SLACK and result[f"bim@{e}"] <= result[f"fgsm@{e}"] + SLACK
-        for e in map(eps_label, EPS))
+        for e in map(eps_label, EPS)
+    )
     result["pgd@64/255"] = float((predictions(run("pgd", LARGE_EPS)).argmax(1) == y).float().mean())
     top = eps_label(EPS[-1])
     result["pgd_10x_steps@" + top] = float(
-        (predictions(run("pgd", EPS[-1], n_steps=10 * steps)).argmax(1) == y).float().mean())
+        (predictions(run("pgd", EPS[-1], n_steps=10 * steps)).argmax(1) == y).float().mean()
+    )
     if baseline is not None:
         result["transfer_pgd@" + top] = float(
-            (predictions(run("pgd", EPS[-1], target=baseline)).argmax(1) == y).float().mean())
+            (predictions(run("pgd", EPS[-1], target=baseline)).argmax(1) == y).float().mean()
+        )
     result["input_grad_norm"] = input_gradient_norm(model, x, y)
     return result
 
@@ -197,8 +238,15 @@ def plot(groups: dict, path: Path, title: str) -> bool:
             for attack, style in (("pgd", "-"), ("fgsm", "--")):
                 ys = [summarise([r["accuracy"] for r in results])[0]]
                 ys += [summarise([r[f"{attack}@{eps_label(e)}"] for r in results])[0] for e in EPS]
-                ax.plot(xs, ys, style, color=colours[row], marker="o" if attack == "pgd" else "s", ms=3,
-                        label=row if attack == "pgd" else None)
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=colours[row],
+                    marker="o" if attack == "pgd" else "s",
+                    ms=3,
+                    label=row if attack == "pgd" else None,
+                )
         ax.set_title(" / ".join(panel), fontsize=9)
         ax.set_xlabel("eps (x/255; 0 = clean)")
         ax.set_xticks(xs)
@@ -220,10 +268,18 @@ def main() -> int:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--table-only", action="store_true",
-                        help="tabulate the runs already in --out (with their assessments); start nothing new")
-    parser.add_argument("--weights", nargs="+", default=[], metavar="ARCH=PATH",
-                        help="ImageNet weights per architecture (model.weights_path), full config")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="tabulate the runs already in --out (with their assessments); start nothing new",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=[],
+        metavar="ARCH=PATH",
+        help="ImageNet weights per architecture (model.weights_path), full config",
+    )
     args = parser.parse_args()
     config = CONFIGS[args.config]
     weights = dict(item.split("=", 1) for item in args.weights)
@@ -253,8 +309,15 @@ def main() -> int:
                         settings = {**config["overrides"], **SETTINGS[setting], **ROWS[row]}
                         if model_name in weights:
                             settings["model.weights_path"] = weights[model_name]
-                        run_args = [f"model={model_name}", f"dataset={dataset}", *overrides(settings),
-                                    f"dataset.root={root}", f"seed={seed}", "progress=false", *args.overrides]
+                        run_args = [
+                            f"model={model_name}",
+                            f"dataset={dataset}",
+                            *overrides(settings),
+                            f"dataset.root={root}",
+                            f"seed={seed}",
+                            "progress=false",
+                            *args.overrides,
+                        ]
                         tag = f"{'/'.join(key)} seed {seed}"
                         if args.table_only and not (run_dir / "summary.json").exists():
                             continue
@@ -267,22 +330,34 @@ def main() -> int:
                             baseline = model
                         assessed = run_dir / "assessment.json"
                         if not assessed.exists():
-                            result = assess(model, None if row == "baseline" else baseline, x, y,
-                                            config["steps"], seed)
+                            result = assess(model, None if row == "baseline" else baseline, x, y, config["steps"], seed)
                             assessed.write_text(json.dumps(result, indent=1))
                         result = json.loads(assessed.read_text())
                         # a model that answers the majority class everywhere scores this much
                         majority = float(np.bincount(y.numpy()).max() / len(y))
-                        records.append({"model": model_name, "dataset": dataset, "setting": setting, "row": row,
-                                        "seed": seed, "majority_share": majority, **result})
-                        print(f"{tag}: ACC {result['accuracy']:.3f} BACC {result['balanced_accuracy']:.3f} "
-                              f"PGD@2/255 {result['pgd@2/255']:.3f} -- {status}", flush=True)
+                        records.append(
+                            {
+                                "model": model_name,
+                                "dataset": dataset,
+                                "setting": setting,
+                                "row": row,
+                                "seed": seed,
+                                "majority_share": majority,
+                                **result,
+                            }
+                        )
+                        print(
+                            f"{tag}: ACC {result['accuracy']:.3f} BACC {result['balanced_accuracy']:.3f} "
+                            f"PGD@2/255 {result['pgd@2/255']:.3f} -- {status}",
+                            flush=True,
+                        )
     return write_outputs(out, records, failed, args.config, config, time.monotonic() - started)
 
 
 def write_outputs(out: Path, records: list[dict], failed: list, name: str, config: dict, seconds: float) -> int:
-    columns = sorted({k for r in records for k in r}, key=lambda k: (k not in ("model", "dataset", "setting",
-                                                                                "row", "seed"), k))
+    columns = sorted(
+        {k for r in records for k in r}, key=lambda k: (k not in ("model", "dataset", "setting", "row", "seed"), k)
+    )
     with (out / "table.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
@@ -290,32 +365,70 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["model"], r["dataset"], r["setting"], r["row"]), []).append(r)
-    shown = ["majority_share", "accuracy", "balanced_accuracy", "auc",
-             *[f"{a}@{eps_label(e)}" for a in ATTACKS for e in EPS], "asr_pgd@2/255"]
-    header = ["model", "dataset", "setting", "row", "seeds", "majority", "ACC", "BACC", "AUC",
-              *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in EPS], "ASR PGD 2/255"]
+    shown = [
+        "majority_share",
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        *[f"{a}@{eps_label(e)}" for a in ATTACKS for e in EPS],
+        "asr_pgd@2/255",
+    ]
+    header = [
+        "model",
+        "dataset",
+        "setting",
+        "row",
+        "seeds",
+        "majority",
+        "ACC",
+        "BACC",
+        "AUC",
+        *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in EPS],
+        "ASR PGD 2/255",
+    ]
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
     top = eps_label(EPS[-1])
-    checks = ["| model | dataset | setting | row | PGD <= BIM <= FGSM | PGD 64/255 | PGD 8/255 | PGD 10x steps "
-              "8/255 | transfer PGD 8/255 | input-grad norm (x baseline) |", "|" + "---|" * 10]
+    checks = [
+        "| model | dataset | setting | row | PGD <= BIM <= FGSM | PGD 64/255 | PGD 8/255 | PGD 10x steps "
+        "8/255 | transfer PGD 8/255 | input-grad norm (x baseline) |",
+        "|" + "---|" * 10,
+    ]
     for key, results in groups.items():
-        markdown.append("| " + " | ".join([*key, str(len(results)), *(cell([r.get(c) for r in results])
-                                                                         for c in shown)]) + " |")
+        markdown.append(
+            "| " + " | ".join([*key, str(len(results)), *(cell([r.get(c) for r in results]) for c in shown)]) + " |"
+        )
         base = groups.get((*key[:3], "baseline"))
-        ratio = (summarise([r["input_grad_norm"] for r in results])[0]
-                 / summarise([r["input_grad_norm"] for r in base])[0]) if base else None
-        checks.append("| " + " | ".join([
-            *key, "yes" if all(r["ordered_pgd_bim_fgsm"] for r in results) else "NO",
-            cell([r["pgd@64/255"] for r in results]), cell([r[f"pgd@{top}"] for r in results]),
-            cell([r[f"pgd_10x_steps@{top}"] for r in results]),
-            cell([r.get(f"transfer_pgd@{top}") for r in results]), "" if ratio is None else f"{ratio:.2f}"]) + " |")
+        ratio = (
+            (summarise([r["input_grad_norm"] for r in results])[0] / summarise([r["input_grad_norm"] for r in base])[0])
+            if base
+            else None
+        )
+        checks.append(
+            "| "
+            + " | ".join(
+                [
+                    *key,
+                    "yes" if all(r["ordered_pgd_bim_fgsm"] for r in results) else "NO",
+                    cell([r["pgd@64/255"] for r in results]),
+                    cell([r[f"pgd@{top}"] for r in results]),
+                    cell([r[f"pgd_10x_steps@{top}"] for r in results]),
+                    cell([r.get(f"transfer_pgd@{top}") for r in results]),
+                    "" if ratio is None else f"{ratio:.2f}",
+                ]
+            )
+            + " |"
+        )
     markdown += ["", "Gradient-masking checks:", "", *checks]
-    title = (f"assimilation study, config {name}: {config['overrides']['federation.rounds']} rounds x "
-             f"{config['overrides']['client.epochs']} local epochs; attacks with {config['steps']} steps on "
-             f"{config['samples'] or 'all'} test images")
-    note = ("majority: accuracy of a model that answers the majority class everywhere, on the attacked images. "
-            "Accuracy under attack, white-box through the whole model (modules included), pixel-space L-inf "
-            "eps; ASR: share of the correctly classified images the attack turns wrong; mean ± sd over seeds.")
+    title = (
+        f"assimilation study, config {name}: {config['overrides']['federation.rounds']} rounds x "
+        f"{config['overrides']['client.epochs']} local epochs; attacks with {config['steps']} steps on "
+        f"{config['samples'] or 'all'} test images"
+    )
+    note = (
+        "majority: accuracy of a model that answers the majority class everywhere, on the attacked images. "
+        "Accuracy under attack, white-box through the whole model (modules included), pixel-space L-inf "
+        "eps; ASR: share of the correctly classified images the attack turns wrong; mean ± sd over seeds."
+    )
     figure = out / "assimilation.png"
     drawn = plot(groups, figure, title)
     return report(out, title, markdown, note, figure if drawn else None, failed, seconds)

@@ -57,8 +57,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from study_runs import fmt, overrides, report, run_once, study_parser  # noqa: E402
 
-STRATEGIES = ["fedavg", "norm_clip", "weak_dp", "krum", "multikrum", "rfa", "fedmedian", "trimmed_mean",
-              "bulyan", "flame", "foolsgold", "fltrust"]
+STRATEGIES = [
+    "fedavg",
+    "norm_clip",
+    "weak_dp",
+    "krum",
+    "multikrum",
+    "rfa",
+    "fedmedian",
+    "trimmed_mean",
+    "bulyan",
+    "flame",
+    "foolsgold",
+    "fltrust",
+]
 MODES = ["blackbox", "pgd", "replacement"]
 
 CONFIGS = {
@@ -147,8 +159,13 @@ def plot(results: dict, strategies: list[str], modes: list[str], start_round: in
             if r is None:
                 continue
             # fedavg (no defence) is the reference: thicker and black
-            style = dict(color="black" if strategy == "fedavg" else colours[strategy],
-                         lw=2.4 if strategy == "fedavg" else 1.4, marker="o", ms=3, label=strategy)
+            style = dict(
+                color="black" if strategy == "fedavg" else colours[strategy],
+                lw=2.4 if strategy == "fedavg" else 1.4,
+                marker="o",
+                ms=3,
+                label=strategy,
+            )
             for row, key in enumerate(("asr_per_round", "accuracy_per_round")):
                 pts = [(x, y) for x, y in zip(r["rounds"], r[key]) if y is not None]
                 if pts:
@@ -190,8 +207,16 @@ def main() -> int:
     start_round = int(settings["attack.start_round"])
     out = Path(args.out).resolve()  # the runs start in the repository root
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"dataset={config['dataset']}", f"model={config['model']}", "attack=edge_case", *overrides(settings),
-              f"dataset.root={Path(args.root).resolve()}", f"seed={args.seed}", "progress=false", *args.overrides]
+    common = [
+        f"dataset={config['dataset']}",
+        f"model={config['model']}",
+        "attack=edge_case",
+        *overrides(settings),
+        f"dataset.root={Path(args.root).resolve()}",
+        f"seed={args.seed}",
+        "progress=false",
+        *args.overrides,
+    ]
 
     grid = [(s, m) for s in args.strategies for m in args.modes]
     results: dict[tuple[str, str], dict] = {}
@@ -210,32 +235,52 @@ def main() -> int:
             failed.append((strategy, mode))
             print(f"{tag}: cannot read its outputs in {run_dir}: {exc!r}", flush=True)
             continue
-        print(f"{tag}: accuracy {fmt(r['accuracy'])}, ASR {fmt(r['asr_before'])} -> {fmt(r['asr_final'])} "
-              f"(max {fmt(r['asr_max'])}), TPR {fmt(r['tpr'])}, FPR {fmt(r['fpr'])} -- {status}", flush=True)
+        print(
+            f"{tag}: accuracy {fmt(r['accuracy'])}, ASR {fmt(r['asr_before'])} -> {fmt(r['asr_final'])} "
+            f"(max {fmt(r['asr_max'])}), TPR {fmt(r['tpr'])}, FPR {fmt(r['fpr'])} -- {status}",
+            flush=True,
+        )
 
     records = [[s, m, *(r[c] for c in COLUMNS)] for (s, m), r in results.items()]
     with (out / "table.csv").open("w", newline="") as fh:
-        csv.writer(fh).writerows([["strategy", "mode", *COLUMNS],
-                                  *[["" if v is None else v for v in rec] for rec in records]])
+        csv.writer(fh).writerows(
+            [["strategy", "mode", *COLUMNS], *[["" if v is None else v for v in rec] for rec in records]]
+        )
     s = settings
-    title = (f"backdoor study, config {args.config}: {config['model']} on {config['dataset']}, "
-             f"{s['federation.num_clients']} clients ({s['federation.clients_per_round']} per round), "
-             f"{s['attack.fraction']:.0%} malicious, edge case = tail of class {s['attack.source_class']} "
-             f"labelled {s['attack.target_class']}, attack from round {start_round} of {s['federation.rounds']}, "
-             f"seed {args.seed}")
-    md_header = ["strategy", "mode", "ACC", "AUC", "ASR before", "ASR final", "ASR max", "TPR", "FPR",
-                 "precision", "wall s"]
+    title = (
+        f"backdoor study, config {args.config}: {config['model']} on {config['dataset']}, "
+        f"{s['federation.num_clients']} clients ({s['federation.clients_per_round']} per round), "
+        f"{s['attack.fraction']:.0%} malicious, edge case = tail of class {s['attack.source_class']} "
+        f"labelled {s['attack.target_class']}, attack from round {start_round} of {s['federation.rounds']}, "
+        f"seed {args.seed}"
+    )
+    md_header = [
+        "strategy",
+        "mode",
+        "ACC",
+        "AUC",
+        "ASR before",
+        "ASR final",
+        "ASR max",
+        "TPR",
+        "FPR",
+        "precision",
+        "wall s",
+    ]
     markdown = ["| " + " | ".join(md_header) + " |", "|---|---|" + "---:|" * (len(md_header) - 2)]
     for rec in records:
         markdown.append("| " + " | ".join([*rec[:2], *(fmt(v) for v in rec[2:-1]), fmt(rec[-1], 0)]) + " |")
-    note = ("ACC/AUC: clean test split, final model. ASR: share of held-out edge-case inputs (true class "
-            "!= target) classified as the target; 'before' is the last round before the attack (tail "
-            "inputs are misclassified more often than typical ones even by a clean model), 'max' over "
-            "the attacked rounds. TPR/FPR/precision: the strategy's flags over all rounds, scored by the "
-            "runner (a malicious client counts as positive only in rounds it attacked).")
+    note = (
+        "ACC/AUC: clean test split, final model. ASR: share of held-out edge-case inputs (true class "
+        "!= target) classified as the target; 'before' is the last round before the attack (tail "
+        "inputs are misclassified more often than typical ones even by a clean model), 'max' over "
+        "the attacked rounds. TPR/FPR/precision: the strategy's flags over all rounds, scored by the "
+        "runner (a malicious client counts as positive only in rounds it attacked)."
+    )
     figure = out / "asr.png"
     drawn = plot(results, args.strategies, args.modes, start_round, figure, title)
     return report(out, title, markdown, note, figure if drawn else None, failed, time.monotonic() - started_all)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,9 +17,24 @@ from fedmed.train import derive_seed, evaluate, make_optimizer, train_local
 
 
 def bare_fedavg(
-    *, dataset: str, root: str | None, model_name: str, norm: str, num_clients: int, rounds: int,
-    partition: dict, epochs: int, batch_size: int, optimizer: str, lr: float, momentum: float,
-    weight_decay: float, augment: bool, val_fraction: float, seed: int, size: int = 28,
+    *,
+    dataset: str,
+    root: str | None,
+    model_name: str,
+    norm: str,
+    num_clients: int,
+    rounds: int,
+    partition: dict,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    augment: bool,
+    val_fraction: float,
+    seed: int,
+    size: int = 28,
 ) -> list[dict]:
     """Per-round rows (round, accuracy, auc, time_s), round 0 being the initial model."""
     started = time.monotonic()
@@ -30,8 +45,9 @@ def bare_fedavg(
     partitions = client_partitions(data.train.labels, num_clients, partition, seed, data.name)
     shares = [split_holdout(p, val_fraction, derive_seed(seed, pid))[0] for pid, p in enumerate(partitions)]
     test = data.test
-    rows = [{"round": 0, **evaluate(model, test.images, test.labels, device=device),
-             "time_s": time.monotonic() - started}]
+    rows = [
+        {"round": 0, **evaluate(model, test.images, test.labels, device=device), "time_s": time.monotonic() - started}
+    ]
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     for server_round in range(1, rounds + 1):
         total = sum(len(s) for s in shares)
@@ -41,13 +57,27 @@ def bare_fedavg(
             client_seed = derive_seed(seed, server_round, pid)
             torch.manual_seed(client_seed)
             opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
-            train_local(model, data.train.images, data.train.labels, indices, epochs=epochs,
-                        batch_size=batch_size, optimizer=opt, device=device, seed=client_seed,
-                        augment=augment)
+            train_local(
+                model,
+                data.train.images,
+                data.train.labels,
+                indices,
+                epochs=epochs,
+                batch_size=batch_size,
+                optimizer=opt,
+                device=device,
+                seed=client_seed,
+                augment=augment,
+            )
             for k, v in model.state_dict().items():
                 summed[k] += v.float() * (len(indices) / total)
         global_state = {k: summed[k].to(v.dtype) for k, v in global_state.items()}
         model.load_state_dict(global_state)
-        rows.append({"round": server_round, **evaluate(model, test.images, test.labels, device=device),
-                     "time_s": time.monotonic() - started})
+        rows.append(
+            {
+                "round": server_round,
+                **evaluate(model, test.images, test.labels, device=device),
+                "time_s": time.monotonic() - started,
+            }
+        )
     return rows

@@ -158,7 +158,7 @@ def record(flat: torch.Tensor) -> dict[str, Array]:
     arrays, offset = {}, 0
     values = flat.numpy()
     for i, size in enumerate(layer_sizes(flat.numel())):
-        arrays[f"layer{i}"] = Array(np.ascontiguousarray(values[offset:offset + size]))
+        arrays[f"layer{i}"] = Array(np.ascontiguousarray(values[offset : offset + size]))
         offset += size
     return arrays
 
@@ -167,8 +167,12 @@ def messages(records: list[dict[str, Array]]) -> list[Message]:
     out = []
     for i, arrays in enumerate(records):
         ins = Message(RecordDict(), dst_node_id=1 + i, message_type=MessageType.TRAIN)
-        content = RecordDict({"arrays": ArrayRecord(dict(arrays)),  # shares the serialised bytes
-                              "metrics": MetricRecord({"num-examples": 10 + i, "partition-id": i})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(dict(arrays)),  # shares the serialised bytes
+                "metrics": MetricRecord({"num-examples": 10 + i, "partition-id": i}),
+            }
+        )
         out.append(Message(content, reply_to=ins))
     return out
 
@@ -190,8 +194,10 @@ def variants(name: str) -> list[tuple[str, object]]:
     """The rule as timed: Bulyan with its fused stage (``strategy.compile_stage=true``; its
     default switches it on from 2^24 selected values) and, on a second row, without it."""
     if name == "bulyan":
-        return [("bulyan", make_aggregator(name, compile_stage=True)),
-                ("bulyan eager", make_aggregator(name, compile_stage=False))]
+        return [
+            ("bulyan", make_aggregator(name, compile_stage=True)),
+            ("bulyan eager", make_aggregator(name, compile_stage=False)),
+        ]
     return [(name, make_aggregator(name))]
 
 
@@ -204,8 +210,11 @@ def warm_up(aggregator, u: torch.Tensor | None, counts: torch.Tensor, ids: list[
     started = time.perf_counter()
     aggregator.aggregate(block, counts, client_ids=ids, generator=torch.Generator())
     if time.perf_counter() - started > 1.0:
-        print(f"bulyan: compiling its fused stage for n = {n} took {time.perf_counter() - started:.1f} s "
-              "(not timed below)", flush=True)
+        print(
+            f"bulyan: compiling its fused stage for n = {n} took {time.perf_counter() - started:.1f} s "
+            "(not timed below)",
+            flush=True,
+        )
 
 
 def extra_bytes(name: str, n: int, d: int) -> float:
@@ -234,8 +243,12 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
             reference = u[: n // 2].mean(0)
         for label, aggregator in variants(name):
             warm_up(aggregator, u, counts, ids)
-            ours[label] = timed(lambda: aggregator.aggregate(u, counts, client_ids=ids, reference=reference,
-                                                             generator=torch.Generator().manual_seed(0)), repeats)
+            ours[label] = timed(
+                lambda: aggregator.aggregate(
+                    u, counts, client_ids=ids, reference=reference, generator=torch.Generator().manual_seed(0)
+                ),
+                repeats,
+            )
             del aggregator
     del u
     gc.collect()
@@ -266,16 +279,20 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
                 aggregator = variants(name)[0][1]
                 warm_up(aggregator, None, counts, ids)
                 # FLTrust's server update comes from the server's own training, not timed here
-                ref = (stack_updates([ArrayRecord(dict(r)) for r in records[: n // 2]], global_record).mean(0)
-                       if name == "fltrust" else None)
+                ref = (
+                    stack_updates([ArrayRecord(dict(r)) for r in records[: n // 2]], global_record).mean(0)
+                    if name == "fltrust"
+                    else None
+                )
 
                 rows_buffer = UpdateRows()  # a server's, kept from round to round
 
                 def end_to_end():
                     replies = [ArrayRecord(dict(r)) for r in records]
                     updates = stack_updates(replies, global_record, rows_buffer(n, d))
-                    result = aggregator.aggregate(updates, counts, client_ids=ids,
-                                                  generator=torch.Generator().manual_seed(0), reference=ref)
+                    result = aggregator.aggregate(
+                        updates, counts, client_ids=ids, generator=torch.Generator().manual_seed(0), reference=ref
+                    )
                     stats = batchnorm_statistics(replies, counts, result.flagged)
                     return apply_update(global_record, result.update, result.noise, stats)
 
@@ -291,8 +308,10 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
             if name in FLOWER:
                 needed = 2 * nbytes + (d * 8.0)
                 if not fits(needed):
-                    flower[name] = (f"skipped: Flower's {name} would need {needed / GB:.1f} GB more (it copies "
-                                    f"the weights into numpy arrays), {available_bytes() / GB:.1f} GB available")
+                    flower[name] = (
+                        f"skipped: Flower's {name} would need {needed / GB:.1f} GB more (it copies "
+                        f"the weights into numpy arrays), {available_bytes() / GB:.1f} GB available"
+                    )
                     continue
                 strategy = flower_strategy(name, n)
                 batches = []
@@ -312,12 +331,13 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
         gc.collect()
 
     print(f"one GEMM pass U @ U.T: {gemm:.3f} s ({nbytes / gemm / GB:.1f} GB/s)")
-    header = (f"{'strategy':<13}{'ours s':>9}{'GB/s':>7}{'x GEMM':>8}{'e2e s':>9}{'flower s':>10}{'GB/s':>7}"
-              f"{'speedup':>9}")
+    header = (
+        f"{'strategy':<13}{'ours s':>9}{'GB/s':>7}{'x GEMM':>8}{'e2e s':>9}{'flower s':>10}{'GB/s':>7}{'speedup':>9}"
+    )
     print(header)
     print("-" * len(header))
     notes = []
-    for name in [label for name in names for label, _ in variants(name)]:
+    for name in [label for rule in names for label, _ in variants(rule)]:
         o, e, fl = ours.get(name), e2e.get(name), flower.get(name)
         cells = [f"{name:<13}"]
         cells.append(f"{o:9.3f}{nbytes / o / GB:7.1f}" if isinstance(o, float) else f"{'-':>9}{'':>7}")
@@ -335,8 +355,10 @@ def bench(size: str, d: int, n: int, names: list[str], repeats: int, results: di
     for note in dict.fromkeys(notes):
         print(note)
     for name in first:
-        print(f"{name} e2e, first round (allocates the stacking buffer): {first[name]:.3f} s; peak memory "
-              f"of the path {peak_bytes[name] / GB:.2f} GB = {peak_bytes[name] / nbytes:.2f} x the stacked updates")
+        print(
+            f"{name} e2e, first round (allocates the stacking buffer): {first[name]:.3f} s; peak memory "
+            f"of the path {peak_bytes[name] / GB:.2f} GB = {peak_bytes[name] / nbytes:.2f} x the stacked updates"
+        )
     results[(size, n)] = {"ours": ours, "e2e": e2e, "flower": flower, "gemm": gemm}
 
 
@@ -374,8 +396,10 @@ def main() -> None:
     import sklearn.cluster  # noqa: F401  (FLAME's HDBSCAN: imported here, not inside a timing)
 
     read, copy = memory_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; memory "
-          f"bandwidth: {read:.1f} GB/s read (sum), {copy:.1f} GB/s copy (read + write)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; memory "
+        f"bandwidth: {read:.1f} GB/s read (sum), {copy:.1f} GB/s copy (read + write)"
+    )
     results: dict = {}
     for size in sizes:
         for n in (int(v) for v in args.n.split(",")):

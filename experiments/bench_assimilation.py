@@ -51,8 +51,18 @@ def epoch_timer(arch: str, assimilation: str, images, labels, indices, batch_siz
     def run() -> float:
         optimizer = make_optimizer(model.parameters(), "sgd", 0.01, 0.0, 5e-4)
         started = time.perf_counter()
-        train_local(model, images, labels, indices, epochs=1, batch_size=batch_size, optimizer=optimizer,
-                    device=torch.device("cpu"), seed=0, **({"step": step} if step else {}))
+        train_local(
+            model,
+            images,
+            labels,
+            indices,
+            epochs=1,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            device=torch.device("cpu"),
+            seed=0,
+            **({"step": step} if step else {}),
+        )
         return time.perf_counter() - started
 
     return run
@@ -72,14 +82,18 @@ def main() -> None:
     indices = np.sort(np.random.default_rng(0).choice(len(data.train.labels), args.images, replace=False))
     # only the sampled images, renumbered, so that resizing to 64 px stays small
     images, labels, order = data.train.images[indices], data.train.labels[indices], np.arange(args.images)
-    print(f"PneumoniaMNIST, {args.images} images, batch {args.batch_size}, texture loss 8 levels x 12 offsets, "
-          f"median of {args.repeats} epochs, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(
+        f"PneumoniaMNIST, {args.images} images, batch {args.batch_size}, texture loss 8 levels x 12 offsets, "
+        f"median of {args.repeats} epochs, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    )
     print(f"{'setting':22s} {'baseline s':>10s} {'both+GLCM s':>11s} {'ratio':>6s}")
     ratios = {}
     for arch, size in SETTINGS:
         at_size = resized(images, size)
-        timers = {kind: epoch_timer(arch, kind, at_size, labels, order, args.batch_size, data.num_classes)
-                  for kind in ("none", "both")}
+        timers = {
+            kind: epoch_timer(arch, kind, at_size, labels, order, args.batch_size, data.num_classes)
+            for kind in ("none", "both")
+        }
         for timer in timers.values():  # warm-up: first-call allocations and kernel selection
             timer()
         times: dict[str, list[float]] = {kind: [] for kind in timers}

@@ -56,20 +56,67 @@ def epoch_timer(name: str, data, indices: np.ndarray, batch_size: int, pgd_steps
         if name == "distillation, defensive":
             # the teacher's epoch at T, then the model's epoch on its soft labels
             teacher = copy.deepcopy(model)
-            train_local(teacher, images, labels, indices, epochs=1, batch_size=batch_size,
-                        optimizer=make_optimizer(teacher.parameters(), "sgd", 0.01, 0.0, 5e-4), device=cpu, seed=0,
-                        step=temperature_step(20.0))
-            train_local(model, images, labels, indices, epochs=1, batch_size=batch_size, optimizer=optimizer,
-                        device=cpu, seed=0, step=SoftLabelStep(teacher, 20.0))
+            train_local(
+                teacher,
+                images,
+                labels,
+                indices,
+                epochs=1,
+                batch_size=batch_size,
+                optimizer=make_optimizer(teacher.parameters(), "sgd", 0.01, 0.0, 5e-4),
+                device=cpu,
+                seed=0,
+                step=temperature_step(20.0),
+            )
+            train_local(
+                model,
+                images,
+                labels,
+                indices,
+                epochs=1,
+                batch_size=batch_size,
+                optimizer=optimizer,
+                device=cpu,
+                seed=0,
+                step=SoftLabelStep(teacher, 20.0),
+            )
         elif name == "dp_sgd (GN)":
             defense = {"noise_multiplier": 1.0, "target_epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0}
-            with PrivateRound(model, optimizer, indices, batch_size=batch_size, defense=defense, total_epochs=1,
-                              state=RecordDict(), seed=0) as private:
-                train_local(private.model, images, labels, indices, epochs=1, batch_size=batch_size,
-                            optimizer=private.optimizer, device=cpu, seed=0, batches=private.batches)
+            with PrivateRound(
+                model,
+                optimizer,
+                indices,
+                batch_size=batch_size,
+                defense=defense,
+                total_epochs=1,
+                state=RecordDict(),
+                seed=0,
+            ) as private:
+                train_local(
+                    private.model,
+                    images,
+                    labels,
+                    indices,
+                    epochs=1,
+                    batch_size=batch_size,
+                    optimizer=private.optimizer,
+                    device=cpu,
+                    seed=0,
+                    batches=private.batches,
+                )
         else:
-            train_local(model, images, labels, indices, epochs=1, batch_size=batch_size, optimizer=optimizer,
-                        device=cpu, seed=0, **({"step": step()} if step else {}))
+            train_local(
+                model,
+                images,
+                labels,
+                indices,
+                epochs=1,
+                batch_size=batch_size,
+                optimizer=optimizer,
+                device=cpu,
+                seed=0,
+                **({"step": step()} if step else {}),
+            )
         return time.perf_counter() - started
 
     return run
@@ -89,8 +136,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset("pneumoniamnist", seed=0, root=args.root)
     indices = np.sort(np.random.default_rng(0).choice(len(data.train.labels), args.images, replace=False))
-    names = ["clean", "fgsm_at", "fast_at", f"pgd_at (k={args.pgd_steps})", "distillation, defensive",
-             "distillation, federated", "clean (GN)", "dp_sgd (GN)"]
+    names = [
+        "clean",
+        "fgsm_at",
+        "fast_at",
+        f"pgd_at (k={args.pgd_steps})",
+        "distillation, defensive",
+        "distillation, federated",
+        "clean (GN)",
+        "dp_sgd (GN)",
+    ]
     timers = {name: epoch_timer(name, data, indices, args.batch_size, args.pgd_steps) for name in names}
     for timer in timers.values():  # warm-up: first-call allocations and kernel selection
         timer()
@@ -99,8 +154,10 @@ def main() -> None:
         for name, timer in timers.items():
             times[name].append(timer())
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"ResNet18, PneumoniaMNIST 28 px, {args.images} images, batch {args.batch_size}, eps 8/255, "
-          f"median of {args.repeats} epochs, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(
+        f"ResNet18, PneumoniaMNIST 28 px, {args.images} images, batch {args.batch_size}, eps 8/255, "
+        f"median of {args.repeats} epochs, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    )
     print(f"{'defence':28s} {'s/epoch':>8s} {'x clean':>8s}  target")
     targets = {"fgsm_at": 2.1, "fast_at": 2.1, f"pgd_at (k={args.pgd_steps})": args.pgd_steps + 1.2}
     for name in names:

@@ -46,10 +46,22 @@ MODES = ("subprocess", "process")
 
 
 def workload(rounds: int, train: int) -> list[str]:
-    return ["dataset=synthetic", f"dataset.n_train={train}", "dataset.n_val=64", "dataset.n_test=128",
-            "model=resnet18", "partition=iid", f"federation.num_clients={len(SITES)}",
-            f"federation.clients_per_round={len(SITES)}", f"federation.rounds={rounds}", "eval.attacks=[]",
-            "eval.clients=false", "client.augment=false", "seed=0", "progress=false"]
+    return [
+        "dataset=synthetic",
+        f"dataset.n_train={train}",
+        "dataset.n_val=64",
+        "dataset.n_test=128",
+        "model=resnet18",
+        "partition=iid",
+        f"federation.num_clients={len(SITES)}",
+        f"federation.clients_per_round={len(SITES)}",
+        f"federation.rounds={rounds}",
+        "eval.attacks=[]",
+        "eval.clients=false",
+        "client.augment=false",
+        "seed=0",
+        "progress=false",
+    ]
 
 
 def write_sites(overrides: list[str], directory: Path) -> list[Path]:
@@ -60,20 +72,33 @@ def write_sites(overrides: list[str], directory: Path) -> list[Path]:
         share = client_share(job, pid, len(SITES))
         train, val = share.train_indices, share.val_indices
         path = directory / f"{site}.npz"
-        np.savez(path, train_images=share.images[train], train_labels=share.labels[train],
-                 val_images=share.images[val], val_labels=share.labels[val])
+        np.savez(
+            path,
+            train_images=share.images[train],
+            train_labels=share.labels[train],
+            val_images=share.images[val],
+            val_labels=share.labels[val],
+        )
         paths.append(path)
     return paths
 
 
 def step_overheads(rows: list[dict]) -> list[float]:
-    return [r["train_step_s"] - max(c["train_time_s"] for c in r["clients"]) for r in rows
-            if r["round"] >= 2 and r.get("clients")]
+    return [
+        r["train_step_s"] - max(c["train_time_s"] for c in r["clients"])
+        for r in rows
+        if r["round"] >= 2 and r.get("clients")
+    ]
 
 
 def simulated(overrides: list[str], out: Path) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "fedmed", *overrides, f"output_dir={out}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmed", *overrides, f"output_dir={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"fedmed-sim failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return read_metrics(out / "metrics.jsonl")
@@ -84,26 +109,62 @@ def deployed(mode: str, overrides: list[str], site_files: list[Path], work: Path
     home = work / "flwr-home"
     home.mkdir(parents=True)
     port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-                                      f'address = "{HOST}:{port}"\ninsecure = true\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "{HOST}:{port}"\ninsecure = true\n'
+    )
     processes = Processes(work / "logs", tool_env(home))
     try:
-        processes.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                      "--port", str(port)], cwd=work)
+        processes.start(
+            "superlink",
+            ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", str(port)],
+            cwd=work,
+        )
         for i, (site, path) in enumerate(zip(SITES, site_files)):
             node_port = free_port(port + 1 + 10 * i)
             isolation = ["--isolation", "process"] if mode == "process" else []
-            processes.start(site, ["flower-supernode", "--insecure", "--superlink", f"{HOST}:{port}",
-                                   "--port", str(node_port), *isolation,
-                                   "--node-config", f'data-path="{path}" site="{site}"'], cwd=work)
+            processes.start(
+                site,
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"{HOST}:{port}",
+                    "--port",
+                    str(node_port),
+                    *isolation,
+                    "--node-config",
+                    f'data-path="{path}" site="{site}"',
+                ],
+                cwd=work,
+            )
             if mode == "process":
-                processes.start(f"{site}-exec", [sys.executable, "-m", "fedmed.warm_exec",
-                                                 "--runtime-api-address", f"{HOST}:{node_port}"], cwd=work)
+                processes.start(
+                    f"{site}-exec",
+                    [sys.executable, "-m", "fedmed.warm_exec", "--runtime-api-address", f"{HOST}:{node_port}"],
+                    cwd=work,
+                )
         wait_until(lambda: all("SuperNode ID:" in processes.log(s) for s in SITES), 300, "the SuperNodes")
         out = work / "out"
-        done = processes.run([sys.executable, "-m", "fedmed.deploy_run", "--app", str(REPO), "--connection",
-                              "bench", "--wait", "--poll", "1", "--timeout", "1800", *overrides,
-                              f"output_dir={out}"], timeout=1900, cwd=work)
+        done = processes.run(
+            [
+                sys.executable,
+                "-m",
+                "fedmed.deploy_run",
+                "--app",
+                str(REPO),
+                "--connection",
+                "bench",
+                "--wait",
+                "--poll",
+                "1",
+                "--timeout",
+                "1800",
+                *overrides,
+                f"output_dir={out}",
+            ],
+            timeout=1900,
+            cwd=work,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"deployed run ({mode}) failed:\n{done.stdout}\n{done.stderr}")
         return read_metrics(out / "metrics.jsonl")
@@ -127,14 +188,24 @@ def main() -> None:
         for mode in modes:
             rows = deployed(mode, overrides, site_files, work / mode)
             results[mode] = step_overheads(rows)
-            print(json.dumps({"mode": mode, "train_step_s": [r.get("train_step_s") for r in rows],
-                              "client_train_time_s": [[c["train_time_s"] for c in r["clients"]] for r in rows]}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "mode": mode,
+                        "train_step_s": [r.get("train_step_s") for r in rows],
+                        "client_train_time_s": [[c["train_time_s"] for c in r["clients"]] for r in rows],
+                    }
+                ),
+                flush=True,
+            )
         for name, values in results.items():
             if not values:
                 raise RuntimeError(f"{name}: no round from 2 on had a client's reply; see the kept logs (--keep)")
-            print(f"{name}: step overhead {statistics.median(values):.2f} s (rounds 2..: "
-                  f"{', '.join(f'{v:.2f}' for v in values)})", flush=True)
+            print(
+                f"{name}: step overhead {statistics.median(values):.2f} s (rounds 2..: "
+                f"{', '.join(f'{v:.2f}' for v in values)})",
+                flush=True,
+            )
         fastest = min(statistics.median(results[m]) for m in modes)
         print(f"deployment_step_overhead_s={fastest:.2f}")
     finally:

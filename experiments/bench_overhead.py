@@ -33,8 +33,19 @@ sys.path.insert(0, str(HERE))
 
 from bare_loop import bare_fedavg  # noqa: E402
 
-WORKLOAD = dict(model_name="resnet18", num_clients=10, epochs=1, batch_size=32, optimizer="sgd",
-                lr=0.01, momentum=0.0, weight_decay=5e-4, augment=False, val_fraction=0.1, seed=0)
+WORKLOAD = dict(
+    model_name="resnet18",
+    num_clients=10,
+    epochs=1,
+    batch_size=32,
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.0,
+    weight_decay=5e-4,
+    augment=False,
+    val_fraction=0.1,
+    seed=0,
+)
 
 
 def steady_round_s(times: list[float]) -> float:
@@ -49,15 +60,20 @@ def fixed_cost_s(total: float, steady: float, rounds: int) -> float:
 
 def bare_rows(root: str, rounds: int, norm: str) -> list[dict]:
     logging.getLogger("opacus").setLevel(logging.WARNING)
-    return bare_fedavg(dataset="pneumoniamnist", root=root, norm=norm, rounds=rounds, partition={"name": "iid"},
-                       **WORKLOAD)
+    return bare_fedavg(
+        dataset="pneumoniamnist", root=root, norm=norm, rounds=rounds, partition={"name": "iid"}, **WORKLOAD
+    )
 
 
 def run_bare(root: str, rounds: int, norm: str) -> tuple[float, float]:
     """(steady round, whole command) of the bare loop, in a fresh interpreter like fedmed-sim."""
     started = time.monotonic()
-    child = subprocess.run([sys.executable, __file__, "--bare-child", "--root", root, "--rounds", str(rounds),
-                            "--norm", norm], check=True, capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--bare-child", "--root", root, "--rounds", str(rounds), "--norm", norm],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     total = time.monotonic() - started
     rows = json.loads(child.stdout.strip().splitlines()[-1])
     return steady_round_s([r["time_s"] for r in rows]), total
@@ -67,8 +83,14 @@ def run_default(folder: Path) -> tuple[float, float | None]:
     """(whole command, seconds until its round 0 line) of `fedmed-sim` without arguments."""
     started = time.monotonic()
     first_line = None
-    with subprocess.Popen([sys.executable, "-m", "fedmed"], cwd=folder, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, "COLUMNS": "200"}) as child:
+    with subprocess.Popen(
+        [sys.executable, "-m", "fedmed"],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ) as child:
         for line in child.stdout:
             if first_line is None and line.lstrip().startswith("round 0/"):
                 first_line = time.monotonic() - started
@@ -80,19 +102,32 @@ def run_default(folder: Path) -> tuple[float, float | None]:
 def run_fedmed(root: str, rounds: int, norm: str, out: Path, transport: str) -> tuple[float, float]:
     w = WORKLOAD
     overrides = [
-        "dataset=pneumoniamnist", f"dataset.root={root}", f"model={w['model_name']}", f"model.norm={norm}",
-        "partition=iid", f"federation.num_clients={w['num_clients']}",
-        f"federation.clients_per_round={w['num_clients']}", f"federation.rounds={rounds}",
-        f"client.epochs={w['epochs']}", f"client.batch_size={w['batch_size']}", f"client.lr={w['lr']}",
-        f"client.optimizer={w['optimizer']}", f"client.momentum={w['momentum']}",
-        f"client.weight_decay={w['weight_decay']}", f"client.augment={w['augment']}",
-        f"client.val_fraction={w['val_fraction']}", f"seed={w['seed']}", "progress=false", f"output_dir={out}",
+        "dataset=pneumoniamnist",
+        f"dataset.root={root}",
+        f"model={w['model_name']}",
+        f"model.norm={norm}",
+        "partition=iid",
+        f"federation.num_clients={w['num_clients']}",
+        f"federation.clients_per_round={w['num_clients']}",
+        f"federation.rounds={rounds}",
+        f"client.epochs={w['epochs']}",
+        f"client.batch_size={w['batch_size']}",
+        f"client.lr={w['lr']}",
+        f"client.optimizer={w['optimizer']}",
+        f"client.momentum={w['momentum']}",
+        f"client.weight_decay={w['weight_decay']}",
+        f"client.augment={w['augment']}",
+        f"client.val_fraction={w['val_fraction']}",
+        f"seed={w['seed']}",
+        "progress=false",
+        f"output_dir={out}",
         "eval.attacks=[]",  # the bare loop measures clean test metrics only
         f"ray.model_transport={transport}",
     ]
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "fedmed", *overrides], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "fedmed", *overrides], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     total = time.monotonic() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return steady_round_s([r["time_s"] for r in rows]), total
@@ -103,12 +138,19 @@ def main() -> None:
     parser.add_argument("--root", default=str(HERE.parents[1] / "shared" / "data" / "medmnist"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--norm", default="batch")
-    parser.add_argument("--transport", default="auto",
-                        help="ray.model_transport of the fedmed-sim runs; several, comma-separated, are "
-                             "compared in the same run (e.g. auto,message); the last line is for the first")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="alternate the runs this many times and report medians: on a shared machine "
-                             "the same run varied by 20%% between two runs")
+    parser.add_argument(
+        "--transport",
+        default="auto",
+        help="ray.model_transport of the fedmed-sim runs; several, comma-separated, are "
+        "compared in the same run (e.g. auto,message); the last line is for the first",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate the runs this many times and report medians: on a shared machine "
+        "the same run varied by 20%% between two runs",
+    )
     parser.add_argument("--no-default-run", action="store_true", help="skip (c), the default command")
     parser.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,23 +169,31 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 fed[transport].append(run_fedmed(args.root, args.rounds, args.norm, Path(tmp) / "run", transport))
         bare.append(run_bare(args.root, args.rounds, args.norm))
-    print(f"workload: resnet18 ({args.norm} norm), pneumoniamnist 28px, 10 clients, {args.rounds} rounds, "
-          f"1 epoch, batch 32, {os.cpu_count()} cores; median of {args.repeats} alternating runs")
+    print(
+        f"workload: resnet18 ({args.norm} norm), pneumoniamnist 28px, 10 clients, {args.rounds} rounds, "
+        f"1 epoch, batch 32, {os.cpu_count()} cores; median of {args.repeats} alternating runs"
+    )
     bare_round, bare_total = (statistics.median(v) for v in zip(*bare))
-    print(f"bare PyTorch loop : steady round {bare_round:7.2f} s   total {bare_total:7.1f} s   "
-          f"(rounds {', '.join(f'{r:.2f}' for r, _ in bare)})")
+    print(
+        f"bare PyTorch loop : steady round {bare_round:7.2f} s   total {bare_total:7.1f} s   "
+        f"(rounds {', '.join(f'{r:.2f}' for r, _ in bare)})"
+    )
     ratios = {}
     for transport in transports:
         fed_round, fed_total = (statistics.median(v) for v in zip(*fed[transport]))
         ratios[transport] = (fed_round / bare_round, fed_total / bare_total)
-        print(f"fedmed-sim, ray.model_transport={transport}: steady round {fed_round:7.2f} s   total "
-              f"{fed_total:7.1f} s   (rounds {', '.join(f'{r:.2f}' for r, _ in fed[transport])})   "
-              f"ratio {ratios[transport][0]:.3f}")
+        print(
+            f"fedmed-sim, ray.model_transport={transport}: steady round {fed_round:7.2f} s   total "
+            f"{fed_total:7.1f} s   (rounds {', '.join(f'{r:.2f}' for r, _ in fed[transport])})   "
+            f"ratio {ratios[transport][0]:.3f}"
+        )
     bare_fixed = fixed_cost_s(bare_total, bare_round, args.rounds)
     fed_round, fed_total = (statistics.median(v) for v in zip(*fed[transports[0]]))
     fed_fixed = fixed_cost_s(fed_total, fed_round, args.rounds)
-    print(f"fixed cost (command minus {args.rounds} x steady round): fedmed-sim {fed_fixed:.1f} s, bare loop "
-          f"{bare_fixed:.1f} s, ratio {fed_fixed / bare_fixed:.2f}")
+    print(
+        f"fixed cost (command minus {args.rounds} x steady round): fedmed-sim {fed_fixed:.1f} s, bare loop "
+        f"{bare_fixed:.1f} s, ratio {fed_fixed / bare_fixed:.2f}"
+    )
     print(f"total_time_ratio={ratios[transports[0]][1]:.3f}")
     print(f"fixed_cost_s={fed_fixed:.1f}")
     if not args.no_default_run:

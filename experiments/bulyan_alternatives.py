@@ -38,7 +38,7 @@ def timed(fn, repeats: int) -> float:
 def by_blocks(selected: torch.Tensor, stage) -> torch.Tensor:
     out = torch.empty(selected.shape[1])
     for start in range(0, selected.shape[1], BLOCK):
-        out[start:start + BLOCK] = stage(selected[:, start:start + BLOCK].T.contiguous())
+        out[start : start + BLOCK] = stage(selected[:, start : start + BLOCK].T.contiguous())
     return out
 
 
@@ -67,12 +67,15 @@ def main() -> None:
     rows = {
         "fedmed bulyan, fused stage, whole rule": timed(
             lambda: fused.aggregate(updates, torch.ones(n), client_ids=range(n), generator=torch.Generator()),
-            args.repeats),
+            args.repeats,
+        ),
         "fedmed bulyan, eager stage, whole rule": timed(
             lambda: bulyan.aggregate(updates, torch.ones(n), client_ids=range(n), generator=torch.Generator()),
-            args.repeats),
+            args.repeats,
+        ),
         "torch.sort per coordinate, middle beta averaged": timed(
-            lambda: by_blocks(selected, lambda b: b.sort(dim=1).values[:, low:low + beta].mean(1)), args.repeats),
+            lambda: by_blocks(selected, lambda b: b.sort(dim=1).values[:, low : low + beta].mean(1)), args.repeats
+        ),
         "torch.median + topk of the beta nearest": timed(lambda: by_blocks(selected, median_topk), args.repeats),
         "torch.median alone": timed(lambda: by_blocks(selected, lambda b: b.median(dim=1).values), args.repeats),
     }

@@ -42,14 +42,31 @@ def main() -> None:
     for i in chosen:
         optimizer, lr, momentum, norm, augment = SETTINGS[i]
         rows = bare_fedavg(
-            dataset="pneumoniamnist", root=args.root, model_name="resnet18", norm=norm, num_clients=10,
-            rounds=args.rounds, partition={"name": "dirichlet", "alpha": 1.0, "min_partition_size": 10},
-            epochs=1, batch_size=32, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=5e-4,
-            augment=augment, val_fraction=0.1, seed=0,
+            dataset="pneumoniamnist",
+            root=args.root,
+            model_name="resnet18",
+            norm=norm,
+            num_clients=10,
+            rounds=args.rounds,
+            partition={"name": "dirichlet", "alpha": 1.0, "min_partition_size": 10},
+            epochs=1,
+            batch_size=32,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=5e-4,
+            augment=augment,
+            val_fraction=0.1,
+            seed=0,
         )
         label = f"{optimizer} lr={lr} momentum={momentum} norm={norm} augment={augment}"
-        print(f"{label:55s} accuracy " + " ".join(f"{r['accuracy']:.3f}" for r in rows)
-              + " | auc " + " ".join(f"{(r['auc'] or 0):.3f}" for r in rows), flush=True)
+        print(
+            f"{label:55s} accuracy "
+            + " ".join(f"{r['accuracy']:.3f}" for r in rows)
+            + " | auc "
+            + " ".join(f"{(r['auc'] or 0):.3f}" for r in rows),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

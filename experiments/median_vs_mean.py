@@ -50,17 +50,27 @@ def main() -> None:
         return evaluate(local, data.test.images, data.test.labels, batch_size=256, device=cpu)["loss"]
 
     print(f"{CLIENTS} clients x {share} images, ResNet18, one epoch of SGD 0.01 a round")
-    print("round  |mean|  |median|  cos(median, mean)  client cos (min..max)   test loss: mean  median  "
-          "mean at |median|")
+    print(
+        "round  |mean|  |median|  cos(median, mean)  client cos (min..max)   test loss: mean  median  mean at |median|"
+    )
     for rnd in range(args.rounds):
         records = []
         for client in range(CLIENTS):
             local = copy.deepcopy(model)
             load_arrays(local, global_arrays)
             optimizer = make_optimizer(local.parameters(), "sgd", 0.01, 0.0, 5e-4)
-            train_local(local, data.train.images, data.train.labels, order[client * share:(client + 1) * share],
-                        epochs=1, batch_size=32, optimizer=optimizer, device=cpu, seed=100 * rnd + client,
-                        augment=True)
+            train_local(
+                local,
+                data.train.images,
+                data.train.labels,
+                order[client * share : (client + 1) * share],
+                epochs=1,
+                batch_size=32,
+                optimizer=optimizer,
+                device=cpu,
+                seed=100 * rnd + client,
+                augment=True,
+            )
             records.append(model_to_arrays(local))
         updates = stack_updates(records, global_arrays)
         statistics = batchnorm_statistics(records, torch.full((CLIENTS,), float(share)), [])
@@ -68,11 +78,16 @@ def main() -> None:
         unit = updates / updates.norm(dim=1, keepdim=True)
         pairwise = (unit @ unit.T)[~torch.eye(CLIENTS, dtype=torch.bool)]
         cosine = float(mean @ median / (mean.norm() * median.norm()))
-        losses = [test_loss(apply_update(global_arrays, u, None, statistics))
-                  for u in (mean, median, mean * median.norm() / mean.norm())]
-        print(f"{rnd + 1:>5}  {float(mean.norm()):6.3f}  {float(median.norm()):8.3f}  {cosine:17.3f}  "
-              f"{float(pairwise.min()):+.3f}..{float(pairwise.max()):+.3f}        "
-              f"{losses[0]:15.3f}  {losses[1]:6.3f}  {losses[2]:16.3f}", flush=True)
+        losses = [
+            test_loss(apply_update(global_arrays, u, None, statistics))
+            for u in (mean, median, mean * median.norm() / mean.norm())
+        ]
+        print(
+            f"{rnd + 1:>5}  {float(mean.norm()):6.3f}  {float(median.norm()):8.3f}  {cosine:17.3f}  "
+            f"{float(pairwise.min()):+.3f}..{float(pairwise.max()):+.3f}        "
+            f"{losses[0]:15.3f}  {losses[1]:6.3f}  {losses[2]:16.3f}",
+            flush=True,
+        )
         global_arrays = apply_update(global_arrays, mean, None, statistics)
 
 

@@ -9,7 +9,8 @@ test ACC 0.854, AUC 0.944 (100 epochs, Adam, batch 128). Here, with fedmed's def
 
 Each round is one local epoch, so R rounds see the data R times in every setting.
 
-    python experiments/medmnist_baseline.py [--rounds 20] [--root ../shared/data/medmnist] [--out results/medmnist_baseline]
+    python experiments/medmnist_baseline.py [--rounds 20] [--root ../shared/data/medmnist] \
+        [--out results/medmnist_baseline]
 
 Writes table.md, table.csv and accuracy.png to --out, and prints the table.
 """
@@ -34,17 +35,33 @@ HERE = Path(__file__).resolve().parent
 PUBLISHED = {"accuracy": 0.854, "auc": 0.944}
 
 SETTINGS = {
-    "centralised (1 client)": ["federation.num_clients=1", "federation.clients_per_round=1", "partition=iid",
-                               "ray.num_cpus_per_client=2"],
+    "centralised (1 client)": [
+        "federation.num_clients=1",
+        "federation.clients_per_round=1",
+        "partition=iid",
+        "ray.num_cpus_per_client=2",
+    ],
     "5 clients, IID": ["federation.num_clients=5", "federation.clients_per_round=5", "partition=iid"],
-    "5 clients, Dirichlet(0.3)": ["federation.num_clients=5", "federation.clients_per_round=5",
-                                  "partition=dirichlet", "partition.alpha=0.3"],
+    "5 clients, Dirichlet(0.3)": [
+        "federation.num_clients=5",
+        "federation.clients_per_round=5",
+        "partition=dirichlet",
+        "partition.alpha=0.3",
+    ],
 }
 
 
 def run_setting(overrides: list[str], common: list[str], out: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "fedmed", *common, *overrides, f"output_dir={out}", "progress=false",
-           "eval.attacks=[]"]  # clean metrics only, as the published baseline
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmed",
+        *common,
+        *overrides,
+        f"output_dir={out}",
+        "progress=false",
+        "eval.attacks=[]",
+    ]  # clean metrics only, as the published baseline
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -58,31 +75,55 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["dataset=pneumoniamnist", f"dataset.root={args.root}", "model=resnet18",
-              f"federation.rounds={args.rounds}", f"seed={args.seed}"]
+    common = [
+        "dataset=pneumoniamnist",
+        f"dataset.root={args.root}",
+        "model=resnet18",
+        f"federation.rounds={args.rounds}",
+        f"seed={args.seed}",
+    ]
     results = {}
     for name, overrides in SETTINGS.items():
         started = time.monotonic()
         slug = name.split(" (")[0].replace(", ", "_").replace(" ", "_").replace("(", "").replace(")", "")
         rows = run_setting(overrides, common, out / slug)
         results[name] = (rows, time.monotonic() - started)
-        print(f"{name}: final accuracy {rows[-1]['accuracy']:.3f}, AUC {rows[-1]['auc']:.3f} "
-              f"({results[name][1]:.0f} s)", flush=True)
+        print(
+            f"{name}: final accuracy {rows[-1]['accuracy']:.3f}, AUC {rows[-1]['auc']:.3f} ({results[name][1]:.0f} s)",
+            flush=True,
+        )
 
     header = ["setting", "final ACC", "final AUC", "best ACC (round)", "final balanced ACC", "wall s"]
-    table = [["MedMNIST v2 paper (centralised, 100 epochs)", f"{PUBLISHED['accuracy']:.3f}",
-              f"{PUBLISHED['auc']:.3f}", "", "", ""]]
+    table = [
+        [
+            "MedMNIST v2 paper (centralised, 100 epochs)",
+            f"{PUBLISHED['accuracy']:.3f}",
+            f"{PUBLISHED['auc']:.3f}",
+            "",
+            "",
+            "",
+        ]
+    ]
     for name, (rows, wall) in results.items():
         best = max(rows, key=lambda r: r["accuracy"])
-        table.append([name, f"{rows[-1]['accuracy']:.3f}", f"{rows[-1]['auc']:.3f}",
-                      f"{best['accuracy']:.3f} ({best['round']})", f"{rows[-1]['balanced_accuracy']:.3f}",
-                      f"{wall:.0f}"])
+        table.append(
+            [
+                name,
+                f"{rows[-1]['accuracy']:.3f}",
+                f"{rows[-1]['auc']:.3f}",
+                f"{best['accuracy']:.3f} ({best['round']})",
+                f"{rows[-1]['balanced_accuracy']:.3f}",
+                f"{wall:.0f}",
+            ]
+        )
     with (out / "table.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *table])
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     markdown += ["| " + " | ".join(row) + " |" for row in table]
-    title = (f"PneumoniaMNIST 28 px, ResNet-18, {args.rounds} rounds x 1 local epoch, seed {args.seed}, "
-             f"{os.cpu_count()} CPU cores")
+    title = (
+        f"PneumoniaMNIST 28 px, ResNet-18, {args.rounds} rounds x 1 local epoch, seed {args.seed}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     (out / "table.md").write_text(f"{title}\n\n" + "\n".join(markdown) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -175,8 +175,10 @@ def read_run(run_dir: Path, eps_values: list[float]) -> dict:
 
 
 def plot(results: dict, eps_values: list[float], defenses: list[str], path: Path, title: str) -> bool:
-    panels = sorted({(m, d) for (m, d, _) in results}, key=lambda p: (MODELS.index(p[0]) if p[0] in MODELS else 99,
-                                                                     DATASETS.index(p[1]) if p[1] in DATASETS else 99))
+    panels = sorted(
+        {(m, d) for (m, d, _) in results},
+        key=lambda p: (MODELS.index(p[0]) if p[0] in MODELS else 99, DATASETS.index(p[1]) if p[1] in DATASETS else 99),
+    )
     if not panels:
         return False
     ncols = min(3, len(panels))
@@ -208,10 +210,9 @@ def plot(results: dict, eps_values: list[float], defenses: list[str], path: Path
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    handles = [Line2D([], [], color=colours[d], lw=2, label=d) for d in defenses
-               if any(k[2] == d for k in results)]
+    handles = [Line2D([], [], color=colours[d], lw=2, label=d) for d in defenses if any(k[2] == d for k in results)]
     handles += [Line2D([], [], color="k", ls=styles[a], marker=markers[a], ms=4, label=a.upper()) for a in ATTACKS]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.suptitle(textwrap.fill(title, width=int(55 * ncols)), fontsize=9)
@@ -261,32 +262,49 @@ def main() -> int:
             print(f"{tag}: cannot read its outputs in {run_dir}: {exc!r}", flush=True)
             continue
         worst = column("pgd", eps_values[-1]) if eps_values else None
-        print(f"{tag}: accuracy {fmt(r['accuracy'])}, AUC {fmt(r['auc'])}"
-              + (f", {worst} {fmt(r[worst])}" if worst else "") + f" -- {status}", flush=True)
+        print(
+            f"{tag}: accuracy {fmt(r['accuracy'])}, AUC {fmt(r['auc'])}"
+            + (f", {worst} {fmt(r[worst])}" if worst else "")
+            + f" -- {status}",
+            flush=True,
+        )
 
     cols = [column(a, e) for a in ATTACKS for e in eps_values]
     header = ["model", "dataset", "defense", "accuracy", "auc", *cols, "wall_time_s"]
-    records = [[m, d, f, r["accuracy"], r["auc"], *(r[c] for c in cols), r["wall_time_s"]]
-               for (m, d, f), r in results.items()]
+    records = [
+        [m, d, f, r["accuracy"], r["auc"], *(r[c] for c in cols), r["wall_time_s"]] for (m, d, f), r in results.items()
+    ]
     with (out / "table.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows([header, *[["" if v is None else v for v in rec] for rec in records]])
 
     rounds = settings.get("federation.rounds")
-    title = (f"robustness study, config {args.config}: {rounds} round{'s' if rounds != 1 else ''}, "
-             f"{settings.get('federation.num_clients')} clients, training eps "
-             f"{eps_label(float(settings.get('defense.eps', 0.0314)))}, seed {args.seed}; "
-             f"attacks on {settings.get('eval.max_samples') or 'all'} test images")
-    md_header = ["model", "dataset", "defense", "ACC", "AUC",
-                 *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in eps_values], "wall s"]
+    title = (
+        f"robustness study, config {args.config}: {rounds} round{'s' if rounds != 1 else ''}, "
+        f"{settings.get('federation.num_clients')} clients, training eps "
+        f"{eps_label(float(settings.get('defense.eps', 0.0314)))}, seed {args.seed}; "
+        f"attacks on {settings.get('eval.max_samples') or 'all'} test images"
+    )
+    md_header = [
+        "model",
+        "dataset",
+        "defense",
+        "ACC",
+        "AUC",
+        *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in eps_values],
+        "wall s",
+    ]
     markdown = ["| " + " | ".join(md_header) + " |", "|" + "---|" * 3 + "---:|" * (len(md_header) - 3)]
     for rec in records:
         markdown.append("| " + " | ".join([*rec[:3], *(fmt(v) for v in rec[3:-1]), fmt(rec[-1], 0)]) + " |")
-    note = ("ACC/AUC: clean, whole test split; attack columns: accuracy under attack on the assessed "
-            "images. distillation = defensive distillation (Papernot et al. 2016), which masks "
-            "gradients (Carlini & Wagner 2016): read its FGSM numbers with PGD beside them.")
+    note = (
+        "ACC/AUC: clean, whole test split; attack columns: accuracy under attack on the assessed "
+        "images. distillation = defensive distillation (Papernot et al. 2016), which masks "
+        "gradients (Carlini & Wagner 2016): read its FGSM numbers with PGD beside them."
+    )
     figure = out / "robustness.png"
     drawn = plot(results, eps_values, args.defenses, figure, title)
     return report(out, title, markdown, note, figure if drawn else None, failed, time.monotonic() - started_all)
+
 
 if __name__ == "__main__":
     sys.exit(main())

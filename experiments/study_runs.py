@@ -57,8 +57,13 @@ def run_once(run_dir: Path, args: list[str], tag: str) -> str | None:
         proc = subprocess.run(cmd, cwd=REPO, stdout=so, stderr=se)
     wall = time.monotonic() - started
     if proc.returncode != 0 or not (run_dir / "summary.json").exists():
-        print(f"{tag}: FAILED (exit {proc.returncode}, {wall:.0f} s)\n  command: " + shlex.join(cmd)
-              + f"\n  last 30 lines of {run_dir / 'stderr.log'}:\n" + tail(run_dir / "stderr.log"), flush=True)
+        print(
+            f"{tag}: FAILED (exit {proc.returncode}, {wall:.0f} s)\n  command: "
+            + shlex.join(cmd)
+            + f"\n  last 30 lines of {run_dir / 'stderr.log'}:\n"
+            + tail(run_dir / "stderr.log"),
+            flush=True,
+        )
         return None
     return f"{wall:.0f} s"
 
@@ -67,17 +72,26 @@ def study_parser(doc: str, configs: list[str], default_out: str) -> argparse.Arg
     """The options every study takes: --config, --root, --out, --seed and --set."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(configs), default="quick")
-    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "medmnist"),
-                        help="folder with the MedMNIST .npz files")
+    parser.add_argument(
+        "--root", default=str(REPO.parent / "shared" / "data" / "medmnist"), help="folder with the MedMNIST .npz files"
+    )
     parser.add_argument("--out", default=default_out)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="extra Hydra overrides for every run, after the configuration's")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="extra Hydra overrides for every run, after the configuration's",
+    )
     return parser
 
 
-def report(out: Path, title: str, markdown: list[str], note: str, figure: Path | None, failed: list[tuple],
-           seconds: float) -> int:
+def report(
+    out: Path, title: str, markdown: list[str], note: str, figure: Path | None, failed: list[tuple], seconds: float
+) -> int:
     """Write table.md, print it with what was written; exit status 1 if any run failed."""
     (out / "table.md").write_text(f"{title}\n\n" + "\n".join(markdown) + f"\n\n{note}\n")
     written = [out / "table.md", out / "table.csv", *([figure] if figure else [])]

@@ -73,8 +73,10 @@ def _check_offsets(offsets: Sequence[tuple[int, int]], height: int, width: int) 
     for offset in offsets:
         dr, dc = (int(v) for v in offset)
         if (dr, dc) == (0, 0) or abs(dr) >= height or abs(dc) >= width:
-            raise ValueError(f"GLCM offset {tuple(offset)} pairs no pixels in a {height}x{width} image "
-                             "(it must be non-zero and shorter than the image)")
+            raise ValueError(
+                f"GLCM offset {tuple(offset)} pairs no pixels in a {height}x{width} image "
+                "(it must be non-zero and shorter than the image)"
+            )
         checked.append((dr, dc))
     if not checked:
         raise ValueError("GLCM offsets must not be empty")
@@ -151,8 +153,9 @@ def texture_statistics(images: torch.Tensor, levels: int, offsets: Sequence[tupl
     return torch.stack([features[name] for name in FEATURES], 1)
 
 
-def texture_loss(original: torch.Tensor, adapted: torch.Tensor, levels: int,
-                 offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+def texture_loss(
+    original: torch.Tensor, adapted: torch.Tensor, levels: int, offsets: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """Mean absolute difference of the GLCM statistics of ``original`` and of ``adapted``'s
     luminance, over the four features, all offsets and the batch (the texture-preservation loss)."""
     with torch.no_grad():

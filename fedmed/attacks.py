@@ -99,8 +99,9 @@ def _check_alpha(alpha: float | None, default: float) -> float:
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor of pixels in [0, 1], got {type(x).__name__} "
-                         f"{getattr(x, 'dtype', '')}")
+        raise ValueError(
+            f"x must be a float tensor of pixels in [0, 1], got {type(x).__name__} {getattr(x, 'dtype', '')}"
+        )
     if x.ndim < 2 or not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
         raise ValueError(
             f"x must be a batch (N, ...) and y its N labels; got x {tuple(x.shape)} and "
@@ -115,8 +116,9 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
             )
 
 
-def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, targeted: bool,
-                copies: int = 1) -> torch.Tensor:
+def _input_grad(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, targeted: bool, copies: int = 1
+) -> torch.Tensor:
     """Gradient of the attack objective with respect to ``x_adv`` only.
 
     Untargeted: cross entropy with the true labels (to be increased). Targeted: minus the cross
@@ -379,7 +381,9 @@ def _pgd_steps(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def make_attack(name: str, eps: float, *, seed: int = 0) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_attack(
+    name: str, eps: float, *, seed: int = 0
+) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The attack called ``name`` at radius ``eps`` (pixel scale), seeded with ``seed``.
 
     Names: ``fgsm``; ``bim`` (10 steps); ``mifgsm`` (10 steps, decay 1); ``pgd`` (PGD-10, L-inf,
@@ -404,8 +408,9 @@ def make_attack(name: str, eps: float, *, seed: int = 0) -> Callable[[nn.Module,
 _BATCHABLE = ("fgsm", "bim", "mifgsm")
 
 
-def attack_each_eps(name: str, eps: list[float], seeds: list[int], model: nn.Module, x: torch.Tensor,
-                    y: torch.Tensor) -> list[torch.Tensor]:
+def attack_each_eps(
+    name: str, eps: list[float], seeds: list[int], model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor]:
     """``[make_attack(name, e, seed=s)(model, x, y) for e, s in zip(eps, seeds)]``, computed as
     one attack on a batch holding a copy of ``x`` per radius.
 
@@ -432,18 +437,35 @@ def attack_each_eps(name: str, eps: list[float], seeds: list[int], model: nn.Mod
             grad = _input_grad(model, xs, ys, False, copies=k)
             out = torch.clamp(xs + eps_t * grad.sign(), 0.0, 1.0).detach()
         elif name in ("bim", "mifgsm"):
-            alpha = _per_sample(torch.tensor([e / DEFAULT_STEPS for e in radii], dtype=x.dtype,
-                                             device=x.device).repeat_interleave(n), x.ndim)
-            out = _sign_step_attack(model, xs, ys, xs, eps=eps_t, steps=DEFAULT_STEPS, alpha=alpha,
-                                    decay=1.0 if name == "mifgsm" else None, targeted=False, copies=k)
+            alpha = _per_sample(
+                torch.tensor([e / DEFAULT_STEPS for e in radii], dtype=x.dtype, device=x.device).repeat_interleave(n),
+                x.ndim,
+            )
+            out = _sign_step_attack(
+                model,
+                xs,
+                ys,
+                xs,
+                eps=eps_t,
+                steps=DEFAULT_STEPS,
+                alpha=alpha,
+                decay=1.0 if name == "mifgsm" else None,
+                targeted=False,
+                copies=k,
+            )
         else:  # pgd: each copy's random start from its own generator, as pgd() draws it
-            starts = [torch.empty_like(x).uniform_(-e, e, generator=torch.Generator(device=x.device).manual_seed(a.seed))
-                      for e, a in zip(radii, attacks)]
+            starts = [
+                torch.empty_like(x).uniform_(-e, e, generator=torch.Generator(device=x.device).manual_seed(a.seed))
+                for e, a in zip(radii, attacks)
+            ]
             x_start = torch.clamp(xs + torch.cat(starts), 0.0, 1.0)
-            alpha = _per_sample(torch.tensor([2.5 * e / steps for e in radii], dtype=x.dtype,
-                                             device=x.device).repeat_interleave(n), x.ndim)
-            out = _sign_step_attack(model, xs, ys, x_start, eps=eps_t, steps=steps, alpha=alpha, decay=None,
-                                    targeted=False, copies=k)
+            alpha = _per_sample(
+                torch.tensor([2.5 * e / steps for e in radii], dtype=x.dtype, device=x.device).repeat_interleave(n),
+                x.ndim,
+            )
+            out = _sign_step_attack(
+                model, xs, ys, x_start, eps=eps_t, steps=steps, alpha=alpha, decay=None, targeted=False, copies=k
+            )
     chunks = list(out.split(n))
     for i, e in enumerate(radii):  # eps = 0 returns the clean batch itself, as each attack does alone
         if e == 0:

@@ -38,47 +38,72 @@ RESERVED = ("ca", "server")
 def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(CURVE)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmed development CA")])
-    cert = (_builder(name, name, key.public_key(), days)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = (
+        _builder(name, name, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
     return key, cert
 
 
-def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str],
-                     ips: list[str], days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str], ips: list[str], days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """The SuperLink's certificate: every host name and IP address a SuperNode may dial, as SANs."""
     key = ec.generate_private_key(CURVE)
     names = [x509.DNSName(host) for host in hosts] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (hosts + ips)[0])])
-    cert = (_builder(subject, ca_cert.subject, key.public_key(), days)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = (
+        _builder(subject, ca_cert.subject, key.public_key(), days)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
     return key, cert
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days)))
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
 
 
 def pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def site_key_pair(site: str) -> tuple[bytes, bytes]:
     """(OpenSSH private key, OpenSSH public key line) of a new P-384 key for ``site``."""
     key = ec.generate_private_key(CURVE)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + f" {site}\n".encode()
 
@@ -108,14 +133,18 @@ def check_request(out: Path, hosts: list[str], ips: list[str], sites: list[str],
             raise ValueError(f"--ip {ip!r} is not an IP address (host names go to --host)") from None
     for site in sites:
         if not SITE_NAME.fullmatch(site) or site in RESERVED:
-            raise ValueError(f"--sites {site!r}: a site name is letters, digits, '.', '_' or '-' (not starting with "
-                             f"'.' or '-') and not {' or '.join(RESERVED)}")
+            raise ValueError(
+                f"--sites {site!r}: a site name is letters, digits, '.', '_' or '-' (not starting with "
+                f"'.' or '-') and not {' or '.join(RESERVED)}"
+            )
     if len(set(sites)) != len(sites):
         raise ValueError(f"--sites names a site twice: {' '.join(sites)}")
     existing = [name for name in planned_files(hosts, ips, sites) if (out / name).exists()]
     if existing:
-        raise ValueError(f"{out} already holds {', '.join(existing)}; fedmed-certs never overwrites keys "
-                         "(use another folder, or delete them on purpose)")
+        raise ValueError(
+            f"{out} already holds {', '.join(existing)}; fedmed-certs never overwrites keys "
+            "(use another folder, or delete them on purpose)"
+        )
 
 
 def make_material(out: Path, hosts: list[str], ips: list[str], sites: list[str], days: int = 365) -> list[Path]:
@@ -138,9 +167,11 @@ def make_material(out: Path, hosts: list[str], ips: list[str], sites: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="fedmed-certs", description=__doc__.split("\n\n")[0],
+        prog="fedmed-certs",
+        description=__doc__.split("\n\n")[0],
         epilog="Gives the SuperLink: ca.crt server.pem server.key. Gives each site: ca.crt and its SITE.key. "
-               "Registers at the SuperLink: SITE.pub. Keep ca.key offline.")
+        "Registers at the SuperLink: SITE.pub. Keep ca.key offline.",
+    )
     parser.add_argument("out", type=Path, help="folder to write into (created if missing)")
     parser.add_argument("--host", action="append", default=[], help="a DNS name of the SuperLink (repeatable)")
     parser.add_argument("--ip", action="append", default=[], help="an IP address of the SuperLink (repeatable)")

@@ -36,14 +36,23 @@ FORMAT = "fedmed-checkpoint-1"
 KILL_AFTER_ENV = "FEDMED_TEST_KILL_AFTER_CHECKPOINT"
 # Overrides that may accompany `resume=`: how the run is shown, where Ray runs and how long the
 # server waits; none changes a number the run computes.
-RESUME_OVERRIDES = ("resume", "progress", "checkpoint.every", "federation.round_timeout_s",
-                    "federation.connect_timeout_s", "ray.address", "ray.num_cpus", "ray.model_transport",
-                    "output_dir")
+RESUME_OVERRIDES = (
+    "resume",
+    "progress",
+    "checkpoint.every",
+    "federation.round_timeout_s",
+    "federation.connect_timeout_s",
+    "ray.address",
+    "ray.num_cpus",
+    "ray.model_transport",
+    "output_dir",
+)
 
 
 def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(array_view(array).copy()).reshape(tuple(array.shape))
-            for key, array in arrays.items()}
+    return {
+        key: torch.from_numpy(array_view(array).copy()).reshape(tuple(array.shape)) for key, array in arrays.items()
+    }
 
 
 def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -54,9 +63,17 @@ def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 def generator_states() -> dict:
     """The server process's global generators (Python's ``random``, NumPy's legacy, torch's CPU)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
 
 
 def restore_generators(states: dict) -> None:
@@ -95,8 +112,10 @@ def write_checkpoint(path: Path, state: dict) -> Path:
 
 def read_checkpoint(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run wrote no checkpoint (it stopped before its "
-                                "first round ended, or checkpoint.every is larger than the rounds it ran)")
+        raise FileNotFoundError(
+            f"{path} does not exist: the run wrote no checkpoint (it stopped before its "
+            "first round ended, or checkpoint.every is larger than the rounds it ran)"
+        )
     state = torch.load(path, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fedmed checkpoint ({FORMAT})")
@@ -153,8 +172,11 @@ def stopped_summary(output_dir: Path, keeper: CheckpointKeeper, reason: str, wal
     from fedmed.report import write_summary
 
     rows = json.loads(keeper.latest["rows"]) if keeper.latest else []
-    extra = {"status": "interrupted", "stop_reason": reason,
-             "resume": f"fedmed-sim resume={output_dir.resolve()}" if keeper.written_round is not None else None}
+    extra = {
+        "status": "interrupted",
+        "stop_reason": reason,
+        "resume": f"fedmed-sim resume={output_dir.resolve()}" if keeper.written_round is not None else None,
+    }
     return write_summary(output_dir / "summary.json", rows, wall_time_s, extra)
 
 
@@ -177,7 +199,8 @@ def resumed_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Dict
         if ours != theirs:
             raise ValueError(
                 f"resume={run_dir}: `{override}` would change the experiment (the run has {key}={theirs!r}); "
-                f"a resumed run keeps its config.yaml. Only {', '.join(RESUME_OVERRIDES[1:-1])} may change")
+                f"a resumed run keeps its config.yaml. Only {', '.join(RESUME_OVERRIDES[1:-1])} may change"
+            )
     for key in RESUME_OVERRIDES[1:-1]:
         if any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)

@@ -22,10 +22,13 @@ def state_to_record(state: RecordDict) -> ConfigRecord:
     """``state``'s ConfigRecords as one ConfigRecord (JSON text)."""
     others = set(state.keys()) - set(state.config_records.keys())
     if others:
-        raise TypeError(f"Context.state holds {sorted(others)}, not ConfigRecords: only ConfigRecords are "
-                        "sent to the server for checkpoints")
-    return ConfigRecord({_KEY: json.dumps({name: dict(record) for name, record in state.config_records.items()},
-                                          sort_keys=True)})
+        raise TypeError(
+            f"Context.state holds {sorted(others)}, not ConfigRecords: only ConfigRecords are "
+            "sent to the server for checkpoints"
+        )
+    return ConfigRecord(
+        {_KEY: json.dumps({name: dict(record) for name, record in state.config_records.items()}, sort_keys=True)}
+    )
 
 
 def records_of(record: ConfigRecord) -> dict[str, dict]:

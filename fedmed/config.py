@@ -290,14 +290,18 @@ def check_defense(defense) -> None:
         raise ValueError(f"defense={name!r} is not known; use one of {', '.join(DEFENSES)}")
     adversarial = defense["adversarial"]
     if adversarial is not None and name != "dp_sgd":
-        raise ValueError(f"defense.adversarial={adversarial!r} combines adversarial training with DP-SGD "
-                         f"only; with defense={name} leave it unset (or use defense=dp_sgd)")
+        raise ValueError(
+            f"defense.adversarial={adversarial!r} combines adversarial training with DP-SGD "
+            f"only; with defense={name} leave it unset (or use defense=dp_sgd)"
+        )
     if name == "dp_sgd":
         if (defense["noise_multiplier"] is None) == (defense["target_epsilon"] is None):
-            raise ValueError("defense=dp_sgd needs exactly one of defense.noise_multiplier (noise per step) "
-                             "or defense.target_epsilon (privacy budget over all rounds); configs/defense/"
-                             "dp_sgd.yaml sets noise_multiplier=1.0, so with a target epsilon add "
-                             "defense.noise_multiplier=null")
+            raise ValueError(
+                "defense=dp_sgd needs exactly one of defense.noise_multiplier (noise per step) "
+                "or defense.target_epsilon (privacy budget over all rounds); configs/defense/"
+                "dp_sgd.yaml sets noise_multiplier=1.0, so with a target epsilon add "
+                "defense.noise_multiplier=null"
+            )
         if defense["noise_multiplier"] is not None and defense["noise_multiplier"] < 0:
             raise ValueError(f"defense.noise_multiplier={defense['noise_multiplier']} must be >= 0")
         if defense["target_epsilon"] is not None and defense["target_epsilon"] <= 0:
@@ -310,16 +314,19 @@ def check_defense(defense) -> None:
             raise ValueError(
                 f"defense.adversarial={adversarial!r} cannot run under DP-SGD: use one of "
                 f"{', '.join(ADVERSARIAL_TRAINING)} (distillation's teacher would see the data without "
-                "privacy accounting)")
+                "privacy accounting)"
+            )
         if adversarial is not None and defense["clean_weight"] != 0:
             raise ValueError(
                 "defense=dp_sgd with defense.adversarial needs defense.clean_weight=0: Opacus clips "
                 "each example's gradient of a single loss, and Poisson sampling refuses the second "
-                "backward pass a clean + adversarial mix needs")
+                "backward pass a clean + adversarial mix needs"
+            )
     if name in ADVERSARIAL_TRAINING or adversarial is not None:
         if defense["eps"] <= 0:
-            raise ValueError(f"defense.eps={defense['eps']} must be > 0 for adversarial training "
-                             "(pixel scale: 8/255 = 0.0314)")
+            raise ValueError(
+                f"defense.eps={defense['eps']} must be > 0 for adversarial training (pixel scale: 8/255 = 0.0314)"
+            )
         if defense["alpha"] is not None and defense["alpha"] <= 0:
             raise ValueError(f"defense.alpha={defense['alpha']} must be > 0 (or null for the method's default)")
         if defense["steps"] < 1:
@@ -359,7 +366,9 @@ def check_client(client, device: str = "auto") -> None:
 
     check_precision(client["amp"], client["channels_last"])
     if client["amp"] == "fp16" and str(device) == "cpu":
-        raise ValueError("client.amp=fp16 needs a CUDA device (loss scaling) and device=cpu is set; use client.amp=bf16")
+        raise ValueError(
+            "client.amp=fp16 needs a CUDA device (loss scaling) and device=cpu is set; use client.amp=bf16"
+        )
 
 
 def check_eval(eval_cfg) -> None:
@@ -368,8 +377,17 @@ def check_eval(eval_cfg) -> None:
         raise ValueError(f"eval.every={eval_cfg['every']} must be >= 1 (robustness assessed every N rounds)")
     if int(eval_cfg["batch_size"]) < 1:
         raise ValueError(f"eval.batch_size={eval_cfg['batch_size']} must be >= 1")
-def check_assimilation(assimilation, kind: str, defense, *, freeze_backbone: bool = False,
-                       image_size: int | None = None, rounds: int | None = None) -> None:
+
+
+def check_assimilation(
+    assimilation,
+    kind: str,
+    defense,
+    *,
+    freeze_backbone: bool = False,
+    image_size: int | None = None,
+    rounds: int | None = None,
+) -> None:
     """Refuse assimilation settings that cannot work, naming the key. ``assimilation`` is the
     ``assimilation`` section, ``kind`` is ``model.assimilation``, ``defense`` the ``defense``
     section; ``image_size`` and ``rounds`` are checked where they are known (the server)."""
@@ -383,21 +401,28 @@ def check_assimilation(assimilation, kind: str, defense, *, freeze_backbone: boo
     if not distances or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in distances):
         raise ValueError(f"assimilation.distances={distances} must be a non-empty list of integers >= 1 (pixels)")
     if image_size is not None and max(distances) >= image_size:
-        raise ValueError(f"assimilation.distances={distances} reach past a {image_size}-pixel image "
-                         f"(dataset.size={image_size}): every distance must be below it")
+        raise ValueError(
+            f"assimilation.distances={distances} reach past a {image_size}-pixel image "
+            f"(dataset.size={image_size}): every distance must be below it"
+        )
     if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
         raise ValueError(f"assimilation.freeze_backbone_rounds={frozen!r} must be an integer >= 0")
     if frozen > 0 and freeze_backbone:
-        raise ValueError(f"assimilation.freeze_backbone_rounds={frozen} unfreezes the backbone after {frozen} "
-                         "rounds, but model.freeze_backbone=true keeps it frozen throughout: set one of them only")
+        raise ValueError(
+            f"assimilation.freeze_backbone_rounds={frozen} unfreezes the backbone after {frozen} "
+            "rounds, but model.freeze_backbone=true keeps it frozen throughout: set one of them only"
+        )
     if rounds is not None and frozen >= rounds:
-        raise ValueError(f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
-                         "backbone would never train; use model.freeze_backbone=true for that")
+        raise ValueError(
+            f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
+            "backbone would never train; use model.freeze_backbone=true for that"
+        )
     if kind != "none" and weight > 0 and defense["name"] == "dp_sgd" and defense["adversarial"] is not None:
         raise ValueError(
             f"assimilation.texture_weight={weight} with defense=dp_sgd and defense.adversarial: the texture "
             "loss on the clean image needs a second backward pass, which Opacus's per-example clipping "
-            "refuses; set assimilation.texture_weight=0 or drop defense.adversarial")
+            "refuses; set assimilation.texture_weight=0 or drop defense.adversarial"
+        )
 
 
 def model_norm_for(norm: str, defense_name: str) -> str:

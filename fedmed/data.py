@@ -43,8 +43,13 @@ def load_dataset(
         from fedmed.synthetic import make_synthetic
 
         return make_synthetic(
-            num_classes=num_classes, channels=channels, size=size,
-            n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+            num_classes=num_classes,
+            channels=channels,
+            size=size,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            seed=seed,
         )
     if name == "imagefolder":
         from fedmed.imagefolder import load_imagefolder
@@ -52,8 +57,12 @@ def load_dataset(
         if not root:
             raise ValueError("dataset=imagefolder needs dataset.root=<folder with one sub-folder per class>")
         return load_imagefolder(
-            root, size=size, channels=channels, val_fraction=val_fraction,
-            test_fraction=test_fraction, seed=seed,
+            root,
+            size=size,
+            channels=channels,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
         )
     from fedmed.medmnist import load_medmnist
 
@@ -78,14 +87,20 @@ class ClientShare:
 
 
 @functools.lru_cache(maxsize=2)
-def _partitions(dataset_name: str, labels_bytes: bytes, num_clients: int, method: str, seed: int,
-                alpha: float, min_partition_size: int) -> list[np.ndarray]:
+def _partitions(
+    dataset_name: str,
+    labels_bytes: bytes,
+    num_clients: int,
+    method: str,
+    seed: int,
+    alpha: float,
+    min_partition_size: int,
+) -> list[np.ndarray]:
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
     # imported here: Flower Datasets (and pandas, matplotlib) only where a simulated split is cut
     from fedmed.partition import partition_indices
 
-    return partition_indices(labels, num_clients, method, seed=seed, alpha=alpha,
-                             min_partition_size=min_partition_size)
+    return partition_indices(labels, num_clients, method, seed=seed, alpha=alpha, min_partition_size=min_partition_size)
 
 
 def client_partitions(
@@ -94,8 +109,13 @@ def client_partitions(
     """Train-split indices of every client (deterministic from ``seed``, cached per process)."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     return _partitions(
-        dataset_name, labels.tobytes(), num_clients, partition_cfg["name"], seed,
-        float(partition_cfg.get("alpha", 0.5)), int(partition_cfg.get("min_partition_size", 10)),
+        dataset_name,
+        labels.tobytes(),
+        num_clients,
+        partition_cfg["name"],
+        seed,
+        float(partition_cfg.get("alpha", 0.5)),
+        int(partition_cfg.get("min_partition_size", 10)),
     )
 
 
@@ -113,9 +133,7 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
     """The share of partition ``partition_id`` in a simulated federation described by ``job``."""
     seed = int(job["seed"])
     dataset = dataset_from_config(job["dataset"], seed)
-    partitions = client_partitions(
-        dataset.train.labels, num_partitions, job["partition"], seed, dataset.name
-    )
+    partitions = client_partitions(dataset.train.labels, num_partitions, job["partition"], seed, dataset.name)
     if not 0 <= partition_id < len(partitions):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(partitions) - 1}")
     train_idx, val_idx = split_holdout(
@@ -130,8 +148,7 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
     shift = None
     if job["partition"]["name"] == "site":
         shift = site_shifts(num_partitions, seed, float(job["partition"].get("site_strength", 1.0)))[partition_id]
-    return ClientShare(dataset.train.images, dataset.train.labels, train_idx, val_idx,
-                       dataset.num_classes, shift)
+    return ClientShare(dataset.train.images, dataset.train.labels, train_idx, val_idx, dataset.num_classes, shift)
 
 
 def site_share(data_path: str, job: dict) -> ClientShare:

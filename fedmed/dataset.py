@@ -20,13 +20,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(
-                f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}"
-            )
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"labels must be shaped ({self.images.shape[0]},), got {self.labels.shape}"
-            )
+            raise ValueError(f"labels must be shaped ({self.images.shape[0]},), got {self.labels.shape}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

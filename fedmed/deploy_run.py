@@ -48,8 +48,10 @@ def flwr_json(command: list[str], timeout: float) -> dict:
     except json.JSONDecodeError:
         reply = {}
     if done.returncode != 0 or not reply.get("success", False):
-        raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}): "
-                           f"{reply.get('error-message') or done.stderr.strip() or done.stdout.strip()}")
+        raise RuntimeError(
+            f"`{' '.join(command)}` failed (exit {done.returncode}): "
+            f"{reply.get('error-message') or done.stderr.strip() or done.stdout.strip()}"
+        )
     return reply
 
 
@@ -76,8 +78,10 @@ def wait_for_run(connection: str, run_id: int, timeout: float, poll: float) -> s
         if status.startswith(FINISHED):
             return status
         if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} still {status} after {timeout:.0f} s (--timeout); "
-                               f"it goes on: follow it with `flwr ls {connection} --run-id {run_id}`")
+            raise TimeoutError(
+                f"run {run_id} still {status} after {timeout:.0f} s (--timeout); "
+                f"it goes on: follow it with `flwr ls {connection} --run-id {run_id}`"
+            )
         time.sleep(poll)
 
 
@@ -99,8 +103,11 @@ def outcome(status: str, output_dir: Path, log_command: str) -> tuple[int, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedmed-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the server app, e.g. dataset=pneumoniamnist")
-    parser.add_argument("--connection", default="", help="SuperLink connection in $FLWR_HOME/config.toml "
-                        "(default: its [superlink] default)")
+    parser.add_argument(
+        "--connection",
+        default="",
+        help="SuperLink connection in $FLWR_HOME/config.toml (default: its [superlink] default)",
+    )
     parser.add_argument("--app", default=".", help="the fedmed project folder to package (default: .)")
     parser.add_argument("--wait", action="store_true", help="follow the run and exit non-zero unless it completed")
     parser.add_argument("--timeout", type=float, default=24 * 3600.0, help="longest wait with --wait, seconds")

@@ -61,7 +61,10 @@ def run_totals(rounds: Iterable[RoundDetection]) -> dict:
     for r in rounds:
         tp, fp, fn, tn = tp + r.tp, fp + r.fp, fn + r.fn, tn + r.tn
     return {
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
         "precision": tp / (tp + fp) if tp + fp else None,
         "recall": tp / (tp + fn) if tp + fn else None,
         "fpr": fp / (fp + tn) if fp + tn else None,

@@ -169,8 +169,8 @@ def _stratified_split(
             n_val = max(0, min(n_val, len(indices) - 1 - n_test))
             n_test = max(0, min(n_test, len(indices) - 1))
         test += [items[i] for i in indices[:n_test]]
-        val += [items[i] for i in indices[n_test:n_test + n_val]]
-        train += [items[i] for i in indices[n_test + n_val:]]
+        val += [items[i] for i in indices[n_test : n_test + n_val]]
+        train += [items[i] for i in indices[n_test + n_val :]]
     # Back to file order within each split, so the arrays do not depend on the class loop.
     return sorted(train), sorted(val), sorted(test)
 
@@ -193,9 +193,7 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
             img = img.convert(mode).resize((size, size), Image.Resampling.BICUBIC)
             pixels = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(
-            f"Could not read image {path}: {err}. Fix or remove the file."
-        ) from err
+        raise ValueError(f"Could not read image {path}: {err}. Fix or remove the file.") from err
     return pixels.reshape(size, size, channels)
 
 

@@ -47,49 +47,143 @@ class MedMNISTInfo:
 
 
 _ORGAN_CLASSES = (
-    "bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
-    "liver", "lung-left", "lung-right", "pancreas", "spleen",
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
 )
 
 # Hand-copied from MedMNIST v2 (medmnist/info.py, INFO[name]["label"], "n_channels", "task").
 DATASETS: dict[str, MedMNISTInfo] = {
-    "pathmnist": MedMNISTInfo("PathMNIST", 3, "multi-class", (
-        "adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-        "normal colon mucosa", "cancer-associated stroma",
-        "colorectal adenocarcinoma epithelium",
-    )),
-    "chestmnist": MedMNISTInfo("ChestMNIST", 1, "multi-label, binary-class", (
-        "atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
-        "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
-        "pleural", "hernia",
-    )),
-    "dermamnist": MedMNISTInfo("DermaMNIST", 3, "multi-class", (
-        "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-        "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
-        "vascular lesions",
-    )),
-    "octmnist": MedMNISTInfo("OCTMNIST", 1, "multi-class", (
-        "choroidal neovascularization", "diabetic macular edema", "drusen", "normal",
-    )),
-    "pneumoniamnist": MedMNISTInfo("PneumoniaMNIST", 1, "binary-class", (
-        "normal", "pneumonia",
-    )),
-    "retinamnist": MedMNISTInfo("RetinaMNIST", 3, "ordinal-regression", (
-        "0", "1", "2", "3", "4",
-    )),
-    "breastmnist": MedMNISTInfo("BreastMNIST", 1, "binary-class", (
-        "malignant", "normal, benign",
-    )),
-    "bloodmnist": MedMNISTInfo("BloodMNIST", 3, "multi-class", (
-        "basophil", "eosinophil", "erythroblast",
-        "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
-        "lymphocyte", "monocyte", "neutrophil", "platelet",
-    )),
-    "tissuemnist": MedMNISTInfo("TissueMNIST", 1, "multi-class", (
-        "Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule",
-        "Glomerular endothelial cells", "Interstitial endothelial cells", "Leukocytes",
-        "Podocytes", "Proximal Tubule Segments", "Thick Ascending Limb",
-    )),
+    "pathmnist": MedMNISTInfo(
+        "PathMNIST",
+        3,
+        "multi-class",
+        (
+            "adipose",
+            "background",
+            "debris",
+            "lymphocytes",
+            "mucus",
+            "smooth muscle",
+            "normal colon mucosa",
+            "cancer-associated stroma",
+            "colorectal adenocarcinoma epithelium",
+        ),
+    ),
+    "chestmnist": MedMNISTInfo(
+        "ChestMNIST",
+        1,
+        "multi-label, binary-class",
+        (
+            "atelectasis",
+            "cardiomegaly",
+            "effusion",
+            "infiltration",
+            "mass",
+            "nodule",
+            "pneumonia",
+            "pneumothorax",
+            "consolidation",
+            "edema",
+            "emphysema",
+            "fibrosis",
+            "pleural",
+            "hernia",
+        ),
+    ),
+    "dermamnist": MedMNISTInfo(
+        "DermaMNIST",
+        3,
+        "multi-class",
+        (
+            "actinic keratoses and intraepithelial carcinoma",
+            "basal cell carcinoma",
+            "benign keratosis-like lesions",
+            "dermatofibroma",
+            "melanoma",
+            "melanocytic nevi",
+            "vascular lesions",
+        ),
+    ),
+    "octmnist": MedMNISTInfo(
+        "OCTMNIST",
+        1,
+        "multi-class",
+        (
+            "choroidal neovascularization",
+            "diabetic macular edema",
+            "drusen",
+            "normal",
+        ),
+    ),
+    "pneumoniamnist": MedMNISTInfo(
+        "PneumoniaMNIST",
+        1,
+        "binary-class",
+        (
+            "normal",
+            "pneumonia",
+        ),
+    ),
+    "retinamnist": MedMNISTInfo(
+        "RetinaMNIST",
+        3,
+        "ordinal-regression",
+        (
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+        ),
+    ),
+    "breastmnist": MedMNISTInfo(
+        "BreastMNIST",
+        1,
+        "binary-class",
+        (
+            "malignant",
+            "normal, benign",
+        ),
+    ),
+    "bloodmnist": MedMNISTInfo(
+        "BloodMNIST",
+        3,
+        "multi-class",
+        (
+            "basophil",
+            "eosinophil",
+            "erythroblast",
+            "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
+            "lymphocyte",
+            "monocyte",
+            "neutrophil",
+            "platelet",
+        ),
+    ),
+    "tissuemnist": MedMNISTInfo(
+        "TissueMNIST",
+        1,
+        "multi-class",
+        (
+            "Collecting Duct, Connecting Tubule",
+            "Distal Convoluted Tubule",
+            "Glomerular endothelial cells",
+            "Interstitial endothelial cells",
+            "Leukocytes",
+            "Podocytes",
+            "Proximal Tubule Segments",
+            "Thick Ascending Limb",
+        ),
+    ),
     "organamnist": MedMNISTInfo("OrganAMNIST", 1, "multi-class", _ORGAN_CLASSES),
     "organcmnist": MedMNISTInfo("OrganCMNIST", 1, "multi-class", _ORGAN_CLASSES),
     "organsmnist": MedMNISTInfo("OrganSMNIST", 1, "multi-class", _ORGAN_CLASSES),
@@ -99,7 +193,11 @@ DATASETS: dict[str, MedMNISTInfo] = {
 SUPPORTED_NAMES = tuple(name for name, info in DATASETS.items() if not info.task.startswith("multi-label"))
 
 DATASETS_3D = (
-    "organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d",
+    "organmnist3d",
+    "nodulemnist3d",
+    "adrenalmnist3d",
+    "fracturemnist3d",
+    "vesselmnist3d",
     "synapsemnist3d",
 )
 
@@ -141,9 +239,7 @@ def load_medmnist(
     md5 = file_md5_cached(path, cache_root)
     expected_sizes = check_md5(path, file_name, md5, verify_md5)
     arrays = extract_npz(path, cache_root / "medmnist" / md5)
-    splits = {
-        split: make_split(path, arrays, split, info, size) for split in SPLITS
-    }
+    splits = {split: make_split(path, arrays, split, info, size) for split in SPLITS}
     check_split_sizes(path, splits, expected_sizes, verify_md5)
 
     dataset = ArrayDataset(
@@ -174,8 +270,7 @@ def dataset_info(name: str) -> MedMNISTInfo:
         )
     if key in DATASETS_3D or key.endswith("3d"):
         raise ValueError(
-            f"MedMNIST dataset {name!r} is a 3D dataset; fedmed supports only the 2D datasets: "
-            f"{supported}."
+            f"MedMNIST dataset {name!r} is a 3D dataset; fedmed supports only the 2D datasets: {supported}."
         )
     if key not in DATASETS:
         raise ValueError(f"Unknown MedMNIST dataset {name!r}. Supported 2D datasets: {supported}.")
@@ -309,17 +404,12 @@ def check_md5(path: Path, file_name: str, md5: str, verify_md5: bool) -> list[di
     return [entry["n_samples"] for entry in official.values()]
 
 
-def check_split_sizes(
-    path: Path, splits: dict[str, Split], expected_sizes: list[dict], verify_md5: bool
-) -> None:
+def check_split_sizes(path: Path, splits: dict[str, Split], expected_sizes: list[dict], verify_md5: bool) -> None:
     found = {split: len(splits[split]) for split in SPLITS}
-    if not expected_sizes or any(
-        all(found[s] == sizes[s] for s in SPLITS) for sizes in expected_sizes
-    ):
+    if not expected_sizes or any(all(found[s] == sizes[s] for s in SPLITS) for sizes in expected_sizes):
         return
     message = (
-        f"{path}: split sizes {found} differ from the official ones "
-        f"({' or '.join(str(s) for s in expected_sizes)})."
+        f"{path}: split sizes {found} differ from the official ones ({' or '.join(str(s) for s in expected_sizes)})."
     )
     if verify_md5:
         raise ValueError(message + " Delete the file and download it again.")
@@ -340,9 +430,7 @@ def extract_npz(path: Path, out_dir: Path) -> dict[str, np.ndarray]:
     required = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
     try:
         with zipfile.ZipFile(path) as archive:
-            members = {
-                Path(m).stem: m for m in archive.namelist() if m.endswith(".npy")
-            }
+            members = {Path(m).stem: m for m in archive.namelist() if m.endswith(".npy")}
             missing = [key for key in required if key not in members]
             if missing:
                 raise ValueError(
@@ -387,14 +475,11 @@ def _open_npy(path: Path, source: Path, key: str) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(
-            f"{source}: array {key!r} is not a plain numeric array ({err}). "
-            "Delete the file and download it again."
+            f"{source}: array {key!r} is not a plain numeric array ({err}). Delete the file and download it again."
         ) from err
 
 
-def make_split(
-    path: Path, arrays: dict[str, np.ndarray], split: str, info: MedMNISTInfo, size: int
-) -> Split:
+def make_split(path: Path, arrays: dict[str, np.ndarray], split: str, info: MedMNISTInfo, size: int) -> Split:
     """Check shapes and dtypes; grey (N, H, W) becomes (N, H, W, 1) without copying."""
     images = arrays[f"{split}_images"]
     labels = arrays[f"{split}_labels"]

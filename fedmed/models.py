@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import socket
 import urllib.error
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -114,9 +115,7 @@ class MedicalClassifier(nn.Module):
         # None leaves the state dict exactly as without assimilation
         self.texture = texture
         self.colour = colour
-        self.register_buffer(
-            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
-        )
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
@@ -302,9 +301,7 @@ def build_model(
 
 def _check_name(name: str) -> None:
     if name not in _BUILDERS:
-        raise ValueError(
-            f"unknown model {name!r} (config key `model`); valid names: {', '.join(ARCHITECTURES)}"
-        )
+        raise ValueError(f"unknown model {name!r} (config key `model`); valid names: {', '.join(ARCHITECTURES)}")
 
 
 def _build(
@@ -323,13 +320,10 @@ def _build(
         raise ValueError(f"{arch}: num_classes must be a positive integer, got {num_classes!r}")
     if in_channels not in (1, 3):
         raise ValueError(
-            f"{arch}: in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}; "
-            "check the dataset's channel count"
+            f"{arch}: in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}; check the dataset's channel count"
         )
     if norm not in NORMS:
-        raise ValueError(
-            f"{arch}: unknown norm {norm!r} (config key `model.norm`); valid: {', '.join(NORMS)}"
-        )
+        raise ValueError(f"{arch}: unknown norm {norm!r} (config key `model.norm`); valid: {', '.join(NORMS)}")
 
     check_kind(assimilation)  # before the slow part
 
@@ -474,8 +468,7 @@ def _read_weights_file(path: str | os.PathLike, arch: str) -> dict[str, Any]:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
-            f"{arch}: could not read weights file {path!r} (model.weights_path) as a torch "
-            f"state dict: {err}"
+            f"{arch}: could not read weights file {path!r} (model.weights_path) as a torch state dict: {err}"
         ) from err
     if not isinstance(state_dict, dict):
         raise ValueError(

@@ -107,9 +107,7 @@ def _check_inputs(
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(
-            f"alpha must be a finite number > 0, got {alpha!r}; smaller alpha means more skew"
-        )
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}; smaller alpha means more skew")
     if not _is_int(min_partition_size) or min_partition_size < 1:
         raise ValueError(
             f"min_partition_size must be an integer >= 1 (a client without data cannot train), "
@@ -174,9 +172,7 @@ def _read_partitions(
             # At tiny alpha, self-balancing can leave a class with all-zero shares: the
             # partitioner then divides 0/0 and silently gives the whole class to the last
             # client. Stop on NumPy's warning rather than return that biased split.
-            warnings.filterwarnings(
-                "error", message="invalid value encountered", category=RuntimeWarning
-            )
+            warnings.filterwarnings("error", message="invalid value encountered", category=RuntimeWarning)
             tables = [partitioner.load_partition(pid) for pid in range(num_partitions)]
     except RuntimeWarning as err:
         raise ValueError(
@@ -194,10 +190,7 @@ def _read_partitions(
             ) from err
         raise
     # Read the column as one Arrow array: iterating a datasets Column goes row by row.
-    return [
-        np.sort(table.with_format("arrow")["idx"][:].to_numpy()).astype(np.int64)
-        for table in tables
-    ]
+    return [np.sort(table.with_format("arrow")["idx"][:].to_numpy()).astype(np.int64) for table in tables]
 
 
 def _check_disjoint_and_complete(partitions: list[np.ndarray], num_samples: int, method: str) -> None:
@@ -205,18 +198,12 @@ def _check_disjoint_and_complete(partitions: list[np.ndarray], num_samples: int,
     every_index = np.concatenate(partitions)
     times_used = np.bincount(every_index, minlength=num_samples)
     if times_used.max(initial=0) > 1:
-        raise RuntimeError(
-            f"{method} partitioning put a sample in more than one partition; this is a bug"
-        )
+        raise RuntimeError(f"{method} partitioning put a sample in more than one partition; this is a bug")
     if len(every_index) != num_samples:
-        raise RuntimeError(
-            f"{method} partitioning assigned {len(every_index)} of {num_samples} samples; this is a bug"
-        )
+        raise RuntimeError(f"{method} partitioning assigned {len(every_index)} of {num_samples} samples; this is a bug")
 
 
-def label_count_table(
-    labels: np.ndarray, partitions: Sequence[np.ndarray], num_classes: int
-) -> np.ndarray:
+def label_count_table(labels: np.ndarray, partitions: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     """Counts per client and class: an int64 array (num_partitions, num_classes)."""
     labels = np.asarray(labels)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -230,8 +217,9 @@ def label_count_table(
     return counts
 
 
-def format_label_table(counts: np.ndarray, class_names: Sequence[str],
-                       client_names: Sequence[str] | None = None) -> Table:
+def format_label_table(
+    counts: np.ndarray, class_names: Sequence[str], client_names: Sequence[str] | None = None
+) -> Table:
     """A rich table with one row per client (by index, or by ``client_names`` such as deployed
     sites' names): its count of each class and its total."""
     _check_counts_match_names(counts, class_names)
@@ -246,8 +234,9 @@ def format_label_table(counts: np.ndarray, class_names: Sequence[str],
     return table
 
 
-def plot_label_counts(counts: np.ndarray, class_names: Sequence[str], path: str | Path,
-                      client_names: Sequence[str] | None = None) -> Path:
+def plot_label_counts(
+    counts: np.ndarray, class_names: Sequence[str], path: str | Path, client_names: Sequence[str] | None = None
+) -> Path:
     """Save a stacked horizontal bar chart (one bar per client, a colour per class) as PNG."""
     _check_counts_match_names(counts, class_names)
     num_clients, num_classes = counts.shape

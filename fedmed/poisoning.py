@@ -42,10 +42,29 @@ from fedmed.dataset import ArrayDataset
 from fedmed.train import BatchTransform, derive_seed, predict_probs
 
 __all__ = [
-    "ATTACKS", "ATTACK_MODES", "DATA_POISONING", "MODEL_POISONING", "BackdoorTestSet", "EdgeCaseSplit",
-    "add_trigger", "add_trigger_uint8", "attack_section", "attacks_in_round", "attacks_now", "backdoor_asr",
-    "backdoor_test_set", "check_attack", "edge_case_for", "edge_case_split", "edge_share", "held_out_indices",
-    "malicious_ids", "malicious_partitions", "tail_distances", "trigger_pixels", "update_scale",
+    "ATTACKS",
+    "ATTACK_MODES",
+    "DATA_POISONING",
+    "MODEL_POISONING",
+    "BackdoorTestSet",
+    "EdgeCaseSplit",
+    "add_trigger",
+    "add_trigger_uint8",
+    "attack_section",
+    "attacks_in_round",
+    "attacks_now",
+    "backdoor_asr",
+    "backdoor_test_set",
+    "check_attack",
+    "edge_case_for",
+    "edge_case_split",
+    "edge_share",
+    "held_out_indices",
+    "malicious_ids",
+    "malicious_partitions",
+    "tail_distances",
+    "trigger_pixels",
+    "update_scale",
 ]
 
 ATTACKS = ("none", "edge_case", "badnets", "label_flip", "sign_flip", "gaussian")
@@ -89,14 +108,18 @@ def check_attack(attack: Mapping, num_classes: int | None = None, num_clients: i
         changed = [key for key, value in a.items() if key != "name" and value != defaults[key]]
         if changed:
             settings = ", ".join(f"attack.{key}={a[key]!r}" for key in changed)
-            raise ValueError(f"{settings} has no effect with attack=none (all clients honest): choose an attack "
-                             f"(e.g. attack=edge_case) or drop the setting")
+            raise ValueError(
+                f"{settings} has no effect with attack=none (all clients honest): choose an attack "
+                f"(e.g. attack=edge_case) or drop the setting"
+            )
         return
     if mode not in ATTACK_MODES:
         raise ValueError(f"attack.mode={mode!r} is not known; use one of {', '.join(ATTACK_MODES)}")
     if name in MODEL_POISONING and mode != "blackbox":
-        raise ValueError(f"attack.mode={mode} applies to the data-poisoning attacks ({', '.join(DATA_POISONING)}); "
-                         f"attack={name} sends its update directly: leave attack.mode=blackbox")
+        raise ValueError(
+            f"attack.mode={mode} applies to the data-poisoning attacks ({', '.join(DATA_POISONING)}); "
+            f"attack={name} sends its update directly: leave attack.mode=blackbox"
+        )
     if not 0.0 <= float(a["fraction"]) <= 1.0:
         raise ValueError(f"attack.fraction={a['fraction']} must be in [0, 1] (share of malicious clients)")
     ids = a["ids"]
@@ -106,11 +129,15 @@ def check_attack(attack: Mapping, num_classes: int | None = None, num_clients: i
         if len(set(ids)) != len(ids):
             raise ValueError(f"attack.ids={list(ids)} lists a partition twice")
         if num_clients is not None and max(ids) >= num_clients:
-            raise ValueError(f"attack.ids={list(ids)} names a partition outside 0..{num_clients - 1} "
-                             f"(federation.num_clients={num_clients})")
+            raise ValueError(
+                f"attack.ids={list(ids)} names a partition outside 0..{num_clients - 1} "
+                f"(federation.num_clients={num_clients})"
+            )
     elif float(a["fraction"]) == 0.0:
-        raise ValueError(f"attack={name} with attack.fraction=0 and no attack.ids: no client would attack; "
-                         "set attack.fraction (e.g. 0.1) or attack.ids=[0]")
+        raise ValueError(
+            f"attack={name} with attack.fraction=0 and no attack.ids: no client would attack; "
+            "set attack.fraction (e.g. 0.1) or attack.ids=[0]"
+        )
     if int(a["frequency"]) < 1:
         raise ValueError(f"attack.frequency={a['frequency']} must be >= 1 (1: every round from attack.start_round)")
     if int(a["start_round"]) < 1:
@@ -127,17 +154,23 @@ def check_attack(attack: Mapping, num_classes: int | None = None, num_clients: i
             bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
             raise ValueError(f"attack.{key}={value} is not a class of this dataset ({bound})")
     if name in _SOURCE_TARGET and int(a["source_class"]) == int(a["target_class"]):
-        raise ValueError(f"attack.source_class and attack.target_class are both {a['source_class']}: "
-                         f"attack={name} relabels one class as another")
+        raise ValueError(
+            f"attack.source_class and attack.target_class are both {a['source_class']}: "
+            f"attack={name} relabels one class as another"
+        )
     if name == "edge_case":
         if not 0.0 < float(a["tail_fraction"]) <= 1.0:
             raise ValueError(f"attack.tail_fraction={a['tail_fraction']} must be in (0, 1]")
         if not 0.0 < float(a["test_fraction"]) < 1.0:
-            raise ValueError(f"attack.test_fraction={a['test_fraction']} must be in (0, 1): the tail is split "
-                             "between the attackers and the backdoor test set")
+            raise ValueError(
+                f"attack.test_fraction={a['test_fraction']} must be in (0, 1): the tail is split "
+                "between the attackers and the backdoor test set"
+            )
     if name in ("edge_case", "badnets") and not 0.0 < float(a["poison_fraction"]) < 1.0:
-        raise ValueError(f"attack.poison_fraction={a['poison_fraction']} must be in (0, 1) (share of the "
-                         "attacker's training pool that is poisoned)")
+        raise ValueError(
+            f"attack.poison_fraction={a['poison_fraction']} must be in (0, 1) (share of the "
+            "attacker's training pool that is poisoned)"
+        )
     if name == "badnets" and int(a["trigger_size"]) < 1:
         raise ValueError(f"attack.trigger_size={a['trigger_size']} must be >= 1 (pixels at 28 px)")
     if name == "gaussian" and float(a["noise_std"]) <= 0:
@@ -189,8 +222,15 @@ def attacks_now(attack: Mapping, partition_id: int, num_clients: int, seed: int,
     return attacks_in_round(attack, server_round) and partition_id in malicious_ids(attack, num_clients, seed)
 
 
-def update_scale(attack: Mapping, *, num_train: int, num_clients: int, clients_per_round: int,
-                 attacker_examples: int, num_malicious: int = 1) -> float:
+def update_scale(
+    attack: Mapping,
+    *,
+    num_train: int,
+    num_clients: int,
+    clients_per_round: int,
+    attacker_examples: int,
+    num_malicious: int = 1,
+) -> float:
     """The factor the malicious update (local - global) is multiplied by before it is sent.
 
     ``attack.scale`` when set; else 1, except in ``replacement`` mode: the examples of a
@@ -258,8 +298,9 @@ def _features(images: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> np.nda
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def tail_distances(images: np.ndarray, labels: np.ndarray, source_class: int, seed: int, *,
-                   components: int = 32, max_fit: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+def tail_distances(
+    images: np.ndarray, labels: np.ndarray, source_class: int, seed: int, *, components: int = 32, max_fit: int = 4000
+) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, distances)``: every source-class image and its distance from the class centre
     in a PCA space fitted on the *other* classes (see :func:`edge_case_split`).
 
@@ -275,18 +316,25 @@ def tail_distances(images: np.ndarray, labels: np.ndarray, source_class: int, se
     source = np.flatnonzero(labels == source_class)
     rest = np.flatnonzero(labels != source_class)
     if len(source) < 2:
-        raise ValueError(f"attack.source_class={source_class} has {len(source)} training images; "
-                         "an edge-case tail needs at least 2")
+        raise ValueError(
+            f"attack.source_class={source_class} has {len(source)} training images; an edge-case tail needs at least 2"
+        )
     if len(rest) < 3:
-        raise ValueError("the edge-case feature space is fitted on the classes other than "
-                         f"attack.source_class={source_class}, which have {len(rest)} training images")
+        raise ValueError(
+            "the edge-case feature space is fitted on the classes other than "
+            f"attack.source_class={source_class}, which have {len(rest)} training images"
+        )
     rng = np.random.default_rng(derive_seed(seed, _TAG_EDGE, 1))
     if len(rest) > max_fit:
         rest = np.sort(rng.choice(rest, size=max_fit, replace=False))
     fit = _features(images, rest)
     n_components = int(min(components, len(rest) - 1, fit.shape[1]))
-    pca = PCA(n_components=n_components, whiten=True, svd_solver="randomized",
-              random_state=int(derive_seed(seed, _TAG_EDGE, 2) % (2**32)))
+    pca = PCA(
+        n_components=n_components,
+        whiten=True,
+        svd_solver="randomized",
+        random_state=int(derive_seed(seed, _TAG_EDGE, 2) % (2**32)),
+    )
     # one BLAS thread: on a busy machine (Ray actors on every core) two threads made this
     # 0.1 s fit take 2 to 10 s; the matrices are too small to gain from more
     with threadpool_limits(1):
@@ -296,8 +344,14 @@ def tail_distances(images: np.ndarray, labels: np.ndarray, source_class: int, se
     return source, distances
 
 
-def edge_case_split(images: np.ndarray, labels: np.ndarray, source_class: int, tail_fraction: float = 0.1,
-                    test_fraction: float = 0.5, seed: int = 0) -> EdgeCaseSplit:
+def edge_case_split(
+    images: np.ndarray,
+    labels: np.ndarray,
+    source_class: int,
+    tail_fraction: float = 0.1,
+    test_fraction: float = 0.5,
+    seed: int = 0,
+) -> EdgeCaseSplit:
     """The edge-case inputs of Wang et al. (2020) among the train split: the ``tail_fraction``
     of source-class images farthest from the class centre, split (seeded) into the attackers'
     share and a held-out backdoor test set (``test_fraction`` of the tail).
@@ -319,8 +373,14 @@ def edge_case_split(images: np.ndarray, labels: np.ndarray, source_class: int, t
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"attack.test_fraction={test_fraction} must be in (0, 1)")
     labels = np.asarray(labels).reshape(-1)
-    key = (_fingerprint(images), zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes()),
-           int(source_class), float(tail_fraction), float(test_fraction), int(seed))
+    key = (
+        _fingerprint(images),
+        zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes()),
+        int(source_class),
+        float(tail_fraction),
+        float(test_fraction),
+        int(seed),
+    )
     if key in _EDGE_CACHE:
         _EDGE_CACHE.move_to_end(key)
         return _EDGE_CACHE[key]
@@ -331,8 +391,9 @@ def edge_case_split(images: np.ndarray, labels: np.ndarray, source_class: int, t
     rng = np.random.default_rng(derive_seed(seed, _TAG_EDGE, 3))
     shuffled = rng.permutation(tail)
     n_test = min(count - 1, max(1, int(math.floor(test_fraction * count + 0.5))))
-    split = EdgeCaseSplit(attacker=np.sort(shuffled[n_test:]).astype(np.int64),
-                          test=np.sort(shuffled[:n_test]).astype(np.int64))
+    split = EdgeCaseSplit(
+        attacker=np.sort(shuffled[n_test:]).astype(np.int64), test=np.sort(shuffled[:n_test]).astype(np.int64)
+    )
     _EDGE_CACHE[key] = split
     while len(_EDGE_CACHE) > _EDGE_CACHE_SIZE:
         _EDGE_CACHE.popitem(last=False)
@@ -342,8 +403,14 @@ def edge_case_split(images: np.ndarray, labels: np.ndarray, source_class: int, t
 def edge_case_for(dataset: ArrayDataset, attack: Mapping, seed: int) -> EdgeCaseSplit:
     """:func:`edge_case_split` on ``dataset``'s train split with the ``attack`` section's settings."""
     a = attack_section(attack)
-    return edge_case_split(dataset.train.images, dataset.train.labels, int(a["source_class"]),
-                           float(a["tail_fraction"]), float(a["test_fraction"]), seed)
+    return edge_case_split(
+        dataset.train.images,
+        dataset.train.labels,
+        int(a["source_class"]),
+        float(a["tail_fraction"]),
+        float(a["test_fraction"]),
+        seed,
+    )
 
 
 def held_out_indices(images: np.ndarray, labels: np.ndarray, attack: Mapping | None, seed: int) -> np.ndarray:
@@ -353,8 +420,9 @@ def held_out_indices(images: np.ndarray, labels: np.ndarray, attack: Mapping | N
     a = attack_section(attack)
     if a["name"] != "edge_case":
         return np.zeros(0, dtype=np.int64)
-    return edge_case_split(images, labels, int(a["source_class"]), float(a["tail_fraction"]),
-                           float(a["test_fraction"]), seed).held_out
+    return edge_case_split(
+        images, labels, int(a["source_class"]), float(a["tail_fraction"]), float(a["test_fraction"]), seed
+    ).held_out
 
 
 def edge_share(split: EdgeCaseSplit, malicious: list[int], partition_id: int) -> np.ndarray:
@@ -377,8 +445,10 @@ def _trigger_box(height: int, width: int, trigger_size: int) -> tuple[int, int, 
     side, border = trigger_pixels(min(height, width), trigger_size)
     outer = side + 2 * border
     if outer > min(height, width):
-        raise ValueError(f"a {side} px trigger with its {border} px border does not fit a {height}x{width} image; "
-                         "lower attack.trigger_size")
+        raise ValueError(
+            f"a {side} px trigger with its {border} px border does not fit a {height}x{width} image; "
+            "lower attack.trigger_size"
+        )
     return side, border, outer
 
 
@@ -452,6 +522,12 @@ def backdoor_asr(model: nn.Module, test_set: BackdoorTestSet, batch_size: int, d
     (NaN for an empty set)."""
     if len(test_set) == 0:
         return math.nan
-    probs = predict_probs(model, test_set.images, np.arange(len(test_set)), batch_size=batch_size,
-                          device=device, transform=test_set.transform)
+    probs = predict_probs(
+        model,
+        test_set.images,
+        np.arange(len(test_set)),
+        batch_size=batch_size,
+        device=device,
+        transform=test_set.transform,
+    )
     return float(np.mean(probs.argmax(axis=1) == test_set.target))

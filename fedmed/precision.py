@@ -54,8 +54,10 @@ class Precision:
     def __post_init__(self) -> None:
         check_precision(self.amp, self.channels_last)
         if self.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"client.amp=fp16 needs a CUDA device (loss scaling), this client runs on "
-                             f"{self.device}; use client.amp=bf16 on a CPU")
+            raise ValueError(
+                f"client.amp=fp16 needs a CUDA device (loss scaling), this client runs on "
+                f"{self.device}; use client.amp=bf16 on a CPU"
+            )
 
     @classmethod
     def of(cls, client: dict, device: torch.device) -> Precision:
@@ -83,8 +85,9 @@ class Precision:
             return
         scaler = torch.amp.GradScaler(self.device.type)
         scaler.scale(torch.ones((), device=self.device))  # creates the scale on the device
-        hook = model.register_forward_hook(lambda module, inputs, output: _ScaleGradient.apply(
-            output, scaler.get_scale()))
+        hook = model.register_forward_hook(
+            lambda module, inputs, output: _ScaleGradient.apply(output, scaler.get_scale())
+        )
 
         def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
             scaler.step(optimizer)

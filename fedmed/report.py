@@ -183,8 +183,9 @@ def plot_robustness_per_round(rows: list[dict], path: Path, title: str) -> Path:
     attacks = sorted({a for r in rows for a in robust_scores(r, "accuracy")})
     fig, axes = _subplots(1, len(attacks), figsize=(5 * len(attacks), 4), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
-        assessed = [(r["round"], robust_scores(r, "accuracy")[attack]) for r in rows
-                    if attack in robust_scores(r, "accuracy")]
+        assessed = [
+            (r["round"], robust_scores(r, "accuracy")[attack]) for r in rows if attack in robust_scores(r, "accuracy")
+        ]
         ax.plot([r["round"] for r in rows], [r.get("accuracy") for r in rows], "k--", label="clean (test split)")
         for eps in sorted({e for _, by_eps in assessed for e in by_eps if e > 0}):
             points = [(rnd, by_eps[eps]) for rnd, by_eps in assessed if eps in by_eps]
@@ -207,14 +208,25 @@ def plot_robustness_vs_eps(rows: list[dict], path: Path, title: str) -> Path:
     worst = robust_scores({k.replace("/worst_client_accuracy", "/worst"): v for k, v in row.items()}, "worst")
     for attack, by_eps in robust_scores(row, "accuracy").items():
         eps_values = sorted(by_eps)
-        line, = ax.plot([e * 255 for e in eps_values], [by_eps[e] for e in eps_values],
-                        marker="o", label=f"{attack.upper()} (global model, test images)")
+        (line,) = ax.plot(
+            [e * 255 for e in eps_values],
+            [by_eps[e] for e in eps_values],
+            marker="o",
+            label=f"{attack.upper()} (global model, test images)",
+        )
         if attack in worst:
             w = sorted(worst[attack])
-            ax.plot([e * 255 for e in w], [worst[attack][e] for e in w], ls="--", marker="x", color=line.get_color(),
-                    label=f"{attack.upper()} (weakest client, own data)")
-    ax.set(xlabel="epsilon (x/255, L-inf, pixel scale)", ylabel="accuracy", ylim=(0, 1.02),
-           title=f"round {row['round']}")
+            ax.plot(
+                [e * 255 for e in w],
+                [worst[attack][e] for e in w],
+                ls="--",
+                marker="x",
+                color=line.get_color(),
+                label=f"{attack.upper()} (weakest client, own data)",
+            )
+    ax.set(
+        xlabel="epsilon (x/255, L-inf, pixel scale)", ylabel="accuracy", ylim=(0, 1.02), title=f"round {row['round']}"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.suptitle(f"{title}: robustness against epsilon", fontsize=9)
@@ -251,8 +263,10 @@ def plot_backdoor_per_round(rows: list[dict], path: Path, title: str, start_roun
     """Backdoor success rate and main-task accuracy per round, the strategy's TPR/FPR beside them;
     a dashed line where the attack starts (the ASR before it is the clean model's tail error)."""
     fig, (ax_asr, ax_det) = _subplots(1, 2, figsize=(10, 4))
-    for ax, keys in ((ax_asr, (("backdoor/asr", "backdoor ASR"), ("accuracy", "main-task accuracy"))),
-                     (ax_det, (("detection/tpr", "TPR (attackers flagged)"), ("detection/fpr", "FPR (honest flagged)")))):
+    for ax, keys in (
+        (ax_asr, (("backdoor/asr", "backdoor ASR"), ("accuracy", "main-task accuracy"))),
+        (ax_det, (("detection/tpr", "TPR (attackers flagged)"), ("detection/fpr", "FPR (honest flagged)"))),
+    ):
         for key, label in keys:
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
             if pts:

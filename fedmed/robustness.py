@@ -60,8 +60,9 @@ ATTACK_BATCH_VALUES = 1 << 22
 def _eps_groups(attacks: list[str], eps: list[float], x: torch.Tensor) -> list[tuple[str, list[float]]]:
     """(attack, epsilons attacked in one batch) pairs covering every attack and epsilon."""
     per_group = max(1, ATTACK_BATCH_VALUES // max(1, x.numel()))
-    return [(name, [float(e) for e in eps[i:i + per_group]]) for name in attacks
-            for i in range(0, len(eps), per_group)]
+    return [
+        (name, [float(e) for e in eps[i : i + per_group]]) for name in attacks for i in range(0, len(eps), per_group)
+    ]
 
 
 def _name_id(text: str) -> int:
@@ -104,8 +105,7 @@ def assess_robustness(
     keys = [(name, eps_key(e)) for name, e in pairs]
     if len(set(keys)) != len(keys):
         raise ValueError(
-            f"attacks {list(attacks)} and eps {list(eps)} repeat a metric name "
-            "(eps are named with 4 decimals)"
+            f"attacks {list(attacks)} and eps {list(eps)} repeat a metric name (eps are named with 4 decimals)"
         )
     for name, e in pairs:  # unknown names and bad eps fail before any work is done
         make_attack(name, e)
@@ -134,7 +134,8 @@ def assess_robustness(
 
     clean = classification_metrics(true_labels, torch.cat(clean_probs).numpy())
     results: dict[str, float | None] = {
-        metric_key(CLEAN, 0.0, "accuracy"): clean["accuracy"], metric_key(CLEAN, 0.0, "auc"): clean["auc"],
+        metric_key(CLEAN, 0.0, "accuracy"): clean["accuracy"],
+        metric_key(CLEAN, 0.0, "auc"): clean["auc"],
     }
     for name, e in pairs:
         metrics = classification_metrics(true_labels, torch.cat(probs[name, eps_key(e)]).numpy())

@@ -77,8 +77,10 @@ def check_config(cfg: DictConfig) -> None:
 
     check_faults(OmegaConf.to_container(cfg.fault, resolve=True), int(fed.num_clients))
     if not 1 <= fed.min_replies <= fed.clients_per_round:
-        raise ValueError(f"federation.min_replies={fed.min_replies} must be between 1 and "
-                         f"federation.clients_per_round={fed.clients_per_round}")
+        raise ValueError(
+            f"federation.min_replies={fed.min_replies} must be between 1 and "
+            f"federation.clients_per_round={fed.clients_per_round}"
+        )
     if cfg.checkpoint.every < 1:
         raise ValueError(f"checkpoint.every={cfg.checkpoint.every} must be >= 1")
 
@@ -118,10 +120,15 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     if cfg.progress:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
-    server_app = make_server_app(cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(),
-                                 keeper)
-    run_stoppable(functools.partial(simulate, server_app, client_app, int(cfg.federation.num_clients),
-                                    backend_config(cfg.ray)), stop, keeper, output_dir)
+    server_app = make_server_app(
+        cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(), keeper
+    )
+    run_stoppable(
+        functools.partial(simulate, server_app, client_app, int(cfg.federation.num_clients), backend_config(cfg.ray)),
+        stop,
+        keeper,
+        output_dir,
+    )
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())
@@ -184,11 +191,17 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg, output_dir, resume=bool(cfg.resume))
     except (RunInterrupted, NotEnoughReplies) as stopped:
-        hint = json.loads((output_dir / "summary.json").read_text()).get("resume") \
-            if (output_dir / "summary.json").exists() else None
-        print(f"fedmed: run stopped ({stopped}); "
-              + (f"continue it with: {hint}" if hint else "no round was complete, nothing to resume"),
-              file=sys.stderr, flush=True)
+        hint = (
+            json.loads((output_dir / "summary.json").read_text()).get("resume")
+            if (output_dir / "summary.json").exists()
+            else None
+        )
+        print(
+            f"fedmed: run stopped ({stopped}); "
+            + (f"continue it with: {hint}" if hint else "no round was complete, nothing to resume"),
+            file=sys.stderr,
+            flush=True,
+        )
         exit_leaving_stuck_threads(EXIT_CODES.get(str(stopped), 3), grace_s=0.0)
     print(f"outputs in {output_dir.resolve()} (final accuracy {summary['final'].get('accuracy')})")
     exit_leaving_stuck_threads(0)

@@ -26,8 +26,12 @@ def array_from_numpy(values: np.ndarray) -> Array:
         return Array(values)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
-    return Array(dtype=str(values.dtype), shape=tuple(int(s) for s in values.shape), stype=SType.NUMPY,
-                 data=b"".join((header.getvalue(), values)))
+    return Array(
+        dtype=str(values.dtype),
+        shape=tuple(int(s) for s in values.shape),
+        stype=SType.NUMPY,
+        data=b"".join((header.getvalue(), values)),
+    )
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -42,8 +46,7 @@ def array_view(array: Array) -> np.ndarray:
     count = int(np.prod(array.shape, dtype=np.int64))
     data = array.data
     offset = len(data) - count * dtype.itemsize
-    if array.stype != SType.NUMPY or dtype.hasobject or offset < 10 \
-            or b"'fortran_order': False" not in data[:offset]:
+    if array.stype != SType.NUMPY or dtype.hasobject or offset < 10 or b"'fortran_order': False" not in data[:offset]:
         return np.ascontiguousarray(array.numpy()).reshape(-1)
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset)
 

@@ -105,7 +105,7 @@ def remove_orphans(parent: Path) -> list[Path]:
     """Remove ``parent``'s directories of fedmed runs whose process no longer exists."""
     removed = []
     for directory in parent.glob(f"{_PREFIX}*-*"):
-        pid = directory.name[len(_PREFIX):].split("-", 1)[0]
+        pid = directory.name[len(_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
         shutil.rmtree(directory, ignore_errors=True)

@@ -43,5 +43,6 @@ def without_deprecation_banner() -> Iterator[None]:
 def simulate(server_app, client_app, num_supernodes: int, backend_config: dict) -> None:
     """Run ``server_app`` with ``num_supernodes`` virtual SuperNodes on Flower's Ray backend."""
     with without_deprecation_banner():
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
-                       backend_config=backend_config)
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config
+        )

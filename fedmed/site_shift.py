@@ -47,10 +47,7 @@ def site_shifts(num_sites: int, seed: int, strength: float = 1.0) -> list[SiteSh
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not (math.isfinite(strength) and 0.0 <= strength <= MAX_STRENGTH):
-        raise ValueError(
-            f"strength must lie in [0, {MAX_STRENGTH}] (1.0 gives the reference ranges), "
-            f"got {strength!r}"
-        )
+        raise ValueError(f"strength must lie in [0, {MAX_STRENGTH}] (1.0 gives the reference ranges), got {strength!r}")
     # A stream of its own (tag 2), so the shifts do not reuse the partition's draws.
     rng = np.random.default_rng([seed, 2])
     shifts = []
@@ -71,9 +68,7 @@ def site_shifts(num_sites: int, seed: int, strength: float = 1.0) -> list[SiteSh
     return shifts
 
 
-def apply_site_shift(
-    images: torch.Tensor, shift: SiteShift, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def apply_site_shift(images: torch.Tensor, shift: SiteShift, generator: torch.Generator | None = None) -> torch.Tensor:
     """Return ``images`` (float (N, C, H, W) in [0, 1], C = 1 or 3) as seen at ``shift``'s site.
 
     Order: contrast around each image's mean, brightness, colour gains, Gaussian blur,

@@ -53,15 +53,19 @@ def compose(overrides: list[str]) -> DictConfig:
 def write_sites(cfg: DictConfig, output_dir: Path) -> dict:
     """Write every site's file and the manifest into ``output_dir``; returns the manifest."""
     if cfg.attack.name != "none":
-        raise ValueError(f"attack={cfg.attack.name}: attacks are simulation only and deployed sites refuse them; "
-                         "write site files with attack=none")
+        raise ValueError(
+            f"attack={cfg.attack.name}: attacks are simulation only and deployed sites refuse them; "
+            "write site files with attack=none"
+        )
     num_sites = int(cfg.federation.num_clients)
     if num_sites < 1:
         raise ValueError(f"federation.num_clients={num_sites} must be >= 1")
     existing = sorted(p.name for p in output_dir.glob("site-*.npz")) + sorted(p.name for p in output_dir.glob(MANIFEST))
     if existing:
-        raise ValueError(f"output_dir={output_dir} already holds {', '.join(existing)}; give an empty folder "
-                         "(old site files would mix with the new split)")
+        raise ValueError(
+            f"output_dir={output_dir} already holds {', '.join(existing)}; give an empty folder "
+            "(old site files would mix with the new split)"
+        )
     job = job_from_config(cfg)
     seed = int(job["seed"])
     dataset = dataset_from_config(job["dataset"], seed)
@@ -134,9 +138,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-USAGE = ("usage: fedmed-sites [hydra overrides] output_dir=DIR\n"
-         "writes DIR/site-<i>.npz for each of federation.num_clients sites and DIR/manifest.json, with the "
-         "split `fedmed-sim` uses for the same dataset, partition, seed and client.val_fraction")
+USAGE = (
+    "usage: fedmed-sites [hydra overrides] output_dir=DIR\n"
+    "writes DIR/site-<i>.npz for each of federation.num_clients sites and DIR/manifest.json, with the "
+    "split `fedmed-sim` uses for the same dataset, partition, seed and client.val_fraction"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,18 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(overrides)
         if not cfg.output_dir:
-            raise ValueError(f"output_dir is not set: give output_dir=DIR, the folder to write site-<i>.npz and "
-                             f"{MANIFEST} into")
+            raise ValueError(
+                f"output_dir is not set: give output_dir=DIR, the folder to write site-<i>.npz and {MANIFEST} into"
+            )
         output_dir = Path(cfg.output_dir)
         manifest = write_sites(cfg, output_dir)
     except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as error:
         print(f"fedmed-sites: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {manifest['num_sites']} site files ({manifest['dataset']}, {manifest['partition']['name']} "
-          f"partition, seed {manifest['seed']}) and {MANIFEST} to {output_dir.resolve()}")
-    for name, site in manifest["sites"].items():
-        print(f"  {site['file']}: {site['train_examples']} train, {site['val_examples']} val, train examples "
-              f"per class {site['train_examples_per_class']}")
+    print(
+        f"wrote {manifest['num_sites']} site files ({manifest['dataset']}, {manifest['partition']['name']} "
+        f"partition, seed {manifest['seed']}) and {MANIFEST} to {output_dir.resolve()}"
+    )
+    for site in manifest["sites"].values():
+        print(
+            f"  {site['file']}: {site['train_examples']} train, {site['val_examples']} val, train examples "
+            f"per class {site['train_examples_per_class']}"
+        )
     return 0
 
 

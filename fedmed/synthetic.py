@@ -52,8 +52,7 @@ def make_synthetic(
     """
     if not 2 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(
-            f"num_classes must be between 2 and {len(CLASS_NAMES)} (classes: {CLASS_NAMES}), "
-            f"got {num_classes!r}."
+            f"num_classes must be between 2 and {len(CLASS_NAMES)} (classes: {CLASS_NAMES}), got {num_classes!r}."
         )
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}.")
@@ -78,9 +77,7 @@ def make_synthetic(
     )
 
 
-def _make_split(
-    n: int, num_classes: int, channels: int, size: int, seed_seq: np.random.SeedSequence
-) -> Split:
+def _make_split(n: int, num_classes: int, channels: int, size: int, seed_seq: np.random.SeedSequence) -> Split:
     label_seed, *chunk_seeds = seed_seq.spawn(1 + (n + IMAGES_PER_CHUNK - 1) // IMAGES_PER_CHUNK)
     # Exactly balanced (up to one image), in random order.
     labels = np.random.default_rng(label_seed).permutation(np.arange(n) % num_classes)
@@ -189,9 +186,7 @@ def _lesion_layers(labels: np.ndarray, rng: np.random.Generator) -> list[dict[st
     kind = np.array(CLASS_NAMES)[labels]
     is_irregular, is_ring = kind == "irregular", kind == "ring"
     is_multi, is_cyst = kind == "multifocal", kind == "cyst"
-    shape["radius_b"] = np.where(
-        is_irregular, shape["radius_a"] / rng.uniform(2.0, 3.5, n), shape["radius_b"]
-    )
+    shape["radius_b"] = np.where(is_irregular, shape["radius_a"] / rng.uniform(2.0, 3.5, n), shape["radius_b"])
     shape["radius_a"] = np.where(is_irregular, shape["radius_a"] * 1.5, shape["radius_a"])
     shape["lobes"] = np.where(is_irregular, rng.uniform(0.15, 0.35, n), 0.0)
     shape["ring"] = is_ring
@@ -247,6 +242,7 @@ def _select(params: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.nda
 
 def _lesion_profile(lesion: dict[str, np.ndarray], coords: np.ndarray) -> np.ndarray:
     """Opacity maps (m, H, W) in [0, 1] of the layer's lesions."""
+
     def column(key: str) -> np.ndarray:
         return lesion[key].astype(np.float32)[:, None, None]
 

@@ -185,6 +185,7 @@ def evaluate(
     """Loss, accuracy, balanced accuracy and macro AUC of ``model`` on ``images[indices]``."""
     if indices is None:
         indices = np.arange(len(labels))
-    probs = predict_probs(model, images, indices, batch_size=batch_size, device=device, transform=transform,
-                          precision=precision)
+    probs = predict_probs(
+        model, images, indices, batch_size=batch_size, device=device, transform=transform, precision=precision
+    )
     return classification_metrics(np.asarray(labels)[indices], probs)

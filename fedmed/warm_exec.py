@@ -23,8 +23,16 @@ import os
 import sys
 
 # what a fresh `flwr-clientapp` process spends its time importing before fedmed's code runs
-PRELOADED = ("numpy", "torch", "torchvision", "safetensors.torch", "omegaconf", "flwr.app", "flwr.clientapp",
-             "flwr.supernode.runtime.run_clientapp")
+PRELOADED = (
+    "numpy",
+    "torch",
+    "torchvision",
+    "safetensors.torch",
+    "omegaconf",
+    "flwr.app",
+    "flwr.clientapp",
+    "flwr.supernode.runtime.run_clientapp",
+)
 
 
 def preload() -> None:
@@ -88,11 +96,17 @@ def make_fork_executor():
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedmed-warm-exec", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runtime-api-address", required=True,
-                        help="the SuperNode's Runtime API, host:port (its --port, 9094 by default)")
-    parser.add_argument("--root-certificates", default=None,
-                        help="CA of the SuperNode's Runtime API certificate when it serves TLS "
-                             "(--ssl-certfile); without it the local Runtime API is plain HTTP")
+    parser.add_argument(
+        "--runtime-api-address",
+        required=True,
+        help="the SuperNode's Runtime API, host:port (its --port, 9094 by default)",
+    )
+    parser.add_argument(
+        "--root-certificates",
+        default=None,
+        help="CA of the SuperNode's Runtime API certificate when it serves TLS "
+        "(--ssl-certfile); without it the local Runtime API is plain HTTP",
+    )
     return parser.parse_args(argv)
 
 
@@ -105,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     executor = make_fork_executor()
     superexec.get_executor = lambda *_args, **_kwargs: executor
-    superexec.run_superexec(runtime_api_address=args.runtime_api_address,
-                            insecure=args.root_certificates is None,
-                            root_certificates_path=args.root_certificates)
+    superexec.run_superexec(
+        runtime_api_address=args.runtime_api_address,
+        insecure=args.root_certificates is None,
+        root_certificates_path=args.root_certificates,
+    )
     return 0
 
 

@@ -122,8 +122,9 @@ class FedMedAvg(FedAvg):
         chosen = sorted(self.rng.sample(candidates, min(count, len(candidates))))
         return [node_of_partition[p] for p in chosen]
 
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str,
-                  server_round: int) -> list[Message]:
+    def _messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], kind: str, server_round: int
+    ) -> list[Message]:
         config["server-round"] = server_round
         if self.shared_arrays is not None:
             config[ARRAYS_FILE_KEY] = str(self.shared_arrays.publish(arrays))
@@ -139,8 +140,14 @@ class FedMedAvg(FedAvg):
         self._grid = grid
         available = self.online()
         if len(available) < self.clients_per_round:
-            log(WARNING, "round %d: only %d of %d clients online; sampling %d", server_round, len(available),
-                len(self.partition_of_node), len(available))
+            log(
+                WARNING,
+                "round %d: only %d of %d clients online; sampling %d",
+                server_round,
+                len(available),
+                len(self.partition_of_node),
+                len(available),
+            )
         node_ids = self.sample_partitions(self.clients_per_round, available)
         self._sent_at = time.monotonic()
         return self._messages(arrays, config, node_ids, MessageType.TRAIN, server_round)
@@ -207,15 +214,22 @@ class FedMedAvg(FedAvg):
             self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, None
         self.detection[server_round] = {
-            "scores": {reply_partition_id(m, self.partition_of_node): 0.0 for m in accepted}, "flagged": []}
+            "scores": {reply_partition_id(m, self.partition_of_node): 0.0 for m in accepted},
+            "flagged": [],
+        }
         return super().aggregate_train(server_round, accepted)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "round %d: local evaluation failed on node %d: %s", server_round,
-                    msg.metadata.src_node_id, msg.error.reason)
+                log(
+                    WARNING,
+                    "round %d: local evaluation failed on node %d: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
                 continue
             results.append(self.client_metrics(reply_partition_id(msg, self.partition_of_node), msg))
         results.sort(key=lambda m: m.get("partition-id", -1))

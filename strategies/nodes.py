@@ -45,8 +45,9 @@ class Federation:
             if len(row) > num_classes:
                 raise ValueError(
                     f"site {self.site_of_partition[pid]!r} has labels up to {len(row) - 1}, but the "
-                    f"federation's dataset has {num_classes} classes (labels 0..{num_classes - 1})")
-            counts[pid, :len(row)] = row
+                    f"federation's dataset has {num_classes} classes (labels 0..{num_classes - 1})"
+                )
+            counts[pid, : len(row)] = row
         return counts
 
 
@@ -68,8 +69,12 @@ def discover(grid: Grid, num_nodes: int, timeout: float) -> Federation:
     pending: dict[str, int] = {}  # query message id -> node id
     asked: set[int] = set()
     answers: dict[int, tuple] = {}
-    log(INFO, "fedmed: waiting up to %.0f s for %d sites (federation.num_clients, "
-        "federation.connect_timeout_s)", timeout, num_nodes)
+    log(
+        INFO,
+        "fedmed: waiting up to %.0f s for %d sites (federation.num_clients, federation.connect_timeout_s)",
+        timeout,
+        num_nodes,
+    )
     while len(answers) < num_nodes:
         new = sorted(set(grid.get_node_ids()) - asked)
         if new:
@@ -90,7 +95,8 @@ def discover(grid: Grid, num_nodes: int, timeout: float) -> Federation:
             raise TimeoutError(
                 f"only {len(answers)} of federation.num_clients={num_nodes} sites connected within "
                 f"{timeout:.0f} s (federation.connect_timeout_s); connected: {_names(answers) or 'none'}. "
-                "Start the missing SuperNodes, or set federation.num_clients to the number of sites.")
+                "Start the missing SuperNodes, or set federation.num_clients to the number of sites."
+            )
         time.sleep(0.5)
     return _federation(answers)
 
@@ -107,13 +113,16 @@ def _federation(answers: dict[int, tuple]) -> Federation:
             raise RuntimeError(f"two nodes report the same partition id: {sorted(partition_of_node.values())}")
         return Federation(partition_of_node)
     if len(sites) != len(answers):
-        raise RuntimeError("simulated partitions and deployed sites in one federation: start every "
-                           "SuperNode with --node-config 'data-path=\"...\"'")
+        raise RuntimeError(
+            "simulated partitions and deployed sites in one federation: start every "
+            "SuperNode with --node-config 'data-path=\"...\"'"
+        )
     names = sorted(sites.values())
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise RuntimeError(f"two SuperNodes call themselves {duplicates}: give each site its own name "
-                           "(node config site=\"...\")")
+        raise RuntimeError(
+            f'two SuperNodes call themselves {duplicates}: give each site its own name (node config site="...")'
+        )
     pid_of_site = {name: pid for pid, name in enumerate(names)}
     return Federation(
         partition_of_node={node: pid_of_site[site] for node, site in sites.items()},

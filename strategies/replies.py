@@ -98,11 +98,13 @@ def outlying_counts(counts: list[float]) -> list[str | None]:
     (more than ``MAX_COUNT_RATIO`` times their median), or None. A lone reply has no others."""
     problems: list[str | None] = []
     for i, count in enumerate(counts):
-        others = counts[:i] + counts[i + 1:]
+        others = counts[:i] + counts[i + 1 :]
         median = float(np.median(others)) if others else None
         if median is not None and count > MAX_COUNT_RATIO * median:
-            problems.append(f"'{WEIGHT_KEY}'={count:g} is more than {MAX_COUNT_RATIO} times the median of "
-                            f"the round's other replies ({median:g})")
+            problems.append(
+                f"'{WEIGHT_KEY}'={count:g} is more than {MAX_COUNT_RATIO} times the median of "
+                f"the round's other replies ({median:g})"
+            )
         else:
             problems.append(None)
     return problems

@@ -46,8 +46,11 @@ def float_keys(global_arrays: ArrayRecord) -> list[str]:
     likewise vectorises ``net.parameters()``. The statistics are averaged separately
     (``batchnorm_statistics``).
     """
-    return [key for key, array in global_arrays.items()
-            if np.issubdtype(np.dtype(array.dtype), np.floating) and not is_batchnorm_statistic(key)]
+    return [
+        key
+        for key, array in global_arrays.items()
+        if np.issubdtype(np.dtype(array.dtype), np.floating) and not is_batchnorm_statistic(key)
+    ]
 
 
 def _flat_globals(global_arrays: ArrayRecord) -> list[np.ndarray]:
@@ -65,7 +68,7 @@ def _fill(out: torch.Tensor, records: Sequence[ArrayRecord], keys: list[str], gl
     target = out.numpy()
     offset = 0
     for key, g in zip(keys, globals_):
-        part = target[:, offset:offset + g.size]
+        part = target[:, offset : offset + g.size]
         for row, arrays in zip(part, records):
             w = array_view(arrays[key])
             if w.dtype == np.float32 and g.dtype == np.float32:
@@ -81,8 +84,9 @@ def flat_update(arrays: ArrayRecord, global_arrays: ArrayRecord) -> torch.Tensor
     return stack_updates([arrays], global_arrays)[0]
 
 
-def stack_updates(records: Sequence[ArrayRecord], global_arrays: ArrayRecord,
-                  buffer: torch.Tensor | None = None) -> torch.Tensor:
+def stack_updates(
+    records: Sequence[ArrayRecord], global_arrays: ArrayRecord, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n, d) float32, row i = ``flat_update(records[i], global_arrays)``, each value copied once.
 
     ``buffer``: a float32 (m, d) tensor with m >= n to write the rows into (its first n rows are
@@ -93,12 +97,19 @@ def stack_updates(records: Sequence[ArrayRecord], global_arrays: ArrayRecord,
     shape = (len(records), sum(g.size for g in globals_))
     if buffer is None:
         out = torch.empty(shape, dtype=torch.float32)
-    elif buffer.dtype != torch.float32 or buffer.dim() != 2 or buffer.shape[0] < shape[0] \
-            or buffer.shape[1] != shape[1] or not buffer.is_contiguous():
-        raise ValueError(f"buffer of shape {tuple(buffer.shape)}, {buffer.dtype}: need a contiguous float32 "
-                         f"(>= {shape[0]}, {shape[1]})")
+    elif (
+        buffer.dtype != torch.float32
+        or buffer.dim() != 2
+        or buffer.shape[0] < shape[0]
+        or buffer.shape[1] != shape[1]
+        or not buffer.is_contiguous()
+    ):
+        raise ValueError(
+            f"buffer of shape {tuple(buffer.shape)}, {buffer.dtype}: need a contiguous float32 "
+            f"(>= {shape[0]}, {shape[1]})"
+        )
     else:
-        out = buffer[:shape[0]]
+        out = buffer[: shape[0]]
     _fill(out, records, keys, globals_)
     return out
 
@@ -123,8 +134,9 @@ class UpdateRows:
         return self._buffer
 
 
-def batchnorm_statistics(records: Sequence[ArrayRecord], num_examples: torch.Tensor,
-                         flagged: Sequence[int]) -> dict[str, np.ndarray] | None:
+def batchnorm_statistics(
+    records: Sequence[ArrayRecord], num_examples: torch.Tensor, flagged: Sequence[int]
+) -> dict[str, np.ndarray] | None:
     """BatchNorm running statistics of the round: the example-weighted mean over the rows the
     rule did not flag, in float64 and back to each array's dtype; None when every row is flagged."""
     excluded = set(flagged)
@@ -141,8 +153,12 @@ def batchnorm_statistics(records: Sequence[ArrayRecord], num_examples: torch.Ten
     return result
 
 
-def apply_update(global_arrays: ArrayRecord, update: torch.Tensor, noise: torch.Tensor | None = None,
-                 statistics: dict[str, np.ndarray] | None = None) -> ArrayRecord:
+def apply_update(
+    global_arrays: ArrayRecord,
+    update: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    statistics: dict[str, np.ndarray] | None = None,
+) -> ArrayRecord:
     """A new ArrayRecord, same keys and order: the learned floating-point arrays (``float_keys``)
     = global + their slice of ``update`` and of ``noise`` (an aggregator's ``Aggregate.noise``),
     in the global dtype; BatchNorm's running statistics from ``statistics`` (None: the global
@@ -166,10 +182,10 @@ def apply_update(global_arrays: ArrayRecord, update: torch.Tensor, noise: torch.
     for key, array in global_arrays.items():
         if key in floats:
             g = array_view(array)
-            part = values[offset:offset + g.size]
+            part = values[offset : offset + g.size]
             offset += g.size
             if g.dtype == part.dtype:
-                new = np.add(g, part, out=total[:g.size])
+                new = np.add(g, part, out=total[: g.size])
             else:
                 new = (g.astype(np.float64) + part).astype(g.dtype)
             result[key] = array_from_numpy(new.reshape(array.shape))
@@ -222,8 +238,7 @@ class RobustAggregation(FedMedAvg):
         try:
             aggregator.check_replies(clients_per_round)
         except TooFewReplies as error:
-            raise ValueError(f"{error} (federation.clients_per_round={clients_per_round} replies per round)") \
-                from None
+            raise ValueError(f"{error} (federation.clients_per_round={clients_per_round} replies per round)") from None
         if aggregator.name == "fltrust" and reference_update is None:
             raise ValueError("strategy=fltrust needs reference_update: the server's update on its root dataset")
         self.aggregator = aggregator
@@ -235,9 +250,7 @@ class RobustAggregation(FedMedAvg):
         pid = reply_partition_id(msg, self.partition_of_node)
         return int(pid) if pid is not None else int(msg.metadata.src_node_id)
 
-    def aggregate_train(
-        self, server_round: int, replies
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accepted_replies(server_round, replies)
         if not accepted:
             log(WARNING, "round %d: no valid reply; the global model stays as it was", server_round)
@@ -248,7 +261,8 @@ class RobustAggregation(FedMedAvg):
         records = [next(iter(msg.content.array_records.values())) for msg in accepted]
         num_examples = torch.tensor(
             [float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key]) for msg in accepted],
-            dtype=torch.float64)
+            dtype=torch.float64,
+        )
         metrics = self.train_metrics_aggr_fn([msg.content for msg in accepted], self.weighted_by_key)
         rows = self._update_rows(len(records), update_size(self._global_arrays))
         updates = stack_updates(records, self._global_arrays, rows)
@@ -256,9 +270,13 @@ class RobustAggregation(FedMedAvg):
         if self.reference_update is not None:
             reference = self.reference_update(self._global_arrays, num_examples)
         try:
-            result = self.aggregator.aggregate(updates, num_examples, client_ids=ids,
-                                               generator=round_generator(self.seed, server_round),
-                                               reference=reference)
+            result = self.aggregator.aggregate(
+                updates,
+                num_examples,
+                client_ids=ids,
+                generator=round_generator(self.seed, server_round),
+                reference=reference,
+            )
         except TooFewReplies as error:
             log(WARNING, "round %d: %s; the global model stays as it was", server_round, error)
             self.detection[server_round] = {"scores": {}, "flagged": []}

@@ -35,13 +35,23 @@ def check_eval_config(attacks: list[str], eps: list[float], max_samples: int | N
         raise ValueError(f"eval.max_samples={max_samples} must be >= 1 (or null for the whole test split)")
 
 
-def global_robustness(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, attacks: list[str],
-                      eps: list[float], max_samples: int | None, batch_size: int, device: torch.device,
-                      seed: int) -> dict[str, float | None]:
+def global_robustness(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    attacks: list[str],
+    eps: list[float],
+    max_samples: int | None,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float | None]:
     """``adv/<attack>/<eps>/accuracy`` and ``.../auc`` of the global model on the test split."""
     indices = fixed_subset(len(labels), max_samples, seed)
-    return assess_robustness(model, images, labels, indices, attacks=attacks, eps=eps, batch_size=batch_size,
-                             device=device, seed=seed)
+    return assess_robustness(
+        model, images, labels, indices, attacks=attacks, eps=eps, batch_size=batch_size, device=device, seed=seed
+    )
 
 
 def weakest_client(client_eval: list[dict], attacks: list[str], eps: list[float]) -> dict[str, float]:

@@ -35,8 +35,10 @@ def root_indices(num_images: int, root_samples: int, seed: int) -> np.ndarray:
     if root_samples < 2:
         raise ValueError(f"strategy.root_samples={root_samples} must be >= 2")
     if num_images < root_samples:
-        raise ValueError(f"strategy.root_samples={root_samples} but the validation split holds only "
-                         f"{num_images} images; lower strategy.root_samples")
+        raise ValueError(
+            f"strategy.root_samples={root_samples} but the validation split holds only "
+            f"{num_images} images; lower strategy.root_samples"
+        )
     return np.sort(np.random.default_rng(seed).choice(num_images, size=root_samples, replace=False))
 
 
@@ -49,17 +51,25 @@ def client_iterations(num_examples: torch.Tensor, epochs: int, batch_size: int) 
     return max(1, epochs * math.ceil(median / batch_size))
 
 
-def random_batches(indices: np.ndarray, iterations: int, batch_size: int, generator: torch.Generator
-                   ) -> list[np.ndarray]:
+def random_batches(
+    indices: np.ndarray, iterations: int, batch_size: int, generator: torch.Generator
+) -> list[np.ndarray]:
     """``iterations`` batches, each ``batch_size`` distinct indices drawn at random (the paper's
     "randomly sample a batch D_b from D_0")."""
     size = min(batch_size, len(indices))
     return [indices[torch.randperm(len(indices), generator=generator)[:size].numpy()] for _ in range(iterations)]
 
 
-def make_root_update(model: nn.Module, root: Split, root_samples: int, client: dict, *, device: torch.device,
-                     seed: int, iterations: int | None = None
-                     ) -> Callable[[ArrayRecord, torch.Tensor], torch.Tensor]:
+def make_root_update(
+    model: nn.Module,
+    root: Split,
+    root_samples: int,
+    client: dict,
+    *,
+    device: torch.device,
+    seed: int,
+    iterations: int | None = None,
+) -> Callable[[ArrayRecord, torch.Tensor], torch.Tensor]:
     """``reference_update(global_arrays, num_examples) -> (d,) tensor``: a copy of ``model``
     holding the global weights, trained on the root sample with the clients' settings (``client``
     section: optimizer, lr, momentum, weight decay, batch size, augmentation) for ``iterations``
@@ -72,18 +82,34 @@ def make_root_update(model: nn.Module, root: Split, root_samples: int, client: d
     calls = Counter()  # fresh batches each round; a checkpoint keeps the count
 
     def reference_update(global_arrays: ArrayRecord, num_examples: torch.Tensor) -> torch.Tensor:
-        steps = iterations if iterations is not None else client_iterations(num_examples, int(client["epochs"]),
-                                                                              batch_size)
+        steps = (
+            iterations if iterations is not None else client_iterations(num_examples, int(client["epochs"]), batch_size)
+        )
         calls.value += 1
         round_seed = derive_seed(seed, 12, calls.value)
         batches = random_batches(indices, steps, batch_size, torch.Generator().manual_seed(round_seed))
         local = copy.deepcopy(model)
         load_arrays(local, global_arrays)
-        optimizer = make_optimizer(local.parameters(), client["optimizer"], float(client["lr"]),
-                                   float(client["momentum"]), float(client["weight_decay"]))
-        train_local(local, root.images, root.labels, indices, epochs=1, batch_size=batch_size,
-                    optimizer=optimizer, device=device, seed=round_seed, augment=bool(client["augment"]),
-                    batches=lambda: batches)
+        optimizer = make_optimizer(
+            local.parameters(),
+            client["optimizer"],
+            float(client["lr"]),
+            float(client["momentum"]),
+            float(client["weight_decay"]),
+        )
+        train_local(
+            local,
+            root.images,
+            root.labels,
+            indices,
+            epochs=1,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            device=device,
+            seed=round_seed,
+            augment=bool(client["augment"]),
+            batches=lambda: batches,
+        )
         return flat_update(model_to_arrays(local.cpu()), global_arrays)
 
     reference_update.calls = calls

@@ -64,8 +64,9 @@ def error_message(reason: str) -> str:
     return message if len(message) <= MAX_REASON else message[:MAX_REASON] + " [...]"
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
-             stop: threading.Event | None = None) -> tuple[list[tuple[int, Message]], list[int]]:
+def exchange(
+    grid: Grid, messages: Iterable[Message], timeout: float, stop: threading.Event | None = None
+) -> tuple[list[tuple[int, Message]], list[int]]:
     """Send ``messages`` and collect the replies until all are in or ``timeout`` seconds pass.
     Returns (node the message went to, its reply) pairs and the node ids that did not reply in
     time. The node comes from the message replied to: Flower itself (node id 1) answers for a
@@ -97,13 +98,16 @@ class RoundLoop:
     never replied, so its Ray actor may still be busy when the run ends.
     """
 
-    def __init__(self, strategy: FedMedAvg, grid: Grid, *, timeout: float, min_replies: int,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self, strategy: FedMedAvg, grid: Grid, *, timeout: float, min_replies: int, stop: threading.Event | None = None
+    ) -> None:
         if min_replies < 1:
             raise ValueError(f"federation.min_replies={min_replies} must be >= 1")
         if min_replies > strategy.clients_per_round:
-            raise ValueError(f"federation.min_replies={min_replies} is more than federation.clients_per_round="
-                             f"{strategy.clients_per_round}: no round could complete")
+            raise ValueError(
+                f"federation.min_replies={min_replies} is more than federation.clients_per_round="
+                f"{strategy.clients_per_round}: no round could complete"
+            )
         self.strategy = strategy
         self.grid = grid
         self.timeout = timeout
@@ -137,9 +141,16 @@ class RoundLoop:
         for node in missing:
             self.timed_out = True
             kind = "timeout" if node in online else "lost"
-            self._fail(failures, server_round, phase, node, kind,
-                       f"no reply within federation.round_timeout_s={self.timeout:g}" if kind == "timeout"
-                       else "the node went offline during the round")
+            self._fail(
+                failures,
+                server_round,
+                phase,
+                node,
+                kind,
+                f"no reply within federation.round_timeout_s={self.timeout:g}"
+                if kind == "timeout"
+                else "the node went offline during the round",
+            )
         answered = []
         for node, reply in replies:
             if not reply.has_error():
@@ -147,8 +158,9 @@ class RoundLoop:
             elif reply.metadata.src_node_id != node:  # Flower's answer for a node it lost
                 self._fail(failures, server_round, phase, node, "lost", error_message(reply.error.reason))
             else:
-                self._fail(failures, server_round, phase, node, "raised",
-                           f"client raised: {error_message(reply.error.reason)}")
+                self._fail(
+                    failures, server_round, phase, node, "raised", f"client raised: {error_message(reply.error.reason)}"
+                )
         return answered
 
     def _fail(self, failures: list[dict], server_round: int, phase: str, node: int, kind: str, reason: str) -> None:
@@ -156,12 +168,21 @@ class RoundLoop:
         federation = getattr(self.strategy, "federation", None)
         client = federation.name(pid) if federation is not None else pid
         log(WARNING, "round %d: client %s %s in %s: %s", server_round, client, kind, phase, reason)
-        failures.append({"client": client, "partition_id": pid, "node_id": node, "phase": phase, "kind": kind,
-                         "reason": reason})
+        failures.append(
+            {"client": client, "partition_id": pid, "node_id": node, "phase": phase, "kind": kind, "reason": reason}
+        )
 
-    def run(self, arrays: ArrayRecord, *, first_round: int, num_rounds: int, train_config: ConfigRecord,
-            evaluate_config: ConfigRecord, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
-            end_of_round: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
+    def run(
+        self,
+        arrays: ArrayRecord,
+        *,
+        first_round: int,
+        num_rounds: int,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+        end_of_round: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> ArrayRecord:
         """Rounds ``first_round``..``num_rounds``; returns the final global model. The caller
         evaluates round 0 itself (a resumed run has it already)."""
         strategy = self.strategy
@@ -175,18 +196,24 @@ class RoundLoop:
                 raise NotEnoughReplies(
                     f"round {server_round}: {valid} valid training replies, fewer than federation.min_replies="
                     f"{self.min_replies} ({len(self.failures.get(server_round, []))} clients failed, "
-                    f"{len(strategy.rejections.get(server_round, []))} replies rejected; see the log above)")
+                    f"{len(strategy.rejections.get(server_round, []))} replies rejected; see the log above)"
+                )
             if new_arrays is not None:
                 bad = non_finite_keys(new_arrays)
                 if bad:
                     reason = f"the aggregate holds NaN or Inf in {len(bad)} arrays (first: {bad[0]})"
-                    log(WARNING, "round %d: %s; the round is skipped and the previous global model kept",
-                        server_round, reason)
+                    log(
+                        WARNING,
+                        "round %d: %s; the round is skipped and the previous global model kept",
+                        server_round,
+                        reason,
+                    )
                     self.skipped[server_round] = reason
                 else:
                     arrays = new_arrays
-            replies = self._replies(server_round, "evaluate",
-                                    strategy.configure_evaluate(server_round, arrays, evaluate_config, self.grid))
+            replies = self._replies(
+                server_round, "evaluate", strategy.configure_evaluate(server_round, arrays, evaluate_config, self.grid)
+            )
             strategy.aggregate_evaluate(server_round, replies)
             evaluate_fn(server_round, arrays)
             if end_of_round is not None:

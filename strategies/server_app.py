@@ -65,9 +65,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
-                   reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
-                   shared_arrays: SharedArrays | None = None) -> FedMedAvg:
+def build_strategy(
+    cfg: DictConfig,
+    partition_of_node: dict[int, int],
+    reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
+    shared_arrays: SharedArrays | None = None,
+) -> FedMedAvg:
     """``strategy=fedavg``: Flower's FedAvg (``FedMedAvg``); any other: ``RobustAggregation``
     with that rule. Nothing here knows which clients are malicious."""
     assess_clients = bool(cfg.eval.clients)
@@ -84,8 +87,12 @@ def build_strategy(cfg: DictConfig, partition_of_node: dict[int, int],
     aggregator = make_aggregator(name, **params)  # refuses unknown names and misplaced keys
     if name == "fedavg":
         return FedMedAvg(partition_of_node, **common)
-    return RobustAggregation(partition_of_node, **common, aggregator=aggregator,
-                             reference_update=reference_update if name == "fltrust" else None)
+    return RobustAggregation(
+        partition_of_node,
+        **common,
+        aggregator=aggregator,
+        reference_update=reference_update if name == "fltrust" else None,
+    )
 
 
 def assessment_round(cfg: DictConfig, server_round: int) -> bool:
@@ -95,9 +102,14 @@ def assessment_round(cfg: DictConfig, server_round: int) -> bool:
 def prepare_config(cfg: DictConfig) -> None:
     """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
     check_defense(cfg.defense)
-    check_assimilation(cfg.assimilation, str(cfg.model.assimilation), cfg.defense,
-                       freeze_backbone=bool(cfg.model.freeze_backbone), image_size=int(cfg.dataset.size),
-                       rounds=int(cfg.federation.rounds))
+    check_assimilation(
+        cfg.assimilation,
+        str(cfg.model.assimilation),
+        cfg.defense,
+        freeze_backbone=bool(cfg.model.freeze_backbone),
+        image_size=int(cfg.dataset.size),
+        rounds=int(cfg.federation.rounds),
+    )
     strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
     aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
     try:
@@ -109,7 +121,10 @@ def prepare_config(cfg: DictConfig) -> None:
     if norm != cfg.model.norm:
         logging.getLogger("fedmed").warning(
             "defense=%s: BatchNorm mixes examples, so DP-SGD cannot clip per-example gradients; every "
-            "model (clients' and server's) uses model.norm=%s (Opacus ModuleValidator.fix)", cfg.defense.name, norm)
+            "model (clients' and server's) uses model.norm=%s (Opacus ModuleValidator.fix)",
+            cfg.defense.name,
+            norm,
+        )
         cfg.model.norm = norm
 
 
@@ -121,8 +136,11 @@ def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: 
         names = [federation.name(pid) for pid in range(len(counts))]
     else:
         partitions = client_partitions(
-            dataset.train.labels, int(cfg.federation.num_clients), OmegaConf.to_container(cfg.partition),
-            int(cfg.seed), dataset.name,
+            dataset.train.labels,
+            int(cfg.federation.num_clients),
+            OmegaConf.to_container(cfg.partition),
+            int(cfg.seed),
+            dataset.name,
         )
         counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
     if cfg.progress:
@@ -130,7 +148,9 @@ def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: 
     plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png", names)
 
 
-def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int], attacking: bool) -> RoundDetection | None:
+def round_detection(
+    strategy: FedMedAvg, server_round: int, malicious: list[int], attacking: bool
+) -> RoundDetection | None:
     """Score the strategy's flags of one round against the ground truth, which only this runner
     holds (the strategy never sees ``malicious``). A rejected reply counts as flagged."""
     decisions = strategy.detection.get(server_round)
@@ -142,9 +162,15 @@ def round_detection(strategy: FedMedAvg, server_round: int, malicious: list[int]
     return score_round(flagged, accepted + rejected, malicious if attacking else [])
 
 
-def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: bool = False,
-                   resume_from: dict | None = None, stop: StopControl | None = None,
-                   keeper: CheckpointKeeper | None = None) -> dict:
+def run_federation(
+    grid: Grid,
+    cfg: DictConfig,
+    output_dir: Path,
+    share_arrays: bool = False,
+    resume_from: dict | None = None,
+    stop: StopControl | None = None,
+    keeper: CheckpointKeeper | None = None,
+) -> dict:
     """The whole run on the server side; returns the summary it also writes to summary.json.
 
     ``share_arrays``: the clients run on this machine, so models travel as files in shared
@@ -172,22 +198,36 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         # connect); the partitions follow the nodes that are really there.
         logging.getLogger("flwr").warning(
             "the federation has %d nodes, not federation.num_clients=%d; using %d",
-            len(partition_of_node), cfg.federation.num_clients, len(partition_of_node))
+            len(partition_of_node),
+            cfg.federation.num_clients,
+            len(partition_of_node),
+        )
         cfg.federation.num_clients = len(partition_of_node)
         cfg.federation.clients_per_round = min(cfg.federation.clients_per_round, len(partition_of_node))
     dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
     log_partitions(cfg, dataset, federation, plots_dir, console)
     device = resolve_device(str(cfg.device))
     model = build_model(
-        cfg.model.name, dataset.num_classes, dataset.channels, pretrained=bool(cfg.model.pretrained),
-        weights_path=cfg.model.weights_path, freeze_backbone=bool(cfg.model.freeze_backbone),
-        norm=str(cfg.model.norm), assimilation=str(cfg.model.assimilation),
+        cfg.model.name,
+        dataset.num_classes,
+        dataset.channels,
+        pretrained=bool(cfg.model.pretrained),
+        weights_path=cfg.model.weights_path,
+        freeze_backbone=bool(cfg.model.freeze_backbone),
+        norm=str(cfg.model.norm),
+        assimilation=str(cfg.model.assimilation),
     )
     reference_update = None
     if cfg.strategy.name == "fltrust":
-        reference_update = make_root_update(model, dataset.val, int(cfg.strategy.root_samples),
-                                            OmegaConf.to_container(cfg.client, resolve=True), device=device, seed=seed,
-                                            iterations=cfg.strategy.root_iterations)
+        reference_update = make_root_update(
+            model,
+            dataset.val,
+            int(cfg.strategy.root_samples),
+            OmegaConf.to_container(cfg.client, resolve=True),
+            device=device,
+            seed=seed,
+            iterations=cfg.strategy.root_iterations,
+        )
     initial_arrays = model_to_arrays(model)
     shared_arrays = None
     if share_arrays:
@@ -198,8 +238,13 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
     resumed_rows = json.loads(resume_from["rows"]) if resume_from else []
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resumed_rows)
     keeper = keeper or CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
-    loop = RoundLoop(strategy, grid, timeout=float(cfg.federation.round_timeout_s),
-                     min_replies=int(cfg.federation.min_replies), stop=stop.requested if stop else None)
+    loop = RoundLoop(
+        strategy,
+        grid,
+        timeout=float(cfg.federation.round_timeout_s),
+        min_replies=int(cfg.federation.min_replies),
+        stop=stop.requested if stop else None,
+    )
     total_rounds = int(cfg.federation.rounds)
     test = dataset.test
 
@@ -216,9 +261,19 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         load_arrays(model, arrays)
         row.update(evaluate(model, test.images, test.labels, batch_size=int(cfg.eval.batch_size), device=device))
         if assessment_round(cfg, server_round):
-            row.update(global_robustness(
-                model, test.images, test.labels, attacks=attacks, eps=eps, max_samples=cfg.eval.max_samples,
-                batch_size=int(cfg.eval.batch_size), device=device, seed=derive_seed(seed, 7)))
+            row.update(
+                global_robustness(
+                    model,
+                    test.images,
+                    test.labels,
+                    attacks=attacks,
+                    eps=eps,
+                    max_samples=cfg.eval.max_samples,
+                    batch_size=int(cfg.eval.batch_size),
+                    device=device,
+                    seed=derive_seed(seed, 7),
+                )
+            )
         if backdoor_set is not None:
             row["backdoor/asr"] = backdoor_asr(model, backdoor_set, batch_size=int(cfg.eval.batch_size), device=device)
         detection = round_detection(strategy, server_round, malicious, attacks_in_round(attack, server_round))
@@ -258,10 +313,16 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
     def snapshot(arrays: ArrayRecord) -> dict:
-        return {"arrays": arrays_to_tensors(arrays), "strategy": strategy_state(strategy),
-                "clients": json.dumps(loop.client_states), "generators": generator_states(),
-                "rows": json.dumps(metrics_log.rows), "detections": json.dumps([vars(d) for d in detections]),
-                "largest_epsilon": list(largest_epsilon), "elapsed_s": time.monotonic() - started}
+        return {
+            "arrays": arrays_to_tensors(arrays),
+            "strategy": strategy_state(strategy),
+            "clients": json.dumps(loop.client_states),
+            "generators": generator_states(),
+            "rows": json.dumps(metrics_log.rows),
+            "detections": json.dumps([vars(d) for d in detections]),
+            "largest_epsilon": list(largest_epsilon),
+            "elapsed_s": time.monotonic() - started,
+        }
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
         keeper.end_of_round(server_round, total_rounds, lambda: snapshot(arrays))
@@ -279,14 +340,18 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
         loop.client_states = {int(pid): records for pid, records in json.loads(resume_from["clients"]).items()}
         started -= float(resume_from["elapsed_s"])
         restore_generators(resume_from["generators"])
-        logging.getLogger("fedmed").warning("resuming %s after round %d of %d", output_dir, first_round - 1,
-                                            total_rounds)
+        logging.getLogger("fedmed").warning(
+            "resuming %s after round %d of %d", output_dir, first_round - 1, total_rounds
+        )
     try:
         final_arrays = loop.run(
-            arrays, first_round=first_round, num_rounds=total_rounds,
+            arrays,
+            first_round=first_round,
+            num_rounds=total_rounds,
             train_config=ConfigRecord({JOB_KEY: encode_job(job)}),
             evaluate_config=ConfigRecord({JOB_KEY: encode_job(job)}),
-            evaluate_fn=evaluate_global, end_of_round=end_of_round,
+            evaluate_fn=evaluate_global,
+            end_of_round=end_of_round,
         )
     except NotEnoughReplies as error:
         keeper.close()
@@ -299,20 +364,28 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path, share_arrays: 
             stop.clients_stuck = loop.timed_out
     load_arrays(model, final_arrays)
     save_model(model, output_dir / "model.safetensors")
-    title = (f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients "
-             f"({cfg.partition.name} partition), {cfg.strategy.name}")
+    title = (
+        f"{cfg.model.name} on {cfg.dataset.name}, {cfg.federation.num_clients} clients "
+        f"({cfg.partition.name} partition), {cfg.strategy.name}"
+    )
     plot_rounds(metrics_log.rows, plots_dir / "accuracy.png", title)
     if any(key.startswith("adv/") for row in metrics_log.rows for key in row):
         plot_robustness_per_round(metrics_log.rows, plots_dir / "robustness_per_round.png", title)
         plot_robustness_vs_eps(metrics_log.rows, plots_dir / "robustness_vs_eps.png", title)
-    extra = {"rejected_replies": sum(len(row.get("rejected", [])) for row in metrics_log.rows),
-             "failed_clients": sum(len(row.get("failures", [])) for row in metrics_log.rows),
-             **run_status(metrics_log.rows)}
+    extra = {
+        "rejected_replies": sum(len(row.get("rejected", [])) for row in metrics_log.rows),
+        "failed_clients": sum(len(row.get("failures", [])) for row in metrics_log.rows),
+        **run_status(metrics_log.rows),
+    }
     if attack["name"] != "none":
-        plot_backdoor_per_round(metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}",
-                                int(attack["start_round"]))
-        extra["attack"] = {"name": attack["name"], "malicious_partitions": malicious,
-                           **backdoor_summary(metrics_log.rows, int(attack["start_round"]))}
+        plot_backdoor_per_round(
+            metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}", int(attack["start_round"])
+        )
+        extra["attack"] = {
+            "name": attack["name"],
+            "malicious_partitions": malicious,
+            **backdoor_summary(metrics_log.rows, int(attack["start_round"])),
+        }
     extra["detection"] = {"strategy": str(cfg.strategy.name), **run_totals(detections)}
     extra["config"] = OmegaConf.to_container(cfg, resolve=True)
     summary = write_summary(output_dir / "summary.json", metrics_log.rows, time.monotonic() - started, extra)
@@ -332,8 +405,11 @@ def backdoor_summary(rows: list[dict], start_round: int) -> dict:
     maximum over the attacked rounds: the rise over the first is what shows the backdoor."""
     asr = {row["round"]: row.get("backdoor/asr") for row in rows}
     attacked = [v for r, v in asr.items() if r >= start_round and v is not None]
-    return {"asr_before_attack": asr.get(start_round - 1), "asr_final": rows[-1].get("backdoor/asr") if rows else None,
-            "asr_max": max(attacked) if attacked else None}
+    return {
+        "asr_before_attack": asr.get(start_round - 1),
+        "asr_final": rows[-1].get("backdoor/asr") if rows else None,
+        "asr_max": max(attacked) if attacked else None,
+    }
 
 
 def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
@@ -351,9 +427,14 @@ def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     return cfg, output_dir.expanduser().resolve()
 
 
-def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = False,
-                    resume_from: dict | None = None, stop: StopControl | None = None,
-                    keeper: CheckpointKeeper | None = None) -> ServerApp:
+def make_server_app(
+    cfg: DictConfig,
+    output_dir: Path,
+    share_arrays: bool = False,
+    resume_from: dict | None = None,
+    stop: StopControl | None = None,
+    keeper: CheckpointKeeper | None = None,
+) -> ServerApp:
     """A ServerApp bound to an already composed configuration (used by `fedmed-sim`, which
     knows whether its clients share this machine: ``share_arrays``, and handles signals)."""
     server_app = ServerApp()
@@ -365,8 +446,10 @@ def make_server_app(cfg: DictConfig, output_dir: Path, share_arrays: bool = Fals
         finally:
             if stop is not None and stop.clients_stuck:
                 # some client never replied: its Ray worker may wait for good, and Flower with it
-                logging.getLogger("fedmed").warning("ending the %d ClientApp actors: a client did not reply and "
-                                                    "its call may never return", release_client_actors())
+                logging.getLogger("fedmed").warning(
+                    "ending the %d ClientApp actors: a client did not reply and its call may never return",
+                    release_client_actors(),
+                )
 
     return server_app
 
@@ -379,6 +462,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg, output_dir = config_from_run_config(dict(context.run_config))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logging.getLogger("flwr").info("fedmed: writing outputs to %s; test split: dataset=%s (on this server)",
-                                   output_dir, cfg.dataset.name)
+    logging.getLogger("flwr").info(
+        "fedmed: writing outputs to %s; test split: dataset=%s (on this server)", output_dir, cfg.dataset.name
+    )
     run_federation(grid, cfg, output_dir)

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 FIRST_PORT = 19000
@@ -63,8 +62,9 @@ class Processes:
     def start(self, name: str, command: list[str], cwd: Path | None = None) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("w")
         # a session of its own: stopping it also stops the processes it started
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd, start_new_session=True
+        )
         self.running[name] = process
         return process
 
@@ -121,14 +121,28 @@ def _signal_all(pids: list[int], sig: int) -> None:
 def make_certificates(directory: Path, sites: list[str]) -> dict[str, Path]:
     """`fedmed-certs`: a development CA, a SuperLink certificate for 127.0.0.1/localhost and a
     key pair per site; the paths the SuperLink and SuperNodes are started with."""
-    subprocess.run([sys.executable, "-m", "fedmed.certs", str(directory), "--host", "localhost", "--ip", HOST,
-                    "--sites", *sites], check=True, capture_output=True, timeout=120, cwd=REPO)
-    paths = {"ca": directory / "ca.crt", "server_cert": directory / "server.pem", "server_key": directory / "server.key"}
+    subprocess.run(
+        [sys.executable, "-m", "fedmed.certs", str(directory), "--host", "localhost", "--ip", HOST, "--sites", *sites],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    paths = {
+        "ca": directory / "ca.crt",
+        "server_cert": directory / "server.pem",
+        "server_key": directory / "server.key",
+    }
     return {**paths, **{site: directory / f"{site}.key" for site in sites}}
 
 
 def write_site_files(directory: Path, overrides: list[str]) -> list[Path]:
     """`fedmed-sites`: one file per site, the simulation's split of the composed dataset."""
-    subprocess.run([sys.executable, "-m", "fedmed.sites", *overrides, f"output_dir={directory}"], check=True,
-                   capture_output=True, timeout=600, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "fedmed.sites", *overrides, f"output_dir={directory}"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=REPO,
+    )
     return sorted(directory.glob("site-*.npz"))

@@ -34,10 +34,26 @@ def trained_and_attacked(defense_name: str, data, train_idx, test_idx) -> dict:
     model = build_model("resnet18", 2, 1)
     share = LocalData(data.train.images, data.train.labels, train_idx)
     for server_round in (1, 2, 3, 4):
-        train_round(model, share, job, server_round=server_round, seed=server_round, device=torch.device("cpu"),
-                    state=RecordDict())
-    return assess_robustness(model, data.test.images, data.test.labels, test_idx, attacks=["fgsm"],
-                             eps=[4 / 255], batch_size=200, device=torch.device("cpu"), seed=0)
+        train_round(
+            model,
+            share,
+            job,
+            server_round=server_round,
+            seed=server_round,
+            device=torch.device("cpu"),
+            state=RecordDict(),
+        )
+    return assess_robustness(
+        model,
+        data.test.images,
+        data.test.labels,
+        test_idx,
+        attacks=["fgsm"],
+        eps=[4 / 255],
+        batch_size=200,
+        device=torch.device("cpu"),
+        seed=0,
+    )
 
 
 def test_fast_adversarial_training_raises_fgsm_accuracy_and_auc(medmnist_root):

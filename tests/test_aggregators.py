@@ -21,12 +21,19 @@ from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import Krum as FlowerKrum
 from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 
+from fedmed.serialization import array_view
 from strategies.aggregators import AGGREGATORS, TooFewReplies, make_aggregator
 from strategies.aggregators.foolsgold import FoolsGold
-from strategies.aggregators.ops import (batcher_runs, closest_window, gram, median_windows, middle,
-                                        sort_columns_, sq_distances)
+from strategies.aggregators.ops import (
+    batcher_runs,
+    closest_window,
+    gram,
+    median_windows,
+    middle,
+    sort_columns_,
+    sq_distances,
+)
 from strategies.fedavg import FedMedAvg
-from fedmed.serialization import array_view
 from strategies.robust import RobustAggregation, apply_update, flat_update, stack_updates, update_size
 
 SHAPES = {"conv": (6, 5, 5), "fc": (40, 50), "bias": (50,)}
@@ -37,14 +44,13 @@ def split(flat: np.ndarray) -> ArrayRecord:
     arrays, offset = {}, 0
     for key, shape in SHAPES.items():
         size = int(np.prod(shape))
-        arrays[key] = Array(np.ascontiguousarray(flat[offset:offset + size].reshape(shape)))
+        arrays[key] = Array(np.ascontiguousarray(flat[offset : offset + size].reshape(shape)))
         offset += size
     return ArrayRecord(arrays)
 
 
 def joined(record: ArrayRecord) -> np.ndarray:
     return np.concatenate([record[key].numpy().ravel() for key in SHAPES])
-
 
 
 def reply(pid: int, record: ArrayRecord, num_examples: int) -> Message:
@@ -54,8 +60,9 @@ def reply(pid: int, record: ArrayRecord, num_examples: int) -> Message:
 
 
 def robust(aggregator, global_record: ArrayRecord, n: int, seed: int = 0, **kwargs) -> RobustAggregation:
-    s = RobustAggregation({100 + i: i for i in range(n)}, clients_per_round=n, seed=seed, aggregator=aggregator,
-                          **kwargs)
+    s = RobustAggregation(
+        {100 + i: i for i in range(n)}, clients_per_round=n, seed=seed, aggregator=aggregator, **kwargs
+    )
     list(s.configure_train(1, global_record, ConfigRecord(), grid=None))
     return s
 
@@ -90,8 +97,9 @@ def record_flower_selection(monkeypatch):
 def both(name: str, flower_strategy, seed=0, n=13, **params):
     """Flower's and our aggregate (flat numpy) of the same replies, and our strategy."""
     g, weights, counts = federation(seed, n, scale=1.0, step=0.01)
-    flower_out, _ = flower_strategy.aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in
-                                                        enumerate(zip(weights, counts))])
+    flower_out, _ = flower_strategy.aggregate_train(
+        1, [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))]
+    )
     ours = robust(make_aggregator(name, **params), split(g), n)
     our_out, _ = ours.aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))])
     return joined(flower_out), joined(our_out), ours
@@ -119,8 +127,9 @@ class TestSameAsFlower:
 
     def test_multikrum_weights_its_selection_by_examples(self, record_flower_selection):
         picked, _ = record_flower_selection
-        flower, ours, s = both("multikrum", FlowerMultiKrum(num_malicious_nodes=2, num_nodes_to_select=6),
-                               num_malicious=2, num_to_keep=6)
+        flower, ours, s = both(
+            "multikrum", FlowerMultiKrum(num_malicious_nodes=2, num_nodes_to_select=6), num_malicious=2, num_to_keep=6
+        )
         kept = sorted(set(range(13)) - set(s.detection[1]["flagged"]))
         assert picked[-1] == kept and len(kept) == 6
         np.testing.assert_allclose(ours, flower, rtol=0, atol=3e-7)
@@ -128,8 +137,9 @@ class TestSameAsFlower:
     def test_bulyan(self, record_flower_selection):
         picked, recording = record_flower_selection
         for n, f in ((11, 2), (16, 3)):  # theta odd, then even (np.median: mean of the middle two)
-            flower, ours, s = both("bulyan", FlowerBulyan(num_malicious_nodes=f, selection_rule=recording), n=n,
-                                   num_malicious=f)
+            flower, ours, s = both(
+                "bulyan", FlowerBulyan(num_malicious_nodes=f, selection_rule=recording), n=n, num_malicious=f
+            )
             theta = n - 2 * f
             dropped = sorted(set(range(n)) - set(picked[-1]))
             assert len(picked[-1]) == theta
@@ -140,10 +150,14 @@ class TestSameAsFlower:
         g, weights, counts = federation(0, 10, 1.0, 0.01)
         replies = [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))]
         assert FlowerBulyan(num_malicious_nodes=2).aggregate_train(1, replies) == (None, None)
-        with pytest.raises(TooFewReplies, match=r"strategy.num_malicious=2 is too large for 10 replies: "
-                                                r"Bulyan needs n >= 4f \+ 3"):
+        with pytest.raises(
+            TooFewReplies,
+            match=r"strategy.num_malicious=2 is too large for 10 replies: "
+            r"Bulyan needs n >= 4f \+ 3",
+        ):
             make_aggregator("bulyan", num_malicious=2).aggregate(
-                torch.zeros(10, 5), torch.ones(10), client_ids=range(10), generator=torch.Generator())
+                torch.zeros(10, 5), torch.ones(10), client_ids=range(10), generator=torch.Generator()
+            )
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -156,8 +170,9 @@ def test_krum_on_large_weights_picks_what_exact_float64_distances_pick():
     n, f = 10, 2
     for seed in range(5):
         g, weights, counts = federation(seed, n, scale=100.0, step=1e-3, spread=(0.5, 2.0))
-        exact = np.array([[np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for b in weights]
-                          for a in weights])
+        exact = np.array(
+            [[np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for b in weights] for a in weights]
+        )
         off = exact + np.diag(np.full(n, np.inf))
         exact_scores = np.sort(off, axis=1)[:, : n - f - 2].sum(1)
         expected = int(np.argmin(exact_scores))
@@ -222,33 +237,38 @@ def test_planted_attackers_are_flagged_and_the_aggregate_stays_honest(name):
     updates, honest_mean, c, reference = scenario()
     n = updates.shape[0]
     counts = torch.full((n,), 50.0)
-    mean_result = make_aggregator("fedavg").aggregate(updates, counts, client_ids=range(n),
-                                                      generator=torch.Generator().manual_seed(0), reference=reference)
-    result = make_aggregator(name).aggregate(updates, counts, client_ids=range(n),
-                                             generator=torch.Generator().manual_seed(0), reference=reference)
+    mean_result = make_aggregator("fedavg").aggregate(
+        updates, counts, client_ids=range(n), generator=torch.Generator().manual_seed(0), reference=reference
+    )
+    result = make_aggregator(name).aggregate(
+        updates, counts, client_ids=range(n), generator=torch.Generator().manual_seed(0), reference=reference
+    )
     assert mean_result.flagged == [] and torch.all(mean_result.scores == 0)
     assert set(attackers) <= set(result.flagged), result.flagged
     error = float((result.update - honest_mean).norm())
     mean_error = float((mean_result.update - honest_mean).norm())
     assert mean_error > 0.3 * float(c.norm())
     assert error < 0.5 * mean_error, (error, mean_error)
-    assert float(result.scores[attackers].min()) > float(result.scores[: N_HONEST].median())
+    assert float(result.scores[attackers].min()) > float(result.scores[:N_HONEST].median())
 
 
 @pytest.mark.parametrize("name", ["fedmedian", "trimmed_mean", "bulyan", "rfa", "multikrum", "fltrust"])
 def test_honest_clients_mostly_not_flagged(name):
     updates, _, _, reference = byzantine(seed=1)
-    result = make_aggregator(name).aggregate(updates, torch.full((11,), 50.0), client_ids=range(11),
-                                             generator=torch.Generator(), reference=reference)
+    result = make_aggregator(name).aggregate(
+        updates, torch.full((11,), 50.0), client_ids=range(11), generator=torch.Generator(), reference=reference
+    )
     honest_flagged = [i for i in result.flagged if i < N_HONEST]
     assert len(honest_flagged) <= (2 if name in ("multikrum", "bulyan") else 0), result.flagged
 
 
 # ---- permutation equivariance ------------------------------------------------------------------
 
+
 def run(aggregator, updates, counts, ids, reference, seed=5):
-    return aggregator.aggregate(updates, counts, client_ids=ids, generator=torch.Generator().manual_seed(seed),
-                                reference=reference)
+    return aggregator.aggregate(
+        updates, counts, client_ids=ids, generator=torch.Generator().manual_seed(seed), reference=reference
+    )
 
 
 def assert_equivariant(a, b, perm):
@@ -294,8 +314,9 @@ def test_ties_are_broken_by_client_id_not_by_position():
     for perm in ([0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [2, 4, 0, 6, 1, 3, 5]):
         shuffled_ids = [ids[i] for i in perm]
         for name in ("krum", "multikrum"):
-            result = make_aggregator(name, num_malicious=0, **({"num_to_keep": 2} if name == "multikrum" else {}))\
-                .aggregate(u[perm], torch.ones(7), client_ids=shuffled_ids, generator=torch.Generator())
+            result = make_aggregator(
+                name, num_malicious=0, **({"num_to_keep": 2} if name == "multikrum" else {})
+            ).aggregate(u[perm], torch.ones(7), client_ids=shuffled_ids, generator=torch.Generator())
             kept = sorted(shuffled_ids[i] for i in set(range(7)) - set(result.flagged))
             assert kept == ([1] if name == "krum" else [1, 3])  # the four copies tie: smallest ids
             # exactly equal scores for the copies, whatever their rows
@@ -305,46 +326,68 @@ def test_ties_are_broken_by_client_id_not_by_position():
 
 # ---- errors ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, params, message", [
-    ("trimmed_mean", {"beta": 0.5}, r"strategy.beta=0.5 must be in \[0, 0.5\)"),
-    ("krum", {"num_malicious": -1}, "strategy.num_malicious=-1 must be an integer >= 0"),
-    ("multikrum", {"num_to_keep": 0}, "strategy.num_to_keep=0 must be an integer >= 1"),
-    ("norm_clip", {"clip_norm": 0.0}, "strategy.clip_norm=0.0 must be a finite number > 0"),
-    ("weak_dp", {"noise_std": -1.0}, "strategy.noise_std=-1.0 must be a finite number >= 0"),
-    ("flame", {"noise_lambda": float("nan")}, "strategy.noise_lambda=nan"),
-    ("rfa", {"max_iter": 0}, "strategy.max_iter=0 must be an integer >= 1"),
-    ("fedmedian", {"num_malicious": 2}, "strategy.num_malicious=2 has no effect with strategy=fedmedian"),
-    ("krum", {"colour": 1}, "strategy.colour is not a parameter of strategy=krum"),
-    ("median", {}, "strategy='median' is not known; use one of fedavg, fedmedian"),
-])
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("trimmed_mean", {"beta": 0.5}, r"strategy.beta=0.5 must be in \[0, 0.5\)"),
+        ("krum", {"num_malicious": -1}, "strategy.num_malicious=-1 must be an integer >= 0"),
+        ("multikrum", {"num_to_keep": 0}, "strategy.num_to_keep=0 must be an integer >= 1"),
+        ("norm_clip", {"clip_norm": 0.0}, "strategy.clip_norm=0.0 must be a finite number > 0"),
+        ("weak_dp", {"noise_std": -1.0}, "strategy.noise_std=-1.0 must be a finite number >= 0"),
+        ("flame", {"noise_lambda": float("nan")}, "strategy.noise_lambda=nan"),
+        ("rfa", {"max_iter": 0}, "strategy.max_iter=0 must be an integer >= 1"),
+        ("fedmedian", {"num_malicious": 2}, "strategy.num_malicious=2 has no effect with strategy=fedmedian"),
+        ("krum", {"colour": 1}, "strategy.colour is not a parameter of strategy=krum"),
+        ("median", {}, "strategy='median' is not known; use one of fedavg, fedmedian"),
+    ],
+)
 def test_bad_parameters_name_the_key(name, params, message):
     with pytest.raises(ValueError, match=message):
         make_aggregator(name, **params)
 
 
 def test_whole_strategy_section_with_defaults_is_accepted():
-    defaults = dict(num_malicious=None, num_to_keep=None, beta=0.2, clip_norm=None, noise_std=0.002,
-                    noise_lambda=0.001, max_iter=10, root_samples=100)
+    defaults = dict(
+        num_malicious=None,
+        num_to_keep=None,
+        beta=0.2,
+        clip_norm=None,
+        noise_std=0.002,
+        noise_lambda=0.001,
+        max_iter=10,
+        root_samples=100,
+    )
     for name in AGGREGATORS:
         assert make_aggregator(name, **defaults).name == name
 
 
-@pytest.mark.parametrize("name, params, n, message", [
-    ("krum", {"num_malicious": 7}, 10, r"strategy.num_malicious=7 is too large for 10 replies: Krum needs n > 2f \+ 2"),
-    ("multikrum", {"num_malicious": 4}, 10, r"Krum needs n > 2f \+ 2"),
-    ("multikrum", {"num_to_keep": 12}, 10, "strategy.num_to_keep=12 is more than the 10 replies"),
-    ("bulyan", {}, 2, r"strategy=bulyan cannot aggregate 2 replies: Bulyan needs n >= 4f \+ 3"),
-])
+@pytest.mark.parametrize(
+    "name, params, n, message",
+    [
+        (
+            "krum",
+            {"num_malicious": 7},
+            10,
+            r"strategy.num_malicious=7 is too large for 10 replies: Krum needs n > 2f \+ 2",
+        ),
+        ("multikrum", {"num_malicious": 4}, 10, r"Krum needs n > 2f \+ 2"),
+        ("multikrum", {"num_to_keep": 12}, 10, "strategy.num_to_keep=12 is more than the 10 replies"),
+        ("bulyan", {}, 2, r"strategy=bulyan cannot aggregate 2 replies: Bulyan needs n >= 4f \+ 3"),
+    ],
+)
 def test_too_few_replies(name, params, n, message):
     with pytest.raises(TooFewReplies, match=message):
-        make_aggregator(name, **params).aggregate(torch.zeros(n, 4), torch.ones(n), client_ids=range(n),
-                                                  generator=torch.Generator())
+        make_aggregator(name, **params).aggregate(
+            torch.zeros(n, 4), torch.ones(n), client_ids=range(n), generator=torch.Generator()
+        )
 
 
 def test_fltrust_needs_a_reference():
     with pytest.raises(ValueError, match="fltrust needs the server's reference update"):
-        make_aggregator("fltrust").aggregate(torch.ones(3, 4), torch.ones(3), client_ids=range(3),
-                                             generator=torch.Generator())
+        make_aggregator("fltrust").aggregate(
+            torch.ones(3, 4), torch.ones(3), client_ids=range(3), generator=torch.Generator()
+        )
 
 
 def test_bad_inputs():
@@ -360,8 +403,9 @@ def test_bad_inputs():
 def test_degenerate_rounds_keep_the_global_model(caplog):
     u = torch.rand(4, 30, generator=torch.Generator().manual_seed(0)) + 0.1  # cosines with -1: negative
     with caplog.at_level(logging.WARNING):
-        result = make_aggregator("fltrust").aggregate(u, torch.ones(4), client_ids=range(4),
-                                                      generator=torch.Generator(), reference=-torch.ones(30))
+        result = make_aggregator("fltrust").aggregate(
+            u, torch.ones(4), client_ids=range(4), generator=torch.Generator(), reference=-torch.ones(30)
+        )
     assert result.flagged == [0, 1, 2, 3] and torch.all(result.update == 0)
     assert "global model is kept" in caplog.text
     same = torch.randn(1, 30, generator=torch.Generator().manual_seed(0)).repeat(3, 1)  # FoolsGold: all weights 0
@@ -370,6 +414,7 @@ def test_degenerate_rounds_keep_the_global_model(caplog):
 
 
 # ---- kernels -----------------------------------------------------------------------------------
+
 
 def test_sorting_network_sorts_every_size():
     gen = torch.Generator().manual_seed(0)
@@ -404,7 +449,7 @@ def test_closest_window_takes_the_first_of_tied_windows():
             reaches = [max(center - column[k], column[k + width - 1] - center) for k in range(rows - width + 1)]
             k = reaches.index(min(reaches))
             assert (low[col], high[col]) == (column[k], column[k + width - 1])
-            assert mean[col] == pytest.approx(sum(column[k:k + width]) / width)
+            assert mean[col] == pytest.approx(sum(column[k : k + width]) / width)
 
 
 def test_gram_distances_on_updates_are_exact_enough():
@@ -418,19 +463,23 @@ def test_gram_distances_on_updates_are_exact_enough():
 
 # ---- RobustAggregation on Messages -------------------------------------------------------------
 
-GLOBAL = ArrayRecord({
-    "w": Array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)),
-    "num_batches_tracked": Array(np.array(7, dtype=np.int64)),
-    "b": Array(np.zeros(4, np.float32)),
-})
+GLOBAL = ArrayRecord(
+    {
+        "w": Array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)),
+        "num_batches_tracked": Array(np.array(7, dtype=np.int64)),
+        "b": Array(np.zeros(4, np.float32)),
+    }
+)
 
 
 def client_record(delta_w: np.ndarray, delta_b: np.ndarray, tracked=99) -> ArrayRecord:
-    return ArrayRecord({
-        "w": Array((GLOBAL["w"].numpy() + delta_w).astype(np.float32)),
-        "num_batches_tracked": Array(np.array(tracked, dtype=np.int64)),
-        "b": Array((GLOBAL["b"].numpy() + delta_b).astype(np.float32)),
-    })
+    return ArrayRecord(
+        {
+            "w": Array((GLOBAL["w"].numpy() + delta_w).astype(np.float32)),
+            "num_batches_tracked": Array(np.array(tracked, dtype=np.int64)),
+            "b": Array((GLOBAL["b"].numpy() + delta_b).astype(np.float32)),
+        }
+    )
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -439,9 +488,17 @@ def test_robust_aggregation_end_to_end(caplog):
     direction_w, direction_b = rng.normal(size=(3, 4)), rng.normal(size=4)
     replies = []
     for pid in range(7):
-        replies.append(reply(pid, client_record(0.1 * direction_w + 0.01 * rng.normal(size=(3, 4)),
-                                                0.1 * direction_b + 0.01 * rng.normal(size=4)), 10 + pid))
-    bad_w = np.zeros((3, 4)); bad_w[1, 2] = np.nan
+        replies.append(
+            reply(
+                pid,
+                client_record(
+                    0.1 * direction_w + 0.01 * rng.normal(size=(3, 4)), 0.1 * direction_b + 0.01 * rng.normal(size=4)
+                ),
+                10 + pid,
+            )
+        )
+    bad_w = np.zeros((3, 4))
+    bad_w[1, 2] = np.nan
     replies.append(reply(7, client_record(bad_w, np.zeros(4)), 10))
     replies.append(reply(8, client_record(-5 * direction_w, -5 * direction_b), 10))  # attacker
     s = robust(make_aggregator("multikrum", num_malicious=2), GLOBAL, 9)
@@ -498,8 +555,12 @@ def test_round_with_too_few_replies_keeps_the_global_model(caplog):
     assert out is None and metrics is not None and "Bulyan needs n >= 4f + 3" in caplog.text
     assert s.detection[1] == {"scores": {}, "flagged": []}
     with pytest.raises(ValueError, match=r"federation.clients_per_round=6"):
-        RobustAggregation({100 + i: i for i in range(8)}, clients_per_round=6, seed=0,
-                          aggregator=make_aggregator("bulyan", num_malicious=1))
+        RobustAggregation(
+            {100 + i: i for i in range(8)},
+            clients_per_round=6,
+            seed=0,
+            aggregator=make_aggregator("bulyan", num_malicious=1),
+        )
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -507,15 +568,18 @@ def test_fltrust_strategy_uses_the_reference_and_noise_is_seeded():
     direction = np.random.default_rng(2).normal(size=16).astype(np.float32)
     reference = lambda arrays, num_examples: torch.from_numpy(direction)  # noqa: E731
     s = robust(make_aggregator("fltrust"), GLOBAL, 3, reference_update=reference)
-    replies = [reply(p, client_record(sign * direction[:12].reshape(3, 4), sign * direction[12:]), 10)
-               for p, sign in enumerate((1.0, 0.5, -1.0))]
+    replies = [
+        reply(p, client_record(sign * direction[:12].reshape(3, 4), sign * direction[12:]), 10)
+        for p, sign in enumerate((1.0, 0.5, -1.0))
+    ]
     out, _ = s.aggregate_train(1, replies)
     assert s.detection[1]["flagged"] == [2]
     np.testing.assert_allclose(joined_wb_from(out) - joined_wb_global(), direction, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reference_update"):
         robust(make_aggregator("fltrust"), GLOBAL, 3)
-    noisy = [robust(make_aggregator("weak_dp"), GLOBAL, 3, seed=seed).aggregate_train(1, replies)[0]
-             for seed in (0, 0, 1)]
+    noisy = [
+        robust(make_aggregator("weak_dp"), GLOBAL, 3, seed=seed).aggregate_train(1, replies)[0] for seed in (0, 0, 1)
+    ]
     assert np.array_equal(joined_wb_from(noisy[0]), joined_wb_from(noisy[1]))
     assert not np.array_equal(joined_wb_from(noisy[0]), joined_wb_from(noisy[2]))
 
@@ -537,17 +601,28 @@ def test_flat_update_and_apply_update_round_trip():
         apply_update(GLOBAL, u[:15])
 
 
-
-MIXED_SHAPES = {"conv.weight": ((4, 3, 3), np.float32), "bn.weight": ((4,), np.float32),
-                "bn.running_mean": ((4,), np.float32), "bn.running_var": ((4,), np.float32),
-                "bn.num_batches_tracked": ((), np.int64), "head.weight": ((2, 5), np.float64),
-                "head.bias": ((2,), np.float32)}
+MIXED_SHAPES = {
+    "conv.weight": ((4, 3, 3), np.float32),
+    "bn.weight": ((4,), np.float32),
+    "bn.running_mean": ((4,), np.float32),
+    "bn.running_var": ((4,), np.float32),
+    "bn.num_batches_tracked": ((), np.int64),
+    "head.weight": ((2, 5), np.float64),
+    "head.bias": ((2,), np.float32),
+}
 
 
 def mixed_record(rng: np.random.Generator, scale: float = 1.0) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.asarray(rng.integers(0, 9, size=shape) if dtype == np.int64
-                                              else scale * rng.normal(size=shape)).astype(dtype))
-                        for key, (shape, dtype) in MIXED_SHAPES.items()})
+    return ArrayRecord(
+        {
+            key: Array(
+                np.asarray(
+                    rng.integers(0, 9, size=shape) if dtype == np.int64 else scale * rng.normal(size=shape)
+                ).astype(dtype)
+            )
+            for key, (shape, dtype) in MIXED_SHAPES.items()
+        }
+    )
 
 
 def reference_round(rule, records, global_record, counts, ids, server_round, seed, reference=None) -> ArrayRecord:
@@ -563,18 +638,24 @@ def reference_round(rule, records, global_record, counts, ids, server_round, see
             return (w - g).ravel()
         return (w.astype(np.float64) - g.astype(np.float64)).astype(np.float32).ravel()
 
-    stacked = np.stack([np.concatenate([difference(r[k].numpy(), global_record[k].numpy()) for k in keys])
-                        for r in records])
+    stacked = np.stack(
+        [np.concatenate([difference(r[k].numpy(), global_record[k].numpy()) for k in keys]) for r in records]
+    )
     counts = torch.tensor(counts, dtype=torch.float64)
-    result = rule.aggregate(torch.from_numpy(stacked), counts, client_ids=ids,
-                            generator=round_generator(seed, server_round), reference=reference)
+    result = rule.aggregate(
+        torch.from_numpy(stacked),
+        counts,
+        client_ids=ids,
+        generator=round_generator(seed, server_round),
+        reference=reference,
+    )
     update = result.update if result.noise is None else result.update + result.noise
     statistics = batchnorm_statistics(records, counts, result.flagged)
     out, offset = {}, 0
     for key, array in global_record.items():
         g = array.numpy()
         if key in keys:
-            part = update.numpy()[offset:offset + g.size].reshape(g.shape)
+            part = update.numpy()[offset : offset + g.size].reshape(g.shape)
             offset += g.size
             out[key] = Array(g + part if g.dtype == np.float32 else (g.astype(np.float64) + part).astype(g.dtype))
         elif statistics is not None and key in statistics:
@@ -594,37 +675,60 @@ def test_server_path_gives_the_reference_model_byte_for_byte(name):
     global_record = mixed_record(rng)
     direction = torch.from_numpy(rng.normal(size=update_size(global_record)).astype(np.float32))
     reference = lambda arrays, num_examples: direction  # noqa: E731  (FLTrust's root update)
-    strategy = robust(make_aggregator(name), global_record, 7, seed=3,
-                      **({"reference_update": reference} if name == "fltrust" else {}))
+    strategy = robust(
+        make_aggregator(name),
+        global_record,
+        7,
+        seed=3,
+        **({"reference_update": reference} if name == "fltrust" else {}),
+    )
     own_rule = make_aggregator(name)  # fed the same rounds, for the stateful rules (FoolsGold)
     for server_round, n in ((1, 7), (2, 6)):
         if server_round > 1:
             list(strategy.configure_train(server_round, global_record, ConfigRecord(), grid=None))
         records = [mixed_record(rng, scale=1.0 + 0.1 * i) for i in range(n)]
         counts = [10 + 3 * i for i in range(n)]
-        out, _ = strategy.aggregate_train(server_round, [reply(p, r, c) for p, (r, c) in
-                                                         enumerate(zip(records, counts))])
-        expected = reference_round(own_rule, records, global_record, counts, list(range(n)), server_round, 3,
-                                   direction if name == "fltrust" else None)
+        out, _ = strategy.aggregate_train(
+            server_round, [reply(p, r, c) for p, (r, c) in enumerate(zip(records, counts))]
+        )
+        expected = reference_round(
+            own_rule,
+            records,
+            global_record,
+            counts,
+            list(range(n)),
+            server_round,
+            3,
+            direction if name == "fltrust" else None,
+        )
         assert list(out.keys()) == list(expected.keys())
         for key in expected:
             assert out[key].data == expected[key].data, (name, server_round, key)
         global_record = out
-    assert torch.equal(stack_updates(records, global_record), stack_updates(records, global_record,
-                                                                             torch.zeros(9, direction.numel())))
+    assert torch.equal(
+        stack_updates(records, global_record), stack_updates(records, global_record, torch.zeros(9, direction.numel()))
+    )
 
 
-BN_GLOBAL = ArrayRecord({"bn.weight": Array(np.ones(2, np.float32)),
-                         "bn.running_mean": Array(np.zeros(2, np.float32)),
-                         "bn.running_var": Array(np.full(2, 0.01, np.float32)),
-                         "bn.num_batches_tracked": Array(np.array(3, np.int64))})
+BN_GLOBAL = ArrayRecord(
+    {
+        "bn.weight": Array(np.ones(2, np.float32)),
+        "bn.running_mean": Array(np.zeros(2, np.float32)),
+        "bn.running_var": Array(np.full(2, 0.01, np.float32)),
+        "bn.num_batches_tracked": Array(np.array(3, np.int64)),
+    }
+)
 
 
 def bn_record(weight: float, mean: float, var: float) -> ArrayRecord:
-    return ArrayRecord({"bn.weight": Array(np.full(2, weight, np.float32)),
-                        "bn.running_mean": Array(np.full(2, mean, np.float32)),
-                        "bn.running_var": Array(np.full(2, var, np.float32)),
-                        "bn.num_batches_tracked": Array(np.array(9, np.int64))})
+    return ArrayRecord(
+        {
+            "bn.weight": Array(np.full(2, weight, np.float32)),
+            "bn.running_mean": Array(np.full(2, mean, np.float32)),
+            "bn.running_var": Array(np.full(2, var, np.float32)),
+            "bn.num_batches_tracked": Array(np.array(9, np.int64)),
+        }
+    )
 
 
 def test_batchnorm_statistics_are_not_in_the_update_and_noise_reaches_weights_only():
@@ -643,8 +747,12 @@ def test_batchnorm_statistics_are_not_in_the_update_and_noise_reaches_weights_on
         again = rule.aggregate(updates, torch.ones(5), client_ids=range(5), generator=torch.Generator().manual_seed(0))
         assert result.noise is not None and result.noise.shape == (6,) and result.noise.abs().sum() > 0
         assert torch.equal(result.noise, again.noise)
-    assert make_aggregator("fedavg").aggregate(updates, torch.ones(5), client_ids=range(5),
-                                               generator=torch.Generator()).noise is None
+    assert (
+        make_aggregator("fedavg")
+        .aggregate(updates, torch.ones(5), client_ids=range(5), generator=torch.Generator())
+        .noise
+        is None
+    )
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -668,9 +776,15 @@ def test_batchnorm_statistics_are_averaged_over_the_clients_the_rule_kept():
 
 def test_array_view_reads_the_serialised_values_in_place():
     rng = np.random.default_rng(0)
-    for value in (rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5), np.float16([1.5, -2]),
-                  np.array(7, dtype=np.int64), np.asfortranarray(rng.normal(size=(3, 4)).astype(np.float32)),
-                  np.zeros((0, 3), np.float32), rng.normal(size=4).astype(">f4")):
+    for value in (
+        rng.normal(size=(3, 4)).astype(np.float32),
+        rng.normal(size=5),
+        np.float16([1.5, -2]),
+        np.array(7, dtype=np.int64),
+        np.asfortranarray(rng.normal(size=(3, 4)).astype(np.float32)),
+        np.zeros((0, 3), np.float32),
+        rng.normal(size=4).astype(">f4"),
+    ):
         array = Array(value)
         view = array_view(array)
         np.testing.assert_array_equal(view, array.numpy().reshape(-1))

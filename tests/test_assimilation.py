@@ -33,8 +33,7 @@ def quantised(batch: int, height: int, width: int, levels: int, seed: int) -> tu
 def skimage_glcm(image: np.ndarray, offset: tuple[int, int], levels: int) -> np.ndarray:
     """graycomatrix at the distance and angle that its code turns into exactly this step."""
     dr, dc = offset
-    return graycomatrix(image, [math.hypot(dr, dc)], [math.atan2(dr, dc)], levels=levels, symmetric=True,
-                        normed=True)
+    return graycomatrix(image, [math.hypot(dr, dc)], [math.atan2(dr, dc)], levels=levels, symmetric=True, normed=True)
 
 
 # --- GLCM --------------------------------------------------------------------------------
@@ -53,21 +52,38 @@ def test_soft_glcm_and_features_equal_scikit_image_on_quantised_images(levels):
             expected = skimage_glcm(images[b], offset, levels)
             np.testing.assert_allclose(P[b, k].numpy(), expected[:, :, 0, 0], atol=1e-12)
             for name in FEATURES:
-                np.testing.assert_allclose(features[name][b, k].item(), graycoprops(expected, name)[0, 0],
-                                           atol=1e-12, err_msg=f"{name} at offset {offset}")
+                np.testing.assert_allclose(
+                    features[name][b, k].item(),
+                    graycoprops(expected, name)[0, 0],
+                    atol=1e-12,
+                    err_msg=f"{name} at offset {offset}",
+                )
 
 
 def test_offsets_are_graycomatrix_angles_as_its_code_computes_them():
     # 0, 45, 90, 135 degrees at distance 1 give graycomatrix's own matrices (its rows count down)
     images, x = quantised(1, 16, 16, 6, seed=3)
     ours = soft_glcm(x, 6, glcm_offsets([1]))[0]
-    theirs = graycomatrix(images[0], [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=6, symmetric=True,
-                          normed=True)
+    theirs = graycomatrix(
+        images[0], [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=6, symmetric=True, normed=True
+    )
     for k in range(4):
         np.testing.assert_allclose(ours[k].numpy(), theirs[:, :, 0, k], atol=1e-12)
     # diagonal steps keep the distance in rows and columns (chessboard), no rounding of d / sqrt(2)
-    assert glcm_offsets([1, 2, 4]) == [(0, 1), (1, 1), (1, 0), (1, -1), (0, 2), (2, 2), (2, 0), (2, -2),
-                                       (0, 4), (4, 4), (4, 0), (4, -4)]
+    assert glcm_offsets([1, 2, 4]) == [
+        (0, 1),
+        (1, 1),
+        (1, 0),
+        (1, -1),
+        (0, 2),
+        (2, 2),
+        (2, 0),
+        (2, -2),
+        (0, 4),
+        (4, 4),
+        (4, 0),
+        (4, -4),
+    ]
 
 
 def test_correlation_of_a_constant_image_is_one_as_in_graycoprops():
@@ -130,7 +146,9 @@ def test_module_weights_are_in_the_state_dict_and_train_with_a_frozen_backbone()
     names = list(model.state_dict())
     assert any(n.startswith("texture.") for n in names) and any(n.startswith("colour.") for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n for n, _ in model.named_parameters() if n.startswith(("texture.", "colour.", "backbone.fc."))} == trainable
+    assert {
+        n for n, _ in model.named_parameters() if n.startswith(("texture.", "colour.", "backbone.fc."))
+    } == trainable
     # the baseline's state dict has no module entries at all
     assert not any(n.startswith(("texture", "colour")) for n in build_model("resnet18", 2, 1).state_dict())
 
@@ -180,8 +198,13 @@ def _job(kind: str, defense_changes: dict | None = None, **assimilation) -> dict
     client.update(augment=False, batch_size=16)
     defense = OmegaConf.to_container(OmegaConf.structured(DefenseConfig))
     defense.update(defense_changes or {})
-    return {"defense": defense, "client": client, "rounds": 3, "model": {"assimilation": kind},
-            "assimilation": _settings(**assimilation)}
+    return {
+        "defense": defense,
+        "client": client,
+        "rounds": 3,
+        "model": {"assimilation": kind},
+        "assimilation": _settings(**assimilation),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +214,11 @@ def small_data():
 
 
 def _changed(before: dict, model: torch.nn.Module, prefix: str) -> bool:
-    return any(not torch.equal(before[n], p) for n, p in model.state_dict().items() if n.startswith(prefix)
-               and p.is_floating_point())
+    return any(
+        not torch.equal(before[n], p)
+        for n, p in model.state_dict().items()
+        if n.startswith(prefix) and p.is_floating_point()
+    )
 
 
 def test_texture_step_adds_the_weighted_texture_loss_to_cross_entropy():
@@ -207,17 +233,31 @@ def test_texture_step_adds_the_weighted_texture_loss_to_cross_entropy():
     assert model.texture.body[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("defense_changes", [
-    {}, {"name": "fgsm_at"}, {"name": "fgsm_at", "clean_weight": 0.5}, {"name": "distillation", "temperature": 4.0},
-    {"name": "dp_sgd", "noise_multiplier": 0.5},
-], ids=["none", "fgsm_at", "fgsm_at-half-clean", "distillation", "dp_sgd"])
+@pytest.mark.parametrize(
+    "defense_changes",
+    [
+        {},
+        {"name": "fgsm_at"},
+        {"name": "fgsm_at", "clean_weight": 0.5},
+        {"name": "distillation", "temperature": 4.0},
+        {"name": "dp_sgd", "noise_multiplier": 0.5},
+    ],
+    ids=["none", "fgsm_at", "fgsm_at-half-clean", "distillation", "dp_sgd"],
+)
 def test_both_modules_train_with_each_defense(defense_changes, small_data):
     torch.manual_seed(0)
     norm = "group" if defense_changes.get("name") == "dp_sgd" else "batch"
     model = build_model("resnet18", 3, 1, norm=norm, assimilation="both")
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    metrics = train_round(model, small_data, _job("both", defense_changes), server_round=1, seed=0,
-                          device=torch.device("cpu"), state=RecordDict())
+    metrics = train_round(
+        model,
+        small_data,
+        _job("both", defense_changes),
+        server_round=1,
+        seed=0,
+        device=torch.device("cpu"),
+        state=RecordDict(),
+    )
     assert math.isfinite(metrics["train_loss"])
     assert _changed(before, model, "texture.") and _changed(before, model, "colour.")
     assert _changed(before, model, "backbone.")
@@ -227,8 +267,11 @@ def test_backbone_is_frozen_for_the_first_rounds_only(small_data):
     torch.manual_seed(0)
     model = build_model("resnet18", 3, 1, assimilation="both")
     job = _job("both", freeze_backbone_rounds=1)
-    body = [n for n in model.state_dict() if n.startswith("backbone.") and not n.startswith("backbone.fc.")
-            and n.endswith("weight")]
+    body = [
+        n
+        for n in model.state_dict()
+        if n.startswith("backbone.") and not n.startswith("backbone.fc.") and n.endswith("weight")
+    ]
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     train_round(model, small_data, job, server_round=1, seed=0, device=torch.device("cpu"), state=RecordDict())
     after_first = model.state_dict()
@@ -244,25 +287,30 @@ def test_backbone_is_frozen_for_the_first_rounds_only(small_data):
 def test_frozen_backbone_context_restores_what_was_frozen_before():
     model = build_model("resnet18", 2, 1, freeze_backbone=True, assimilation="texture")
     with backbone_frozen(model, True):
-        assert [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")] == \
-            ["backbone.fc.weight", "backbone.fc.bias"]
+        assert [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")] == [
+            "backbone.fc.weight",
+            "backbone.fc.bias",
+        ]
     assert not model.backbone.conv1.weight.requires_grad  # was frozen by model.freeze_backbone, stays so
 
 
 # --- configuration -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, changes, extra, message", [
-    ("all", {}, {}, "model.assimilation='all' is not known"),
-    ("both", {"texture_weight": -1.0}, {}, r"assimilation.texture_weight=-1.0"),
-    ("both", {"levels": 1}, {}, "assimilation.levels=1"),
-    ("both", {"distances": []}, {}, r"assimilation.distances=\[\]"),
-    ("both", {"distances": [1, 0]}, {}, r"assimilation.distances=\[1, 0\]"),
-    ("both", {"distances": [1, 28]}, {"image_size": 28}, r"assimilation.distances=\[1, 28\] reach past"),
-    ("both", {"freeze_backbone_rounds": -1}, {}, "assimilation.freeze_backbone_rounds=-1"),
-    ("both", {"freeze_backbone_rounds": 2}, {"freeze_backbone": True}, "model.freeze_backbone=true"),
-    ("both", {"freeze_backbone_rounds": 3}, {"rounds": 3}, "federation.rounds=3"),
-])
+@pytest.mark.parametrize(
+    "kind, changes, extra, message",
+    [
+        ("all", {}, {}, "model.assimilation='all' is not known"),
+        ("both", {"texture_weight": -1.0}, {}, r"assimilation.texture_weight=-1.0"),
+        ("both", {"levels": 1}, {}, "assimilation.levels=1"),
+        ("both", {"distances": []}, {}, r"assimilation.distances=\[\]"),
+        ("both", {"distances": [1, 0]}, {}, r"assimilation.distances=\[1, 0\]"),
+        ("both", {"distances": [1, 28]}, {"image_size": 28}, r"assimilation.distances=\[1, 28\] reach past"),
+        ("both", {"freeze_backbone_rounds": -1}, {}, "assimilation.freeze_backbone_rounds=-1"),
+        ("both", {"freeze_backbone_rounds": 2}, {"freeze_backbone": True}, "model.freeze_backbone=true"),
+        ("both", {"freeze_backbone_rounds": 3}, {"rounds": 3}, "federation.rounds=3"),
+    ],
+)
 def test_bad_assimilation_settings_are_refused_by_name(kind, changes, extra, message):
     defense = OmegaConf.to_container(OmegaConf.structured(DefenseConfig))
     with pytest.raises(ValueError, match=message):
@@ -300,10 +348,21 @@ def test_federation_aggregates_the_module_weights_and_assesses_robustness(tmp_pa
 
     from fedmed.runner import run
 
-    cfg = compose_config("model.assimilation=both", "federation.num_clients=2", "federation.clients_per_round=2",
-                         "federation.rounds=2", "dataset.n_train=160", "dataset.n_test=64", "eval.max_samples=32",
-                         "eval.every=2", "eval.attacks=[fgsm,pgd]", "eval.eps=[0.0314]", "eval.clients=false",
-                         "progress=false", f"output_dir={tmp_path}")
+    cfg = compose_config(
+        "model.assimilation=both",
+        "federation.num_clients=2",
+        "federation.clients_per_round=2",
+        "federation.rounds=2",
+        "dataset.n_train=160",
+        "dataset.n_test=64",
+        "eval.max_samples=32",
+        "eval.every=2",
+        "eval.attacks=[fgsm,pgd]",
+        "eval.eps=[0.0314]",
+        "eval.clients=false",
+        "progress=false",
+        f"output_dir={tmp_path}",
+    )
     run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]

@@ -39,9 +39,18 @@ HONEST_ROUNDS = 3  # the attack starts at round 4
 ATTACK_ROUNDS = 3
 CPU = torch.device("cpu")
 # two of five clients, so that a blackbox poisoner is not simply out-voted in three rounds
-BASE = ("dataset.n_train=1000", "dataset.n_val=100", "dataset.n_test=400", f"federation.num_clients={NUM_CLIENTS}",
-        f"federation.clients_per_round={NUM_CLIENTS}", "client.batch_size=32", "client.augment=false",
-        "attack.fraction=0.4", f"attack.start_round={HONEST_ROUNDS + 1}", "seed=0")
+BASE = (
+    "dataset.n_train=1000",
+    "dataset.n_val=100",
+    "dataset.n_test=400",
+    f"federation.num_clients={NUM_CLIENTS}",
+    f"federation.clients_per_round={NUM_CLIENTS}",
+    "client.batch_size=32",
+    "client.augment=false",
+    "attack.fraction=0.4",
+    f"attack.start_round={HONEST_ROUNDS + 1}",
+    "seed=0",
+)
 
 
 EDGE = ("attack=edge_case", "attack.source_class=0", "attack.target_class=1", "attack.tail_fraction=0.2")
@@ -54,10 +63,16 @@ def job_for(*overrides: str) -> dict:
 
 
 def client_update(job: dict, global_arrays: ArrayRecord, pid: int, server_round: int) -> ArrayRecord:
-    content = RecordDict({"arrays": global_arrays,
-                          "config": ConfigRecord({JOB_KEY: encode_job(job), "server-round": server_round})})
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": NUM_CLIENTS},
-                      state=RecordDict(), run_config={})
+    content = RecordDict(
+        {"arrays": global_arrays, "config": ConfigRecord({JOB_KEY: encode_job(job), "server-round": server_round})}
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": pid, "num-partitions": NUM_CLIENTS},
+        state=RecordDict(),
+        run_config={},
+    )
     return train(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context).content["arrays"]
 
 
@@ -67,14 +82,19 @@ def run_rounds(job: dict, global_arrays: ArrayRecord, rounds: range, strategy: s
     for server_round in rounds:
         replies = [client_update(job, global_arrays, pid, server_round) for pid in range(NUM_CLIENTS)]
         counts = torch.ones(NUM_CLIENTS)
-        result = rule.aggregate(stack_updates(replies, global_arrays), counts, client_ids=list(range(NUM_CLIENTS)),
-                                generator=torch.Generator().manual_seed(server_round))
-        global_arrays = apply_update(global_arrays, result.update, result.noise,
-                                     batchnorm_statistics(replies, counts, result.flagged))
+        result = rule.aggregate(
+            stack_updates(replies, global_arrays),
+            counts,
+            client_ids=list(range(NUM_CLIENTS)),
+            generator=torch.Generator().manual_seed(server_round),
+        )
+        global_arrays = apply_update(
+            global_arrays, result.update, result.noise, batchnorm_statistics(replies, counts, result.flagged)
+        )
     return global_arrays
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def honest_phase(holds_out_tail: bool) -> ArrayRecord:
     """Rounds 1-3 from a seeded ResNet18, the same under every attack of one data layout: under
     ``attack=edge_case`` the source class's tail is held out from every client."""
@@ -83,12 +103,16 @@ def honest_phase(holds_out_tail: bool) -> ArrayRecord:
     return run_rounds(job_for(*EDGE) if holds_out_tail else job_for(), start, range(1, HONEST_ROUNDS + 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def final_model(attack: tuple[str, ...], strategy: str = "fedavg") -> torch.nn.Module:
     """The global model after the attack rounds (rounds 4-6), branched from the honest phase."""
     job = job_for(*attack)
-    arrays = run_rounds(job, honest_phase(job["attack"]["name"] == "edge_case"),
-                        range(HONEST_ROUNDS + 1, HONEST_ROUNDS + ATTACK_ROUNDS + 1), strategy)
+    arrays = run_rounds(
+        job,
+        honest_phase(job["attack"]["name"] == "edge_case"),
+        range(HONEST_ROUNDS + 1, HONEST_ROUNDS + ATTACK_ROUNDS + 1),
+        strategy,
+    )
     model = build_model("resnet18", 3, 1)
     load_arrays(model, arrays)
     return model
@@ -113,13 +137,16 @@ def asr(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
 
 # Margins sit below what was measured here (seed 0, one thread, deterministic): ASR over the clean
 # model's +0.29 (edge case, blackbox), +0.35 (pgd), +0.44 (badnets), +0.64 (label_flip).
-@pytest.mark.parametrize("attack, margin", [
-    ((*EDGE, "attack.mode=blackbox"), 0.2),
-    # honest updates here have norms 17-21 (Adam): a radius of 8 makes the projection bite
-    ((*EDGE, "attack.mode=pgd", "attack.eps=8.0"), 0.2),
-    (("attack=badnets", "attack.target_class=0"), 0.3),
-    (("attack=label_flip", "attack.source_class=1", "attack.target_class=2"), 0.4),
-])
+@pytest.mark.parametrize(
+    "attack, margin",
+    [
+        ((*EDGE, "attack.mode=blackbox"), 0.2),
+        # honest updates here have norms 17-21 (Adam): a radius of 8 makes the projection bite
+        ((*EDGE, "attack.mode=pgd", "attack.eps=8.0"), 0.2),
+        (("attack=badnets", "attack.target_class=0"), 0.3),
+        (("attack=label_flip", "attack.source_class=1", "attack.target_class=2"), 0.4),
+    ],
+)
 def test_attack_against_fedavg_raises_asr_over_the_clean_model(attack, margin):
     assert len(malicious_ids(job_for(*attack)["attack"], NUM_CLIENTS, 0)) == 2
     clean = clean_model(attack)

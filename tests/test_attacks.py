@@ -71,8 +71,11 @@ def tiny_cnn(num_classes: int = 3, seed: int = 0) -> nn.Module:
     # No global pooling: a random CNN that averages its features is nearly constant in its
     # input, this one is sensitive enough for attacks to change its predictions.
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 14 * 14, num_classes),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 14 * 14, num_classes),
     ).eval()
 
 
@@ -204,7 +207,11 @@ def test_seeded_random_start_matches_torchattacks(trained, batch):
     ours = pgd(trained, x, y, eps=L2_EPS, alpha=0.1, norm="l2", generator=torch.Generator().manual_seed(4))
     torch.manual_seed(4)
     theirs = torchattacks.PGDL2(
-        trained, eps=L2_EPS, alpha=0.1, steps=10, random_start=True,
+        trained,
+        eps=L2_EPS,
+        alpha=0.1,
+        steps=10,
+        random_start=True,
         eps_for_division=torch.finfo(torch.float32).tiny,
     )(x, y)
     # The L2 start is scaled in another order of operations (measured: 6e-8, one float32 ulp).
@@ -224,7 +231,11 @@ def test_pgd_l2_matches_torchattacks_from_the_same_start(trained, batch):
     ours = pgd(trained, x, y, eps=L2_EPS, alpha=alpha, steps=steps, norm="l2", init_delta=delta)
     torch.manual_seed(3)
     theirs = torchattacks.PGDL2(
-        trained, eps=L2_EPS, alpha=alpha, steps=steps, random_start=True,
+        trained,
+        eps=L2_EPS,
+        alpha=alpha,
+        steps=steps,
+        random_start=True,
         eps_for_division=torch.finfo(torch.float32).tiny,
     )(x, y)
     assert float((ours - theirs).abs().max()) == 0.0
@@ -356,8 +367,9 @@ def test_default_step_sizes(batch):
     x, y = batch
     for norm, eps in (("linf", EPS), ("l2", L2_EPS)):
         default = pgd(model, x, y, eps=eps, steps=4, norm=norm, generator=torch.Generator().manual_seed(0))
-        explicit = pgd(model, x, y, eps=eps, steps=4, norm=norm, alpha=2.5 * eps / 4,
-                       generator=torch.Generator().manual_seed(0))
+        explicit = pgd(
+            model, x, y, eps=eps, steps=4, norm=norm, alpha=2.5 * eps / 4, generator=torch.Generator().manual_seed(0)
+        )
         assert torch.equal(default, explicit), norm
     assert torch.equal(bim(model, x, y, eps=EPS, steps=4), bim(model, x, y, eps=EPS, steps=4, alpha=EPS / 4))
     assert torch.equal(mifgsm(model, x, y, eps=EPS, steps=4), mifgsm(model, x, y, eps=EPS, steps=4, alpha=EPS / 4))
@@ -425,8 +437,7 @@ def test_assess_robustness_keys_values_determinism_and_clean_bound(trained, data
     kwargs = dict(attacks=["fgsm", "pgd"], eps=eps, batch_size=8, device=CPU, seed=0)
     result = assess_robustness(trained, images, labels, indices, **kwargs)
     assert set(result) == {
-        f"adv/{a}/{k}/{m}" for a in ("fgsm", "pgd") for k in ("0.0000", "0.0078", "0.0314")
-        for m in ("accuracy", "auc")
+        f"adv/{a}/{k}/{m}" for a in ("fgsm", "pgd") for k in ("0.0000", "0.0078", "0.0314") for m in ("accuracy", "auc")
     } | {"adv/none/0.0000/accuracy", "adv/none/0.0000/auc"}
     for key, value in result.items():
         assert value is None or 0.0 <= value <= 1.0, key
@@ -443,7 +454,6 @@ def test_assess_robustness_keys_values_determinism_and_clean_bound(trained, data
         for key in ("0.0078", "0.0314"):
             assert result[f"adv/{attack}/{key}/accuracy"] <= clean["accuracy"], (attack, key)
     assert result["adv/pgd/0.0314/accuracy"] < clean["accuracy"]  # PGD at 8/255 does break it
-
 
 
 @pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd3", "bim", "mifgsm", "pgd_l2"])
@@ -463,8 +473,10 @@ def test_assess_robustness_batched_epsilons_equal_one_radius_at_a_time(trained, 
     kwargs = dict(attacks=["fgsm", "pgd"], eps=[1 / 255, 4 / 255, 8 / 255], batch_size=8, device=CPU, seed=3)
     calls = []
     batched = attacks.attack_each_eps
-    monkeypatch.setattr("fedmed.robustness.attack_each_eps",
-                        lambda name, eps, *args: calls.append(len(eps)) or batched(name, eps, *args))
+    monkeypatch.setattr(
+        "fedmed.robustness.attack_each_eps",
+        lambda name, eps, *args: calls.append(len(eps)) or batched(name, eps, *args),
+    )
     together = assess_robustness(trained, images, labels, np.arange(20), **kwargs)
     assert set(calls) == {3}  # every epsilon of an attack in one batch
     calls.clear()
@@ -482,8 +494,16 @@ def test_assess_robustness_attacks_the_transformed_batch(trained, data):
         return 1.0 - x
 
     result = assess_robustness(
-        trained, images, labels, indices, attacks=["fgsm"], eps=[0.0, EPS], batch_size=16,
-        device=CPU, seed=0, transform=invert,
+        trained,
+        images,
+        labels,
+        indices,
+        attacks=["fgsm"],
+        eps=[0.0, EPS],
+        batch_size=16,
+        device=CPU,
+        seed=0,
+        transform=invert,
     )
     clean = evaluate(trained, images, labels, indices, batch_size=16, device=CPU, transform=invert)
     assert result["adv/fgsm/0.0000/accuracy"] == clean["accuracy"]
@@ -496,8 +516,9 @@ def test_assess_robustness_attacks_the_transformed_batch(trained, data):
 def test_assess_robustness_restores_the_model_mode(trained, data):
     model = copy.deepcopy(trained).train()
     images, labels = data.test.images, data.test.labels
-    result = assess_robustness(model, images, labels, np.arange(8), attacks=["fgsm"], eps=[0.0],
-                               batch_size=8, device=CPU, seed=0)
+    result = assess_robustness(
+        model, images, labels, np.arange(8), attacks=["fgsm"], eps=[0.0], batch_size=8, device=CPU, seed=0
+    )
     assert all(_modes(model))
     # ... and it classified in eval mode (train-mode BatchNorm would use batch statistics).
     clean = evaluate(model, images, labels, np.arange(8), batch_size=8, device=CPU)
@@ -507,8 +528,18 @@ def test_assess_robustness_restores_the_model_mode(trained, data):
 def test_assess_robustness_rejects_unknown_attacks_and_repeated_names(trained, data):
     images, labels = data.test.images, data.test.labels
     with pytest.raises(ValueError, match="known attacks"):
-        assess_robustness(trained, images, labels, np.arange(4), attacks=["deepfool"], eps=[EPS],
-                          batch_size=4, device=CPU, seed=0)
+        assess_robustness(
+            trained, images, labels, np.arange(4), attacks=["deepfool"], eps=[EPS], batch_size=4, device=CPU, seed=0
+        )
     with pytest.raises(ValueError, match="repeat"):
-        assess_robustness(trained, images, labels, np.arange(4), attacks=["fgsm"],
-                          eps=[EPS, 0.03137], batch_size=4, device=CPU, seed=0)
+        assess_robustness(
+            trained,
+            images,
+            labels,
+            np.arange(4),
+            attacks=["fgsm"],
+            eps=[EPS, 0.03137],
+            batch_size=4,
+            device=CPU,
+            seed=0,
+        )

@@ -10,8 +10,15 @@ from tests.helpers import BOUNDED_WAITS, compose_config
 
 pytestmark = pytest.mark.slow
 
-SMALL = ("federation.num_clients=5", "federation.clients_per_round=5", "federation.rounds=3",
-         "dataset.n_train=300", "dataset.n_test=90", "eval.attacks=[]", "progress=false")
+SMALL = (
+    "federation.num_clients=5",
+    "federation.clients_per_round=5",
+    "federation.rounds=3",
+    "dataset.n_train=300",
+    "dataset.n_test=90",
+    "eval.attacks=[]",
+    "progress=false",
+)
 
 
 def federation(tmp_path, *overrides):
@@ -22,8 +29,14 @@ def federation(tmp_path, *overrides):
 
 
 def test_edge_case_replacement_against_krum(tmp_path):
-    summary, rows = federation(tmp_path, "attack=edge_case", "attack.mode=replacement", "attack.fraction=0.2",
-                               "attack.start_round=2", "strategy=krum")
+    summary, rows = federation(
+        tmp_path,
+        "attack=edge_case",
+        "attack.mode=replacement",
+        "attack.fraction=0.2",
+        "attack.start_round=2",
+        "strategy=krum",
+    )
     malicious = summary["attack"]["malicious_partitions"]
     assert len(malicious) == 1
     # ASR every round, before the attack too
@@ -48,8 +61,9 @@ def test_edge_case_replacement_against_krum(tmp_path):
 
 
 def test_flame_flags_gaussian_noise_updates(tmp_path):
-    summary, rows = federation(tmp_path, "attack=gaussian", "attack.ids=[1,3]", "attack.start_round=2",
-                               "strategy=flame")
+    summary, rows = federation(
+        tmp_path, "attack=gaussian", "attack.ids=[1,3]", "attack.start_round=2", "strategy=flame"
+    )
     assert summary["attack"]["malicious_partitions"] == [1, 3]
     assert "backdoor/asr" not in rows[0]  # an untargeted attack has no backdoor test set
     # updates of N(0, 1) noise per weight are far from the honest ones in cosine distance
@@ -60,8 +74,14 @@ def test_flame_flags_gaussian_noise_updates(tmp_path):
 
 
 def test_fltrust_with_badnets_uses_the_servers_root_data(tmp_path):
-    summary, rows = federation(tmp_path, "attack=badnets", "attack.fraction=0.2", "attack.start_round=1",
-                               "strategy=fltrust", "strategy.root_samples=50")
+    summary, rows = federation(
+        tmp_path,
+        "attack=badnets",
+        "attack.fraction=0.2",
+        "attack.start_round=1",
+        "strategy=fltrust",
+        "strategy.root_samples=50",
+    )
     assert all(0 <= r["backdoor/asr"] <= 1 for r in rows)
     assert all(r["detection/tpr"] is not None for r in rows[1:])
     assert summary["final"]["accuracy"] is not None
@@ -71,9 +91,16 @@ def test_fltrust_with_badnets_uses_the_servers_root_data(tmp_path):
 def test_bulyan_with_its_compiled_stage_in_a_federation(tmp_path):
     # the fused kernel compiled and run inside the ServerApp; compile_stage=true turns a failure
     # to compile into an error rather than the eager fallback
-    summary, rows = federation(tmp_path, "federation.num_clients=7", "federation.clients_per_round=7",
-                               "attack=gaussian", "attack.ids=[4]", "attack.start_round=2", "strategy=bulyan",
-                               "strategy.compile_stage=true")
+    summary, rows = federation(
+        tmp_path,
+        "federation.num_clients=7",
+        "federation.clients_per_round=7",
+        "attack=gaussian",
+        "attack.ids=[4]",
+        "attack.start_round=2",
+        "strategy=bulyan",
+        "strategy.compile_stage=true",
+    )
     for row in rows[2:]:  # f = 1: the Krum stage drops two of seven, the noise update among them
         assert 4 in row["detection/flagged"] and row["detection/tpr"] == 1.0
         assert row["detection/scores"]["4"] == 1.0

@@ -24,9 +24,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def material(tmp_path) -> Path:
-    done = subprocess.run([sys.executable, "-m", "fedmed.certs", str(tmp_path / "certs"), "--host", "localhost",
-                           "--ip", "127.0.0.1", "--sites", "a", "b"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmed.certs",
+            str(tmp_path / "certs"),
+            "--host",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+            "--sites",
+            "a",
+            "b",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return tmp_path / "certs"
 
@@ -60,7 +76,8 @@ def test_site_keys_load_the_way_flower_loads_them(material):
     for site in ("a", "b"):
         # flower-supernode --auth-supernode-private-key SITE.key
         private, public = _try_setup_client_authentication(
-            argparse.Namespace(auth_supernode_private_key=str(material / f"{site}.key"), auth_supernode_public_key=None))
+            argparse.Namespace(auth_supernode_private_key=str(material / f"{site}.key"), auth_supernode_public_key=None)
+        )
         # flwr supernode register SITE.pub
         assert try_load_public_key(material / f"{site}.pub") == public_key_to_bytes(public)
         assert (material / f"{site}.key").read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")

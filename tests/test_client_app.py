@@ -18,8 +18,14 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def job(num_classes=3, *overrides):
-    cfg = compose_config("dataset.n_train=120", "dataset.n_val=30", "dataset.n_test=30",
-                         "federation.num_clients=2", "client.batch_size=16", *overrides)
+    cfg = compose_config(
+        "dataset.n_train=120",
+        "dataset.n_val=30",
+        "dataset.n_test=30",
+        "federation.num_clients=2",
+        "client.batch_size=16",
+        *overrides,
+    )
     result = job_from_config(cfg)
     result["num_classes"] = num_classes
     result["channels"], result["image_size"] = 1, 28  # what the server sets from its test split
@@ -28,8 +34,9 @@ def job(num_classes=3, *overrides):
 
 def message(kind: str, job_dict: dict, num_classes=3, channels=1) -> Message:
     model = build_model("resnet18", num_classes, channels)
-    content = RecordDict({"arrays": model_to_arrays(model),
-                          "config": ConfigRecord({JOB_KEY: encode_job(job_dict), "server-round": 1})})
+    content = RecordDict(
+        {"arrays": model_to_arrays(model), "config": ConfigRecord({JOB_KEY: encode_job(job_dict), "server-round": 1})}
+    )
     return Message(content, dst_node_id=7, message_type=kind)
 
 
@@ -52,18 +59,23 @@ def test_simulated_client_trains_its_partition():
 
 @pytest.mark.parametrize("partition", ["dirichlet", "quantity", "site"])
 def test_every_partition_trains(partition):
-    reply = train(message(MessageType.TRAIN, job(3, f"partition={partition}", "partition.min_partition_size=5")),
-                  context({"partition-id": 0, "num-partitions": 2}))
+    reply = train(
+        message(MessageType.TRAIN, job(3, f"partition={partition}", "partition.min_partition_size=5")),
+        context({"partition-id": 0, "num-partitions": 2}),
+    )
     assert reply.content["metrics"]["num-examples"] > 0
     assert np.isfinite(reply.content["metrics"]["train_loss"])
 
 
 def write_site(path, train_labels, val_labels):
     rng = np.random.default_rng(0)
-    np.savez(path, train_images=rng.integers(0, 256, (len(train_labels), 28, 28), dtype=np.uint8),
-             train_labels=np.asarray(train_labels).reshape(-1, 1),
-             val_images=rng.integers(0, 256, (len(val_labels), 28, 28), dtype=np.uint8),
-             val_labels=np.asarray(val_labels).reshape(-1, 1))
+    np.savez(
+        path,
+        train_images=rng.integers(0, 256, (len(train_labels), 28, 28), dtype=np.uint8),
+        train_labels=np.asarray(train_labels).reshape(-1, 1),
+        val_images=rng.integers(0, 256, (len(val_labels), 28, 28), dtype=np.uint8),
+        val_labels=np.asarray(val_labels).reshape(-1, 1),
+    )
 
 
 def test_deployed_site_trains_and_evaluates_on_its_own_file(tmp_path):
@@ -99,8 +111,13 @@ def test_query_reports_the_site_name_and_class_counts(tmp_path):
 def test_site_labels_outside_the_model_are_refused(tmp_path):
     site = tmp_path / "site.npz"
     images = np.zeros((4, 28, 28), np.uint8)
-    np.savez(site, train_images=images, train_labels=np.array([0, 1, 2, 5]), val_images=images,
-             val_labels=np.zeros(4, np.int64))
+    np.savez(
+        site,
+        train_images=images,
+        train_labels=np.array([0, 1, 2, 5]),
+        val_images=images,
+        val_labels=np.zeros(4, np.int64),
+    )
     with pytest.raises(ValueError, match="label 5"):
         train(message(MessageType.TRAIN, job()), context({"data-path": str(site)}))
 
@@ -115,7 +132,12 @@ def test_the_client_app_imports_no_library_it_does_not_use():
     Hydra, no Opacus (DP-SGD imports it), no scikit-learn (evaluation imports it), no Flower
     Datasets (simulated splits import it). (rich comes with Flower's own command-line code.)"""
     heavy = ("matplotlib", "ray", "hydra", "opacus", "sklearn", "datasets", "flwr_datasets", "pandas")
-    done = subprocess.run([sys.executable, "-c", "import sys, clients.client_app; "
-                           f"print([m for m in {heavy!r} if m in sys.modules])"],
-                          capture_output=True, text=True, timeout=300, check=True, cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys, clients.client_app; print([m for m in {heavy!r} if m in sys.modules])"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert done.stdout.strip() == "[]"

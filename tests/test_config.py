@@ -8,10 +8,29 @@ from fedmed.runner import backend_config, check_config
 from tests.helpers import compose_config
 
 CONTRACT_KEYS = [
-    "dataset.name", "dataset.root", "dataset.size", "model.name", "model.pretrained", "partition.name",
-    "partition.alpha", "federation.num_clients", "federation.clients_per_round", "federation.rounds",
-    "client.epochs", "client.batch_size", "client.lr", "defense.name", "attack.name", "strategy.name",
-    "eval.every", "eval.attacks", "eval.eps", "seed", "device", "ray.address", "ray.num_cpus_per_client",
+    "dataset.name",
+    "dataset.root",
+    "dataset.size",
+    "model.name",
+    "model.pretrained",
+    "partition.name",
+    "partition.alpha",
+    "federation.num_clients",
+    "federation.clients_per_round",
+    "federation.rounds",
+    "client.epochs",
+    "client.batch_size",
+    "client.lr",
+    "defense.name",
+    "attack.name",
+    "strategy.name",
+    "eval.every",
+    "eval.attacks",
+    "eval.eps",
+    "seed",
+    "device",
+    "ray.address",
+    "ray.num_cpus_per_client",
     "ray.num_gpus_per_client",
 ]
 
@@ -26,8 +45,19 @@ def test_default_has_every_contract_key():
     assert cfg.dataset.name == "synthetic"
 
 
-@pytest.mark.parametrize("name", ["pneumoniamnist", "breastmnist", "retinamnist", "dermamnist", "bloodmnist",
-                                  "pathmnist", "organamnist", "imagefolder"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pneumoniamnist",
+        "breastmnist",
+        "retinamnist",
+        "dermamnist",
+        "bloodmnist",
+        "pathmnist",
+        "organamnist",
+        "imagefolder",
+    ],
+)
 def test_dataset_group_has_every_contract_dataset(name):
     assert compose_config(f"dataset={name}").dataset.name == name
 
@@ -65,12 +95,19 @@ def test_backend_config_maps_ray_keys():
     assert backend["init_args"]["address"] == "auto"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("client.lr=-1", "client.lr"), ("client.batch_size=0", "client.batch_size"), ("client.epochs=0", "client.epochs"),
-    ("client.optimizer=rmsprop", "client.optimizer"), ("client.momentum=1.5", "client.momentum"),
-    ("client.val_fraction=1.0", "client.val_fraction"), ("eval.every=0", "eval.every"),
-    ("attack.fraction=1.5", "attack.fraction"),  # with attack=none: no effect, refused rather than ignored
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("client.lr=-1", "client.lr"),
+        ("client.batch_size=0", "client.batch_size"),
+        ("client.epochs=0", "client.epochs"),
+        ("client.optimizer=rmsprop", "client.optimizer"),
+        ("client.momentum=1.5", "client.momentum"),
+        ("client.val_fraction=1.0", "client.val_fraction"),
+        ("eval.every=0", "eval.every"),
+        ("attack.fraction=1.5", "attack.fraction"),  # with attack=none: no effect, refused rather than ignored
+    ],
+)
 def test_values_out_of_range_are_refused_before_any_process_starts(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_config(compose_config(override))

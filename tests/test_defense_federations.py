@@ -13,8 +13,16 @@ from tests.helpers import BOUNDED_WAITS, compose_config
 
 pytestmark = pytest.mark.slow
 
-SMALL = ("federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=2",
-         "dataset.n_train=240", "dataset.n_test=90", "eval.max_samples=32", "eval.every=2", "progress=false")
+SMALL = (
+    "federation.num_clients=3",
+    "federation.clients_per_round=3",
+    "federation.rounds=2",
+    "dataset.n_train=240",
+    "dataset.n_test=90",
+    "eval.max_samples=32",
+    "eval.every=2",
+    "progress=false",
+)
 
 
 def federation(tmp_path, *overrides):
@@ -26,9 +34,12 @@ def federation(tmp_path, *overrides):
 
 def test_robustness_keys_follow_the_contract(tmp_path):
     cfg, summary, rows = federation(tmp_path, "defense=fast_at")
-    expected = {f"adv/{attack}/{eps_key(eps)}/{metric}"
-                for attack in ("fgsm", "pgd") for eps in (1 / 255, 2 / 255, 4 / 255, 8 / 255)
-                for metric in ("accuracy", "auc")}
+    expected = {
+        f"adv/{attack}/{eps_key(eps)}/{metric}"
+        for attack in ("fgsm", "pgd")
+        for eps in (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+        for metric in ("accuracy", "auc")
+    }
     assert list(cfg.eval.attacks) == ["fgsm", "pgd"]
     assert "adv/fgsm/0.0314/accuracy" in rows[2]  # the contract's own spelling of 8/255
     # assessed at round 0 and at the last round (eval.every=2), not in between
@@ -58,10 +69,15 @@ def undefended(tmp_path_factory):
     return rows, load_file(str(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("overrides, reports_robust_check", [
-    (("defense=fgsm_at",), True), (("defense=pgd_at", "defense.steps=2"), True), (("defense=distillation",), False),
-    (("defense=distillation", "defense.mode=federated", "defense.temperature=4"), False),
-])
+@pytest.mark.parametrize(
+    "overrides, reports_robust_check",
+    [
+        (("defense=fgsm_at",), True),
+        (("defense=pgd_at", "defense.steps=2"), True),
+        (("defense=distillation",), False),
+        (("defense=distillation", "defense.mode=federated", "defense.temperature=4"), False),
+    ],
+)
 def test_defense_changes_the_training_in_a_federation(tmp_path, undefended, overrides, reports_robust_check):
     _, summary, rows = federation(tmp_path, *ONE_ATTACK, *overrides)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -82,8 +98,14 @@ def test_defense_changes_the_training_in_a_federation(tmp_path, undefended, over
 
 
 def test_dp_sgd_federation_reports_growing_epsilon_with_groupnorm(tmp_path):
-    cfg, _, rows = federation(tmp_path, "defense=dp_sgd", "defense.adversarial=fast_at", "eval.attacks=[fgsm]",
-                              "eval.eps=[0.0314]", "model.norm=batch")
+    cfg, _, rows = federation(
+        tmp_path,
+        "defense=dp_sgd",
+        "defense.adversarial=fast_at",
+        "eval.attacks=[fgsm]",
+        "eval.eps=[0.0314]",
+        "model.norm=batch",
+    )
     written = (tmp_path / "config.yaml").read_text()
     assert "norm: group" in written  # BatchNorm was converted for clients and server alike
     assert "privacy/epsilon" not in rows[0]

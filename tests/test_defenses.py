@@ -37,19 +37,24 @@ def test_every_defense_has_a_config_group(name):
     check_defense(cfg.defense)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"name": "fgsm"}, "defense='fgsm' is not known"),
-    ({"name": "dp_sgd"}, "exactly one of defense.noise_multiplier"),
-    ({"name": "dp_sgd", "noise_multiplier": 1.0, "target_epsilon": 3.0}, "exactly one"),
-    ({"name": "fast_at", "adversarial": "pgd_at"}, "combines adversarial training with DP-SGD only"),
-    ({"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "distillation"}, "cannot run under DP-SGD"),
-    ({"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "fgsm_at", "clean_weight": 0.5},
-     "defense.clean_weight=0"),
-    ({"name": "pgd_at", "eps": 0.0}, "defense.eps=0.0 must be > 0"),
-    ({"name": "fgsm_at", "clean_weight": 1.5}, "defense.clean_weight=1.5"),
-    ({"name": "distillation", "mode": "online"}, "defense.mode='online'"),
-    ({"name": "distillation", "temperature": 0.0}, "defense.temperature=0.0"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"name": "fgsm"}, "defense='fgsm' is not known"),
+        ({"name": "dp_sgd"}, "exactly one of defense.noise_multiplier"),
+        ({"name": "dp_sgd", "noise_multiplier": 1.0, "target_epsilon": 3.0}, "exactly one"),
+        ({"name": "fast_at", "adversarial": "pgd_at"}, "combines adversarial training with DP-SGD only"),
+        ({"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "distillation"}, "cannot run under DP-SGD"),
+        (
+            {"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "fgsm_at", "clean_weight": 0.5},
+            "defense.clean_weight=0",
+        ),
+        ({"name": "pgd_at", "eps": 0.0}, "defense.eps=0.0 must be > 0"),
+        ({"name": "fgsm_at", "clean_weight": 1.5}, "defense.clean_weight=1.5"),
+        ({"name": "distillation", "mode": "online"}, "defense.mode='online'"),
+        ({"name": "distillation", "temperature": 0.0}, "defense.temperature=0.0"),
+    ],
+)
 def test_impossible_defense_settings_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_defense(defense(**changes))
@@ -71,8 +76,9 @@ def test_epsilon_warm_up_grows_linearly_then_stays():
 
 def tiny_model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 26 * 26, 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 3)
+    )
 
 
 @pytest.mark.parametrize("method", ["fgsm", "fast", "pgd"])
@@ -116,8 +122,11 @@ def test_soft_labels_of_an_identical_teacher_cost_nothing(small_data):
     loss, _ = SoftLabelStep(teacher, temperature=5.0, soft_weight=1.0)(model, x, y)
     assert float(loss) == pytest.approx(0.0, abs=1e-6)
     assert all(not p.requires_grad for p in teacher.parameters())
-    other = SoftLabelStep(tiny_model().apply(lambda m: torch.nn.init.normal_(m.weight) if hasattr(m, "weight") else None),
-                          temperature=5.0, soft_weight=1.0)
+    other = SoftLabelStep(
+        tiny_model().apply(lambda m: torch.nn.init.normal_(m.weight) if hasattr(m, "weight") else None),
+        temperature=5.0,
+        soft_weight=1.0,
+    )
     assert float(other(tiny_model(), x, y)[0]) > 0.01
 
 
@@ -127,15 +136,28 @@ def job_for(defense_values: dict, rounds: int = 3) -> dict:
     return {"defense": defense_values, "client": client, "rounds": rounds}
 
 
-@pytest.mark.parametrize("changes", [
-    {"name": "fgsm_at", "clean_weight": 0.5}, {"name": "fast_at"}, {"name": "pgd_at", "steps": 2},
-    {"name": "distillation", "temperature": 10.0}, {"name": "distillation", "mode": "federated", "temperature": 4.0},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"name": "fgsm_at", "clean_weight": 0.5},
+        {"name": "fast_at"},
+        {"name": "pgd_at", "steps": 2},
+        {"name": "distillation", "temperature": 10.0},
+        {"name": "distillation", "mode": "federated", "temperature": 4.0},
+    ],
+)
 def test_each_defense_trains_and_reports(changes, small_data):
     model = build_model("resnet18", 3, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = train_round(model, small_data, job_for(defense(**changes)), server_round=1, seed=0,
-                          device=torch.device("cpu"), state=RecordDict())
+    metrics = train_round(
+        model,
+        small_data,
+        job_for(defense(**changes)),
+        server_round=1,
+        seed=0,
+        device=torch.device("cpu"),
+        state=RecordDict(),
+    )
     assert np.isfinite(metrics["train_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     if changes["name"].endswith("_at"):
@@ -147,8 +169,12 @@ def test_dp_sgd_epsilon_grows_across_rounds_through_the_client_state(adversarial
     model = build_model("resnet18", 3, 1, norm="group")
     state = RecordDict()
     job = job_for(defense(name="dp_sgd", noise_multiplier=1.0, adversarial=adversarial))
-    spent = [train_round(model, small_data, job, server_round=r, seed=r, device=torch.device("cpu"),
-                         state=state)["privacy_epsilon"] for r in (1, 2)]
+    spent = [
+        train_round(model, small_data, job, server_round=r, seed=r, device=torch.device("cpu"), state=state)[
+            "privacy_epsilon"
+        ]
+        for r in (1, 2)
+    ]
     assert 0 < spent[0] < spent[1]
     # the per-example hooks come off: the cached model is plain again for the next round
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
@@ -159,7 +185,11 @@ def test_dp_sgd_target_epsilon_is_spent_over_all_rounds(small_data):
     model = build_model("resnet18", 3, 1, norm="group")
     state = RecordDict()
     job = job_for(defense(name="dp_sgd", target_epsilon=4.0, noise_multiplier=None), rounds=2)
-    spent = [train_round(model, small_data, job, server_round=r, seed=r, device=torch.device("cpu"),
-                         state=state)["privacy_epsilon"] for r in (1, 2)]
+    spent = [
+        train_round(model, small_data, job, server_round=r, seed=r, device=torch.device("cpu"), state=state)[
+            "privacy_epsilon"
+        ]
+        for r in (1, 2)
+    ]
     assert spent[0] < spent[1] <= 4.0 * 1.02  # Opacus searches the noise to within its tolerance
     assert spent[1] > 4.0 * 0.9

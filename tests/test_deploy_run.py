@@ -35,13 +35,23 @@ def fake_flwr(tmp_path, monkeypatch):
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
         monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
         return calls
+
     return install
 
 
 def test_a_failed_run_exits_non_zero(fake_flwr, tmp_path, capsys):
     calls = fake_flwr("finished:failed")
-    code = main(["--connection", "hospitals", "--wait", "--poll", "0", "dataset=pneumoniamnist",
-                 f"output_dir={tmp_path / 'out'}"])
+    code = main(
+        [
+            "--connection",
+            "hospitals",
+            "--wait",
+            "--poll",
+            "0",
+            "dataset=pneumoniamnist",
+            f"output_dir={tmp_path / 'out'}",
+        ]
+    )
     assert code == 1
     assert "finished:failed" in capsys.readouterr().err
     run, ls = [json.loads(line) for line in calls.read_text().splitlines()]
@@ -62,8 +72,10 @@ def test_a_completed_run_exits_zero_and_says_where_its_outputs_are(fake_flwr, tm
 
 def test_relative_output_dir_is_made_absolute_here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_overrides(["seed=1", "output_dir=runs/a"], Path("runs/a").resolve()) == \
-        f"seed=1 output_dir={tmp_path / 'runs' / 'a'}"
+    assert (
+        run_overrides(["seed=1", "output_dir=runs/a"], Path("runs/a").resolve())
+        == f"seed=1 output_dir={tmp_path / 'runs' / 'a'}"
+    )
     with pytest.raises(ValueError, match="double quotes"):
         run_overrides(['dataset.root="x"'], tmp_path)
 
@@ -76,6 +88,12 @@ def test_the_app_package_holds_the_configs_and_no_tests():
     from flwr.cli.build import build_fab_from_disk
 
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(Path(__file__).parents[1]))).namelist())
-    assert {"configs/config.yaml", "configs/dataset/pneumoniamnist.yaml", "configs/strategy/fedavg.yaml",
-            "fedmed/medmnist_md5.json", "clients/client_app.py", "strategies/server_app.py"} <= names
+    assert {
+        "configs/config.yaml",
+        "configs/dataset/pneumoniamnist.yaml",
+        "configs/strategy/fedavg.yaml",
+        "fedmed/medmnist_md5.json",
+        "clients/client_app.py",
+        "strategies/server_app.py",
+    } <= names
     assert not [n for n in names if n.startswith(("tests/", "experiments/", "outputs/"))]

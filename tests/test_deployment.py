@@ -22,8 +22,8 @@ from fedmed.models import build_model
 from fedmed.report import read_metrics
 from fedmed.serialization import load_model_file
 from fedmed.train import evaluate
-from tests.helpers import compose_config
 from tests.deployment import HOST, REPO, Processes, free_port, make_certificates, tool_env, wait_until, write_site_files
+from tests.helpers import compose_config
 
 # the module's SuperLink and SuperNodes start once, in the first test's setup; each run is
 # bounded by RUN_TIMEOUT on its own
@@ -35,14 +35,28 @@ RUN_TIMEOUT = 600
 
 
 # the federation's data: the server's test split, and the sites' files cut by `fedmed-sites`
-DATA = ["dataset=synthetic", "dataset.n_train=256", "dataset.n_val=64", "dataset.n_test=200", "seed=0",
-        f"federation.num_clients={len(SITES)}"]
+DATA = [
+    "dataset=synthetic",
+    "dataset.n_train=256",
+    "dataset.n_val=64",
+    "dataset.n_test=200",
+    "seed=0",
+    f"federation.num_clients={len(SITES)}",
+]
 
 
 def overrides(output_dir: Path, rounds: int = 2) -> list[str]:
-    return [*DATA, "model=resnet18", f"federation.clients_per_round={len(SITES)}", f"federation.rounds={rounds}",
-            "federation.connect_timeout_s=300", "eval.attacks=[]", "eval.clients=false", "client.batch_size=16",
-            f"output_dir={output_dir}"]
+    return [
+        *DATA,
+        "model=resnet18",
+        f"federation.clients_per_round={len(SITES)}",
+        f"federation.rounds={rounds}",
+        "federation.connect_timeout_s=300",
+        "eval.attacks=[]",
+        "eval.clients=false",
+        "client.batch_size=16",
+        f"output_dir={output_dir}",
+    ]
 
 
 class Deployment:
@@ -59,17 +73,29 @@ class Deployment:
         # Flower's own configuration file: the connection `flwr run/ls/supernode` use
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\nroot-certificates = "{self.certs["ca"]}"\n')
+            f'address = "{self.address}"\nroot-certificates = "{self.certs["ca"]}"\n'
+        )
         self.processes = Processes(root / "logs", tool_env(self.flwr_home))
         self.node_ports: dict[str, int] = {}
 
     def start_superlink(self) -> None:
-        self.processes.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(self.certs["ca"]),
-            "--ssl-certfile", str(self.certs["server_cert"]), "--ssl-keyfile", str(self.certs["server_key"]),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--port", str(self.port),
-        ], cwd=self.root)
+        self.processes.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+                "--ssl-certfile",
+                str(self.certs["server_cert"]),
+                "--ssl-keyfile",
+                str(self.certs["server_key"]),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--port",
+                str(self.port),
+            ],
+            cwd=self.root,
+        )
         wait_until(lambda: self.flwr("ls", CONNECTION, check=False).returncode == 0, 90, "the SuperLink to serve")
 
     def flwr(self, *args: str, check: bool = True, timeout: float = 120):
@@ -88,18 +114,42 @@ class Deployment:
         port = self.node_ports.setdefault(site, free_port(self.port + 1 + 10 * len(self.node_ports)))
         data = self.site_files.get(site, next(iter(self.site_files.values())))
         security = ["--root-certificates", str(self.certs["ca"])] if tls else ["--insecure"]
-        self.processes.start(site, [
-            "flower-supernode", *security, "--superlink", self.address,
-            *(["--auth-supernode-private-key", str(self.certs[key or site])] if auth else []), "--port", str(port),
-            "--node-config", f'data-path="{data}" site="{site}"', *extra,
-        ], cwd=self.root)
+        self.processes.start(
+            site,
+            [
+                "flower-supernode",
+                *security,
+                "--superlink",
+                self.address,
+                *(["--auth-supernode-private-key", str(self.certs[key or site])] if auth else []),
+                "--port",
+                str(port),
+                "--node-config",
+                f'data-path="{data}" site="{site}"',
+                *extra,
+            ],
+            cwd=self.root,
+        )
 
     def activated(self, site: str) -> bool:
         return "SuperNode ID:" in self.processes.log(site)
 
     def fedmed_run_command(self, run_overrides: list[str]) -> list[str]:
-        return [sys.executable, "-m", "fedmed.deploy_run", "--app", str(REPO), "--connection", CONNECTION,
-                "--wait", "--poll", "2", "--timeout", str(RUN_TIMEOUT), *run_overrides]
+        return [
+            sys.executable,
+            "-m",
+            "fedmed.deploy_run",
+            "--app",
+            str(REPO),
+            "--connection",
+            CONNECTION,
+            "--wait",
+            "--poll",
+            "2",
+            "--timeout",
+            str(RUN_TIMEOUT),
+            *run_overrides,
+        ]
 
     def fedmed_run(self, run_overrides: list[str]):
         return self.processes.run(self.fedmed_run_command(run_overrides), timeout=RUN_TIMEOUT + 60, cwd=self.root)
@@ -128,8 +178,14 @@ def test_deployed_run_writes_complete_reproducible_outputs(deployment):
     done = deployment.fedmed_run(overrides(first))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"outputs in {first}" in done.stdout
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "plots/accuracy.png",
-                 "plots/partition.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "plots/accuracy.png",
+        "plots/partition.png",
+    ):
         assert (first / name).is_file(), name
     rows = read_metrics(first / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -147,8 +203,10 @@ def test_deployed_run_writes_complete_reproducible_outputs(deployment):
         with np.load(path) as data:
             counts = np.bincount(np.concatenate([data["train_labels"].ravel(), data["val_labels"].ravel()]))
         row = [site, *(str(int(c)) for c in counts), str(int(counts.sum()))]
-        assert any(line.split("│")[1:-1] and [cell.strip() for cell in line.split("│")[1:-1]] == row
-                   for line in log.splitlines()), (row, log)
+        assert any(
+            line.split("│")[1:-1] and [cell.strip() for cell in line.split("│")[1:-1]] == row
+            for line in log.splitlines()
+        ), (row, log)
 
     # the saved model re-evaluates to the recorded final accuracy
     dataset = dataset_from_config(OmegaConf.to_container(compose_config(*DATA).dataset, resolve=True), 0)
@@ -161,8 +219,9 @@ def test_deployed_run_writes_complete_reproducible_outputs(deployment):
     done = deployment.fedmed_run(overrides(second))
     assert done.returncode == 0, done.stdout + done.stderr
     keys = ("round", "loss", "accuracy", "train_loss")
-    assert [[r.get(k) for k in keys] for r in read_metrics(second / "metrics.jsonl")] == \
-           [[r.get(k) for k in keys] for r in rows]
+    assert [[r.get(k) for k in keys] for r in read_metrics(second / "metrics.jsonl")] == [
+        [r.get(k) for k in keys] for r in rows
+    ]
 
 
 def rows_so_far(path: Path) -> list[dict]:
@@ -172,8 +231,9 @@ def rows_so_far(path: Path) -> list[dict]:
 def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back_later(deployment):
     out = deployment.root / "run-killed"
     metrics = out / "metrics.jsonl"
-    run = deployment.processes.start("run-killed", deployment.fedmed_run_command(
-        overrides(out, 3)), cwd=deployment.root)
+    run = deployment.processes.start(
+        "run-killed", deployment.fedmed_run_command(overrides(out, 3)), cwd=deployment.root
+    )
     wait_until(lambda: len(rows_so_far(metrics)) >= 1, 300, "round 0's evaluation")
     time.sleep(3)  # round 1's training has started at both sites
     deployment.processes.stop("site-b", sig=signal.SIGKILL)

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow
 def run_federation(tmp_path, *overrides):
     cfg = compose_config(
         *BOUNDED_WAITS,
-        "federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=2",
-        "progress=false", "eval.max_samples=64", f"output_dir={tmp_path}", *overrides,
+        "federation.num_clients=3",
+        "federation.clients_per_round=3",
+        "federation.rounds=2",
+        "progress=false",
+        "eval.max_samples=64",
+        f"output_dir={tmp_path}",
+        *overrides,
     )
     summary = run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -40,13 +45,20 @@ def reloaded_accuracy(out) -> float:
     saved = load_file(str(out / "model.safetensors"))
     assert set(saved) == set(model.state_dict())  # every weight and buffer of the model, nothing else
     model.load_state_dict(saved)
-    return evaluate(model, dataset.test.images, dataset.test.labels, batch_size=256,
-                    device=torch.device("cpu"))["accuracy"]
+    return evaluate(model, dataset.test.images, dataset.test.labels, batch_size=256, device=torch.device("cpu"))[
+        "accuracy"
+    ]
 
 
 def check_contract(out, summary, rows, rounds=2):
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors",
-                 "plots/accuracy.png", "plots/partition.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "plots/accuracy.png",
+        "plots/partition.png",
+    ):
         assert (out / name).is_file(), name
     assert [r["round"] for r in rows] == list(range(rounds + 1))
     for row in rows:

@@ -55,6 +55,7 @@ def test_automatic_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog)
     def no_compiler(theta, beta):
         def fail(*rows):
             raise RuntimeError("no C++ compiler")
+
         return fail
 
     monkeypatch.setattr("strategies.aggregators.bulyan.compiled_bulyan_stage", no_compiler)

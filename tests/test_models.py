@@ -103,9 +103,7 @@ def test_normalisation_in_pixel_space(built):
     grey_model = built("resnet18", 1)
     g = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(
-            grey_model(g), grey_model.backbone((g.expand(-1, 3, -1, -1) - mean) / std)
-        )
+        torch.testing.assert_close(grey_model(g), grey_model.backbone((g.expand(-1, 3, -1, -1) - mean) / std))
 
 
 def test_input_gradient_flows_through_wrapper(built):

@@ -49,8 +49,12 @@ class FakeGrid:
             if isinstance(who, int):
                 content = RecordDict({"metrics": MetricRecord({"partition-id": who})})
             else:
-                content = RecordDict({"metrics": MetricRecord({"class-counts": self.counts.get(node, [1, 2])}),
-                                      "site": ConfigRecord({"name": who})})
+                content = RecordDict(
+                    {
+                        "metrics": MetricRecord({"class-counts": self.counts.get(node, [1, 2])}),
+                        "site": ConfigRecord({"name": who}),
+                    }
+                )
             replies.append(Message(content, reply_to=self.pushed[mid]))
         return replies
 

@@ -183,9 +183,7 @@ def images() -> torch.Tensor:
 
 
 def test_site_shift_keeps_shape_dtype_and_range(images):
-    strong = SiteShift(
-        brightness=0.3, contrast=1.8, colour_gains=(1.3, 0.8, 1.0), blur_sigma=1.0, noise_std=0.2
-    )
+    strong = SiteShift(brightness=0.3, contrast=1.8, colour_gains=(1.3, 0.8, 1.0), blur_sigma=1.0, noise_std=0.2)
     out = apply_site_shift(images, strong, torch.Generator().manual_seed(0))
     assert out.shape == images.shape
     assert out.dtype == images.dtype

@@ -10,19 +10,31 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
 from clients.client_app import train
-from clients.malicious import (PoolImages, ProjectedStep, float_parameters, malicious_round, poisoned_data,
-                               update_norm)
+from clients.malicious import PoolImages, ProjectedStep, float_parameters, malicious_round, poisoned_data, update_norm
 from fedmed.data import ClientShare, client_share, load_dataset
 from fedmed.dataset import ArrayDataset, Split
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
-from fedmed.poisoning import (_EDGE_CACHE, add_trigger, add_trigger_uint8, attack_section, attacks_in_round,
-                              backdoor_asr, backdoor_test_set, check_attack, edge_case_split, edge_share,
-                              malicious_ids, malicious_partitions, tail_distances, trigger_pixels, update_scale)
+from fedmed.poisoning import (
+    _EDGE_CACHE,
+    add_trigger,
+    add_trigger_uint8,
+    attack_section,
+    attacks_in_round,
+    backdoor_asr,
+    backdoor_test_set,
+    check_attack,
+    edge_case_split,
+    edge_share,
+    malicious_ids,
+    malicious_partitions,
+    tail_distances,
+    trigger_pixels,
+    update_scale,
+)
 from fedmed.serialization import model_to_arrays
 from fedmed.train import make_optimizer, train_local
 from tests.helpers import compose_config
-
 
 # --- who and when --------------------------------------------------------------------------------
 
@@ -61,25 +73,28 @@ def test_update_scale():
     assert update_scale({"name": "badnets", "mode": "replacement"}, **base, num_malicious=1) == pytest.approx(5.0)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"name": "poison"}, "attack='poison'"),
-    ({"mode": "sneaky"}, "attack.mode"),
-    ({"fraction": 1.5}, "attack.fraction"),
-    ({"fraction": 0.0}, "no client would attack"),
-    ({"ids": [0, 9]}, "attack.ids"),
-    ({"ids": [1, 1]}, "twice"),
-    ({"source_class": 1, "target_class": 1}, "both 1"),
-    ({"target_class": 3}, "attack.target_class=3"),
-    ({"source_class": -1}, "attack.source_class=-1"),
-    ({"frequency": 0}, "attack.frequency"),
-    ({"start_round": 0}, "attack.start_round"),
-    ({"eps": 0.0}, "attack.eps"),
-    ({"project_every": 0}, "attack.project_every"),
-    ({"scale": -1.0}, "attack.scale"),
-    ({"tail_fraction": 0.0}, "attack.tail_fraction"),
-    ({"test_fraction": 1.0}, "attack.test_fraction"),
-    ({"poison_fraction": 1.0}, "attack.poison_fraction"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"name": "poison"}, "attack='poison'"),
+        ({"mode": "sneaky"}, "attack.mode"),
+        ({"fraction": 1.5}, "attack.fraction"),
+        ({"fraction": 0.0}, "no client would attack"),
+        ({"ids": [0, 9]}, "attack.ids"),
+        ({"ids": [1, 1]}, "twice"),
+        ({"source_class": 1, "target_class": 1}, "both 1"),
+        ({"target_class": 3}, "attack.target_class=3"),
+        ({"source_class": -1}, "attack.source_class=-1"),
+        ({"frequency": 0}, "attack.frequency"),
+        ({"start_round": 0}, "attack.start_round"),
+        ({"eps": 0.0}, "attack.eps"),
+        ({"project_every": 0}, "attack.project_every"),
+        ({"scale": -1.0}, "attack.scale"),
+        ({"tail_fraction": 0.0}, "attack.tail_fraction"),
+        ({"test_fraction": 1.0}, "attack.test_fraction"),
+        ({"poison_fraction": 1.0}, "attack.poison_fraction"),
+    ],
+)
 def test_check_attack_names_the_key(overrides, match):
     attack = {"name": "edge_case", "fraction": 0.25, **overrides}
     with pytest.raises(ValueError, match=match):
@@ -119,8 +134,13 @@ def test_edge_case_tail_of_pneumonia_is_the_far_end_of_its_class(medmnist_root):
 
 
 def test_honest_shares_never_hold_the_edge_case_images(medmnist_root):
-    cfg = compose_config("dataset=pneumoniamnist", f"dataset.root={medmnist_root}", "attack=edge_case",
-                         "attack.ids=[1]", "federation.num_clients=3")
+    cfg = compose_config(
+        "dataset=pneumoniamnist",
+        f"dataset.root={medmnist_root}",
+        "attack=edge_case",
+        "attack.ids=[1]",
+        "federation.num_clients=3",
+    )
     job = job_from_config(cfg)
     data = load_dataset("pneumoniamnist", seed=0, root=str(medmnist_root))
     split = edge_case_split(data.train.images, data.train.labels, 1, 0.1, 0.5, seed=0)
@@ -164,7 +184,10 @@ def test_trigger_is_a_bordered_white_square_in_the_bottom_right_corner():
 
 def test_badnets_backdoor_test_set_and_asr():
     rng = np.random.default_rng(0)
-    split = lambda n: Split(rng.integers(0, 200, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 3, n))
+
+    def split(n):
+        return Split(rng.integers(0, 200, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 3, n))
+
     data = ArrayDataset("toy", split(30), split(10), split(40), ("a", "b", "c"))
     test_set = backdoor_test_set(data, {"name": "badnets", "target_class": 2}, seed=0)
     assert len(test_set) == int((data.test.labels != 2).sum()) and np.all(test_set.labels != 2)
@@ -207,15 +230,22 @@ def test_badnets_pool_has_the_poisoned_share_and_labels():
     assert np.all(share.labels[rows] != 2) and np.isin(rows, share.train_indices).all()
     assert np.array_equal(data.images[np.arange(clean)], share.images[share.train_indices])
     assert np.array_equal(data.labels[:clean], share.labels[share.train_indices])
-    smaller = poisoned_data(share, {**attack, "poison_fraction": 0.2}, partition_id=0, malicious=[0], seed=1,
-                            run_seed=0)
+    smaller = poisoned_data(
+        share, {**attack, "poison_fraction": 0.2}, partition_id=0, malicious=[0], seed=1, run_seed=0
+    )
     assert (smaller.labels[clean:] == 2).all() and len(smaller.indices) - clean == round(clean / 4)
 
 
 def test_label_flip_and_edge_case_pools():
     share = toy_share()
-    flip = poisoned_data(share, {"name": "label_flip", "source_class": 1, "target_class": 0}, partition_id=0,
-                         malicious=[0], seed=1, run_seed=0)
+    flip = poisoned_data(
+        share,
+        {"name": "label_flip", "source_class": 1, "target_class": 0},
+        partition_id=0,
+        malicious=[0],
+        seed=1,
+        run_seed=0,
+    )
     own = share.labels[share.train_indices]
     assert len(flip.indices) == len(share.train_indices)
     assert np.array_equal(flip.labels, np.where(own == 1, 0, own))
@@ -237,15 +267,27 @@ def test_label_flip_and_edge_case_pools():
 
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
 
 
 def attack_job(**attack) -> dict:
-    return {"attack": {"name": "badnets", "fraction": 0.5, "target_class": 2, **attack},
-            "client": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "epochs": 2,
-                       "batch_size": 8, "augment": False},
-            "num_clients": 2, "clients_per_round": 2, "seed": 0}
+    return {
+        "attack": {"name": "badnets", "fraction": 0.5, "target_class": 2, **attack},
+        "client": {
+            "optimizer": "sgd",
+            "lr": 0.5,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "epochs": 2,
+            "batch_size": 8,
+            "augment": False,
+        },
+        "num_clients": 2,
+        "clients_per_round": 2,
+        "seed": 0,
+    }
 
 
 def run_attack(job: dict, share: ClientShare | None = None) -> tuple[list[torch.Tensor], nn.Module]:
@@ -296,8 +338,17 @@ def honest_update(share: ClientShare, job: dict) -> tuple[list[torch.Tensor], nn
     reference = [p.detach().clone() for p in float_parameters(model)]
     client = job["client"]
     optimizer = make_optimizer(model.parameters(), "sgd", client["lr"], 0.0, 0.0)
-    train_local(model, share.images, share.labels, share.train_indices, epochs=client["epochs"],
-                batch_size=client["batch_size"], optimizer=optimizer, device=torch.device("cpu"), seed=5)
+    train_local(
+        model,
+        share.images,
+        share.labels,
+        share.train_indices,
+        epochs=client["epochs"],
+        batch_size=client["batch_size"],
+        optimizer=optimizer,
+        device=torch.device("cpu"),
+        seed=5,
+    )
     return [p.detach() - r for p, r in zip(float_parameters(model), reference)], model
 
 
@@ -327,22 +378,34 @@ pytest_task = pytest.mark.usefixtures("task_identity")
 
 
 def client_job(*overrides: str) -> dict:
-    cfg = compose_config("dataset.n_train=120", "dataset.n_val=30", "dataset.n_test=30", "federation.num_clients=2",
-                         "client.batch_size=16", "client.augment=false", *overrides)
+    cfg = compose_config(
+        "dataset.n_train=120",
+        "dataset.n_val=30",
+        "dataset.n_test=30",
+        "federation.num_clients=2",
+        "client.batch_size=16",
+        "client.augment=false",
+        *overrides,
+    )
     job = job_from_config(cfg)
     job["num_classes"] = 3
     return job
 
 
 def train_message(job: dict, model: nn.Module, server_round: int = 1) -> Message:
-    content = RecordDict({"arrays": model_to_arrays(model),
-                          "config": ConfigRecord({JOB_KEY: encode_job(job), "server-round": server_round})})
+    content = RecordDict(
+        {
+            "arrays": model_to_arrays(model),
+            "config": ConfigRecord({JOB_KEY: encode_job(job), "server-round": server_round}),
+        }
+    )
     return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
 def train_reply(job: dict, model: nn.Module, pid: int, server_round: int = 1) -> tuple[dict, dict]:
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 2},
-                      state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(), run_config={}
+    )
     reply = train(train_message(job, model, server_round), context)
     arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     return arrays, dict(reply.content["metrics"])
@@ -377,8 +440,14 @@ def test_train_handler_runs_an_edge_case_pgd_attack(one_thread):
     torch.manual_seed(0)
     model = build_model("resnet18", 3, 1)
     sent = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    job = client_job("attack=edge_case", "attack.ids=[0]", "attack.start_round=1", "attack.mode=pgd",
-                     "attack.eps=0.5", "attack.tail_fraction=0.3")
+    job = client_job(
+        "attack=edge_case",
+        "attack.ids=[0]",
+        "attack.start_round=1",
+        "attack.mode=pgd",
+        "attack.eps=0.5",
+        "attack.tail_fraction=0.3",
+    )
     arrays, metrics = train_reply(job, model, pid=0)
     norm = np.sqrt(sum(((arrays[k] - sent[k]) ** 2).sum() for k, _ in model.named_parameters()))
     assert 0 < norm <= 0.5 + 1e-5

@@ -44,8 +44,18 @@ def run(precision: Precision) -> tuple[dict, dict, dict]:
     model = build_model("resnet18", 2, 1, norm="batch")
     initial = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = make_optimizer(model.parameters(), "sgd", 0.01, 0.0, 0.0)
-    trained = train_local(model, data.train.images, data.train.labels, np.arange(48), epochs=1, batch_size=16,
-                          optimizer=optimizer, device=CPU, seed=0, precision=precision)
+    trained = train_local(
+        model,
+        data.train.images,
+        data.train.labels,
+        np.arange(48),
+        epochs=1,
+        batch_size=16,
+        optimizer=optimizer,
+        device=CPU,
+        seed=0,
+        precision=precision,
+    )
     scores = evaluate(model, data.test.images, data.test.labels, batch_size=24, device=CPU, precision=precision)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     update = torch.cat([(weights[k] - initial[k]).flatten() for k in initial])

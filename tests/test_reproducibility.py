@@ -13,10 +13,21 @@ from tests.test_end_to_end import without_timings
 pytestmark = pytest.mark.slow
 
 EVERY_SOURCE = (
-    "federation.num_clients=4", "federation.clients_per_round=4", "federation.rounds=2",
-    "dataset.n_train=240", "dataset.n_test=90", "eval.attacks=[pgd]", "eval.eps=[0.0314]", "eval.max_samples=32",
-    "defense=dp_sgd", "defense.adversarial=fast_at", "strategy=flame", "attack=gaussian", "attack.ids=[3]",
-    "attack.start_round=2", "progress=false",
+    "federation.num_clients=4",
+    "federation.clients_per_round=4",
+    "federation.rounds=2",
+    "dataset.n_train=240",
+    "dataset.n_test=90",
+    "eval.attacks=[pgd]",
+    "eval.eps=[0.0314]",
+    "eval.max_samples=32",
+    "defense=dp_sgd",
+    "defense.adversarial=fast_at",
+    "strategy=flame",
+    "attack=gaussian",
+    "attack.ids=[3]",
+    "attack.start_round=2",
+    "progress=false",
 )
 
 

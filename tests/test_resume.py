@@ -16,9 +16,18 @@ from tests.helpers import compose_config
 from tests.test_end_to_end import without_timings
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["federation.num_clients=3", "federation.clients_per_round=2", "federation.rounds=2", "eval.max_samples=32",
-        "eval.eps=[0.0314]", "eval.attacks=[fgsm]", "dataset.n_train=300", "dataset.n_val=100",
-        "dataset.n_test=200", "progress=false"]
+TINY = [
+    "federation.num_clients=3",
+    "federation.clients_per_round=2",
+    "federation.rounds=2",
+    "eval.max_samples=32",
+    "eval.eps=[0.0314]",
+    "eval.attacks=[fgsm]",
+    "dataset.n_train=300",
+    "dataset.n_val=100",
+    "dataset.n_test=200",
+    "progress=false",
+]
 
 
 def hydra_dir(output_dir):
@@ -28,9 +37,14 @@ def hydra_dir(output_dir):
 
 def fedmed(*args, env=None, timeout=900):
     """`python -m fedmed args` in a subprocess; returns (returncode, output)."""
-    process = subprocess.Popen([sys.executable, "-m", "fedmed", *args], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedmed", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:
@@ -45,8 +59,13 @@ def metrics(folder):
 RESUMED_SETUPS = {
     # FoolsGold's history, DP-SGD's accountants and an attack that starts in round 2 all carry
     # from round 1 into round 2; two of three clients sampled a round (the sampling generator)
-    "foolsgold-dp_sgd-attack": ["strategy=foolsgold", "defense=dp_sgd", "attack=label_flip", "attack.ids=[2]",
-                                "attack.start_round=2"],
+    "foolsgold-dp_sgd-attack": [
+        "strategy=foolsgold",
+        "defense=dp_sgd",
+        "attack=label_flip",
+        "attack.ids=[2]",
+        "attack.start_round=2",
+    ],
     "flame": ["strategy=flame", "federation.clients_per_round=3"],  # FLAME's noise
     "fedavg": ["strategy=fedavg", "federation.fraction_evaluate=0.5"],
 }
@@ -81,8 +100,13 @@ def test_checkpoint_keeps_every_array_exactly(tmp_path):
 
     from fedmed.checkpoint import arrays_to_tensors, tensors_to_arrays, write_checkpoint
 
-    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
-                          "counter": Array(np.array(7, dtype=np.int64)), "f": Array(np.array(2.5))})
+    arrays = ArrayRecord(
+        {
+            "w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+            "counter": Array(np.array(7, dtype=np.int64)),
+            "f": Array(np.array(2.5)),
+        }
+    )
     write_checkpoint(tmp_path / "c.pt", {"arrays": arrays_to_tensors(arrays)})
     back = tensors_to_arrays(read_checkpoint(tmp_path / "c.pt")["arrays"])
     for key, array in arrays.items():  # shapes (a 0-d counter stays 0-d), dtypes and values
@@ -122,14 +146,30 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
     non-zero, with one line saying how to resume; the checkpoint holds round 1; summary.json
     is marked interrupted; Ray and the run's shared-memory files are gone."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedmed", *TINY, "federation.rounds=3", "dataset.n_train=900",
-         f"output_dir={tmp_path}", hydra_dir(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "fedmed",
+            *TINY,
+            "federation.rounds=3",
+            "dataset.n_train=900",
+            f"output_dir={tmp_path}",
+            hydra_dir(tmp_path),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and process.poll() is None:
-            if (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 2 \
-                    and read_checkpoint(tmp_path / "checkpoint.pt")["round"] == 1:
+            if (
+                (tmp_path / "metrics.jsonl").exists()
+                and len(metrics(tmp_path)) >= 2
+                and read_checkpoint(tmp_path / "checkpoint.pt")["round"] == 1
+            ):
                 break
             time.sleep(0.5)
         assert process.poll() is None, process.communicate()[0][-3000:]

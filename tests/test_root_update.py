@@ -10,14 +10,22 @@ from fedmed.serialization import model_to_arrays
 from strategies.robust import update_size
 from strategies.root_update import client_iterations, make_root_update, random_batches
 
-CLIENT = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "epochs": 1, "batch_size": 16,
-          "augment": False}
+CLIENT = {
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "epochs": 1,
+    "batch_size": 16,
+    "augment": False,
+}
 
 
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
 
 
 def root_split(n: int = 60) -> Split:

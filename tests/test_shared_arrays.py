@@ -13,8 +13,14 @@ from omegaconf import OmegaConf
 
 from clients.client_app import train
 from fedmed.runner import uses_shared_arrays
-from fedmed.shared_arrays import (ARRAYS_FILE_KEY, SharedArrays, read_arrays, remove_orphans, shared_directory,
-                                  write_arrays)
+from fedmed.shared_arrays import (
+    ARRAYS_FILE_KEY,
+    SharedArrays,
+    read_arrays,
+    remove_orphans,
+    shared_directory,
+    write_arrays,
+)
 from strategies.fedavg import FedMedAvg
 from tests.test_client_app import context, job, message
 
@@ -24,20 +30,35 @@ NODES = {101: 0, 202: 1}
 
 
 def record(value: float) -> ArrayRecord:
-    return ArrayRecord({"w": Array(np.full((2, 3), value, np.float32)), "b": Array(np.full(4, value, np.float64)),
-                        "steps": Array(np.array(7, np.int64))})
+    return ArrayRecord(
+        {
+            "w": Array(np.full((2, 3), value, np.float32)),
+            "b": Array(np.full(4, value, np.float64)),
+            "steps": Array(np.array(7, np.int64)),
+        }
+    )
 
 
 def test_write_and_read_give_the_record_back_byte_for_byte(tmp_path):
     rng = np.random.default_rng(0)
-    original = ArrayRecord({"z.conv": Array(rng.normal(size=(3, 2, 2)).astype(np.float32)),
-                            "a.half": Array(np.float16([1.5, -2.0])), "m.count": Array(np.array(9, np.int64)),
-                            "empty": Array(np.zeros((0, 3), np.float32)), "be": Array(np.arange(3, dtype=">f4"))})
+    original = ArrayRecord(
+        {
+            "z.conv": Array(rng.normal(size=(3, 2, 2)).astype(np.float32)),
+            "a.half": Array(np.float16([1.5, -2.0])),
+            "m.count": Array(np.array(9, np.int64)),
+            "empty": Array(np.zeros((0, 3), np.float32)),
+            "be": Array(np.arange(3, dtype=">f4")),
+        }
+    )
     back = read_arrays(write_arrays(original, tmp_path / "model.safetensors"))
     assert list(back.keys()) == list(original.keys())
     for key, array in original.items():
-        assert (back[key].dtype, back[key].shape, back[key].stype, back[key].data) == \
-               (array.dtype, array.shape, array.stype, array.data)
+        assert (back[key].dtype, back[key].shape, back[key].stype, back[key].data) == (
+            array.dtype,
+            array.shape,
+            array.stype,
+            array.data,
+        )
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -48,11 +69,21 @@ def test_array_from_numpy_matches_flowers_bytes_and_load_arrays_restores_a_model
     from fedmed.serialization import array_from_numpy, load_arrays, model_to_arrays
 
     rng = np.random.default_rng(0)
-    for values in (rng.normal(size=(3, 4)).astype(np.float32), np.array(7, np.int64), np.zeros((0, 3), np.float16),
-                   np.arange(3, dtype=">f4"), np.asfortranarray(rng.normal(size=(3, 4))), rng.normal(size=(2, 3))[:, 1]):
+    for values in (
+        rng.normal(size=(3, 4)).astype(np.float32),
+        np.array(7, np.int64),
+        np.zeros((0, 3), np.float16),
+        np.arange(3, dtype=">f4"),
+        np.asfortranarray(rng.normal(size=(3, 4))),
+        rng.normal(size=(2, 3))[:, 1],
+    ):
         ours, flowers = array_from_numpy(values), Array(values)
-        assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype,
-                                                                   flowers.data)
+        assert (ours.dtype, ours.shape, ours.stype, ours.data) == (
+            flowers.dtype,
+            flowers.shape,
+            flowers.stype,
+            flowers.data,
+        )
     source, target = build_model("resnet18", 3, 1), build_model("resnet18", 3, 1)
     load_arrays(target, model_to_arrays(source))
     for (key, a), b in zip(source.state_dict().items(), target.state_dict().values()):
@@ -92,10 +123,14 @@ def test_shared_directory_is_private_and_new(tmp_path):
 
 
 def test_directories_of_killed_runs_are_removed(tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    orphan, mine, other = (tmp_path / f"fedmed-arrays-{gone}-abc", tmp_path / f"fedmed-arrays-{os.getpid()}-def",
-                           tmp_path / "unrelated")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    orphan, mine, other = (
+        tmp_path / f"fedmed-arrays-{gone}-abc",
+        tmp_path / f"fedmed-arrays-{os.getpid()}-def",
+        tmp_path / "unrelated",
+    )
     for directory in (orphan, mine, other):
         directory.mkdir()
         (directory / "global-1.bin").write_bytes(b"x")
@@ -113,8 +148,15 @@ def reply_to(ins: Message, content: RecordDict) -> Message:
 
 def file_reply(ins: Message, rec: ArrayRecord, pid: int, directory) -> Message:
     path = write_arrays(rec, directory / f"reply-{pid}.safetensors")
-    return reply_to(ins, RecordDict({"arrays-file": ConfigRecord({ARRAYS_FILE_KEY: str(path)}),
-                                     "metrics": MetricRecord({"num-examples": 10 * (pid + 1), "partition-id": pid})}))
+    return reply_to(
+        ins,
+        RecordDict(
+            {
+                "arrays-file": ConfigRecord({ARRAYS_FILE_KEY: str(path)}),
+                "metrics": MetricRecord({"num-examples": 10 * (pid + 1), "partition-id": pid}),
+            }
+        ),
+    )
 
 
 def test_strategy_sends_a_path_and_aggregates_file_replies_like_message_replies(tmp_path):
@@ -128,15 +170,28 @@ def test_strategy_sends_a_path_and_aggregates_file_replies_like_message_replies(
     sent = read_arrays(Path(paths.pop()))
     assert all(sent[k].data == global_arrays[k].data for k in global_arrays.keys())
     by_file, _ = with_files.aggregate_train(
-        1, [file_reply(m, record(float(i + 1)), i, tmp_path) for i, m in enumerate(messages)])
+        1, [file_reply(m, record(float(i + 1)), i, tmp_path) for i, m in enumerate(messages)]
+    )
     assert [p.name[:7] for p in tmp_path.iterdir()] == ["global-"]  # reply files are deleted once read
 
     in_messages = strategy(None)
     plain = list(in_messages.configure_train(1, global_arrays, ConfigRecord(), grid=None))
     assert all("arrays" in m.content for m in plain)
-    by_message, _ = in_messages.aggregate_train(1, [
-        reply_to(m, RecordDict({"arrays": record(float(i + 1)), "metrics": MetricRecord(
-            {"num-examples": 10 * (i + 1), "partition-id": i})})) for i, m in enumerate(plain)])
+    by_message, _ = in_messages.aggregate_train(
+        1,
+        [
+            reply_to(
+                m,
+                RecordDict(
+                    {
+                        "arrays": record(float(i + 1)),
+                        "metrics": MetricRecord({"num-examples": 10 * (i + 1), "partition-id": i}),
+                    }
+                ),
+            )
+            for i, m in enumerate(plain)
+        ],
+    )
     for key in global_arrays.keys():
         np.testing.assert_array_equal(by_file[key].numpy(), by_message[key].numpy())
     np.testing.assert_allclose(by_file["w"].numpy(), np.full((2, 3), (1 * 10 + 2 * 20) / 30))
@@ -172,8 +227,11 @@ def test_simulated_client_reads_the_file_and_replies_with_one_beside_it(tmp_path
     msg = message(MessageType.TRAIN, job())
     global_arrays = msg.content["arrays"]
     path = SharedArrays(tmp_path).publish(global_arrays)
-    by_file = Message(RecordDict({"config": ConfigRecord({**msg.content["config"], ARRAYS_FILE_KEY: str(path)})}),
-                      dst_node_id=7, message_type=MessageType.TRAIN)
+    by_file = Message(
+        RecordDict({"config": ConfigRecord({**msg.content["config"], ARRAYS_FILE_KEY: str(path)})}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     reply = train(by_file, context({"partition-id": 1, "num-partitions": 2}))
     assert len(reply.content.array_records) == 0
     reply_path = reply.content["arrays-file"][ARRAYS_FILE_KEY]
@@ -186,19 +244,28 @@ def test_simulated_client_reads_the_file_and_replies_with_one_beside_it(tmp_path
 
 def test_deployed_client_refuses_a_file_path(tmp_path):
     images = np.zeros((8, 28, 28), np.uint8)
-    np.savez(tmp_path / "site.npz", train_images=images, train_labels=np.arange(8) % 3, val_images=images,
-             val_labels=np.arange(8) % 3)
+    np.savez(
+        tmp_path / "site.npz",
+        train_images=images,
+        train_labels=np.arange(8) % 3,
+        val_images=images,
+        val_labels=np.arange(8) % 3,
+    )
     msg = message(MessageType.TRAIN, job())
     path = SharedArrays(tmp_path).publish(msg.content["arrays"])
-    by_file = Message(RecordDict({"config": ConfigRecord({**msg.content["config"], ARRAYS_FILE_KEY: str(path)})}),
-                      dst_node_id=7, message_type=MessageType.TRAIN)
+    by_file = Message(
+        RecordDict({"config": ConfigRecord({**msg.content["config"], ARRAYS_FILE_KEY: str(path)})}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     with pytest.raises(ValueError, match="only simulated clients"):
         train(by_file, context({"data-path": str(tmp_path / "site.npz")}))
 
 
-@pytest.mark.parametrize("transport, address, expected", [
-    ("auto", None, True), ("auto", "auto", False), ("shared_memory", "10.0.0.1:6379", True),
-    ("message", None, False)])
+@pytest.mark.parametrize(
+    "transport, address, expected",
+    [("auto", None, True), ("auto", "auto", False), ("shared_memory", "10.0.0.1:6379", True), ("message", None, False)],
+)
 def test_model_transport_setting(transport, address, expected):
     assert uses_shared_arrays(OmegaConf.create({"model_transport": transport, "address": address})) is expected
 

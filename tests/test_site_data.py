@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from clients.client_app import evaluate_local, train
 from clients.local_data import class_counts, device_setting, local_share, site_name
 from fedmed.data import site_share
-from fedmed.job import JOB_KEY, encode_job
 from fedmed.site_data import SiteDataError
 from tests.test_client_app import context, job, message
 
@@ -23,10 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def good_arrays(n_train=24, n_val=8, size=28) -> dict:
     rng = np.random.default_rng(0)
-    return {"train_images": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
-            "train_labels": (np.arange(n_train) % 3).astype(np.uint8).reshape(-1, 1),
-            "val_images": rng.integers(0, 256, (n_val, size, size), dtype=np.uint8),
-            "val_labels": (np.arange(n_val) % 3).astype(np.uint8).reshape(-1, 1)}
+    return {
+        "train_images": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 3).astype(np.uint8).reshape(-1, 1),
+        "val_images": rng.integers(0, 256, (n_val, size, size), dtype=np.uint8),
+        "val_labels": (np.arange(n_val) % 3).astype(np.uint8).reshape(-1, 1),
+    }
 
 
 def write_site(path: Path, **changes) -> Path:
@@ -36,25 +37,43 @@ def write_site(path: Path, **changes) -> Path:
 
 
 BAD_FILES = {
-    "rgb_in_grey": (dict(train_images=np.zeros((24, 28, 28, 3), np.uint8)),
-                    r"train_images holds images with 3 channel\(s\) \(RGB\); the federation's have 1 \(grey\)"),
-    "32px_in_28px": (dict(val_images=np.zeros((8, 32, 32), np.uint8)),
-                     r"val_images holds 32x32 images; the federation's are 28x28"),
-    "label_minus_one": (dict(train_labels=np.r_[-1, np.zeros(23, np.int64)]),
-                        r"train_labels holds label -1; the federation has 3 classes, so labels must lie in 0..2"),
-    "label_too_large": (dict(val_labels=np.r_[3, np.zeros(7, np.int64)]),
-                        r"val_labels holds label 3; the federation has 3 classes"),
-    "labels_2d": (dict(train_labels=np.zeros((24, 2), np.int64)),
-                  r"train_labels has shape \(24, 2\); expected \(N,\) or \(N, 1\)"),
-    "lengths_differ": (dict(train_labels=np.zeros(23, np.int64)),
-                       r"train_images holds 24 images but train_labels 23 labels"),
+    "rgb_in_grey": (
+        dict(train_images=np.zeros((24, 28, 28, 3), np.uint8)),
+        r"train_images holds images with 3 channel\(s\) \(RGB\); the federation's have 1 \(grey\)",
+    ),
+    "32px_in_28px": (
+        dict(val_images=np.zeros((8, 32, 32), np.uint8)),
+        r"val_images holds 32x32 images; the federation's are 28x28",
+    ),
+    "label_minus_one": (
+        dict(train_labels=np.r_[-1, np.zeros(23, np.int64)]),
+        r"train_labels holds label -1; the federation has 3 classes, so labels must lie in 0..2",
+    ),
+    "label_too_large": (
+        dict(val_labels=np.r_[3, np.zeros(7, np.int64)]),
+        r"val_labels holds label 3; the federation has 3 classes",
+    ),
+    "labels_2d": (
+        dict(train_labels=np.zeros((24, 2), np.int64)),
+        r"train_labels has shape \(24, 2\); expected \(N,\) or \(N, 1\)",
+    ),
+    "lengths_differ": (
+        dict(train_labels=np.zeros(23, np.int64)),
+        r"train_images holds 24 images but train_labels 23 labels",
+    ),
     "missing_key": (dict(val_labels=None), r"lacks val_labels"),
-    "float_out_of_range": (dict(train_images=np.full((24, 28, 28), 300.0, np.float32)),
-                           r"train_images is float32 with values 300..300; expected uint8 pixels 0..255"),
-    "float_labels": (dict(train_labels=np.zeros(24, np.float64)),
-                     r"train_labels is float64; expected integer class indices 0..2"),
-    "sixteen_bit": (dict(train_images=np.full((24, 28, 28), 4000, np.uint16)),
-                    r"train_images is uint16 with values 4000..4000; expected uint8"),
+    "float_out_of_range": (
+        dict(train_images=np.full((24, 28, 28), 300.0, np.float32)),
+        r"train_images is float32 with values 300..300; expected uint8 pixels 0..255",
+    ),
+    "float_labels": (
+        dict(train_labels=np.zeros(24, np.float64)),
+        r"train_labels is float64; expected integer class indices 0..2",
+    ),
+    "sixteen_bit": (
+        dict(train_images=np.full((24, 28, 28), 4000, np.uint16)),
+        r"train_images is uint16 with values 4000..4000; expected uint8",
+    ),
 }
 
 
@@ -85,8 +104,9 @@ def test_a_file_that_is_not_an_archive_says_so(tmp_path):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(SiteDataError, match=re.escape(f"site data file {tmp_path / 'gone.npz'} (node config "
-                                                      "data-path) does not exist")):
+    with pytest.raises(
+        SiteDataError, match=re.escape(f"site data file {tmp_path / 'gone.npz'} (node config data-path) does not exist")
+    ):
         site_share(str(tmp_path / "gone.npz"), job())
 
 
@@ -145,8 +165,11 @@ def test_site_never_unpickles_what_the_server_sends(tmp_path):
     np.save(buffer, np.array([_MakesFolderWhenUnpickled(marker)], dtype=object), allow_pickle=True)
     name = next(iter(arrays))
     arrays[name] = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
-    evil = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": msg.content["config"]}),
-                   dst_node_id=7, message_type=MessageType.TRAIN)
+    evil = Message(
+        RecordDict({"arrays": ArrayRecord(arrays), "config": msg.content["config"]}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     with pytest.raises(ValueError, match="allow_pickle"):
         train(evil, context({"data-path": str(site)}))
     assert not marker.exists()
@@ -168,8 +191,10 @@ def test_deployed_site_refuses_an_attack(tmp_path):
         with pytest.raises(ValueError, match="attack=edge_case: attack= is simulation only"):
             handler(message(kind, job(3, "attack=edge_case", "attack.fraction=0.5")), context({"data-path": str(site)}))
     # the same job trains a simulated partition
-    reply = train(message(MessageType.TRAIN, job(3, "attack=edge_case", "attack.fraction=0.5")),
-                  context({"partition-id": 0, "num-partitions": 2}))
+    reply = train(
+        message(MessageType.TRAIN, job(3, "attack=edge_case", "attack.fraction=0.5")),
+        context({"partition-id": 0, "num-partitions": 2}),
+    )
     assert reply.content["metrics"]["num-examples"] > 0
 
 
@@ -190,7 +215,9 @@ def test_deployed_site_uses_its_own_device(tmp_path, monkeypatch):
     monkeypatch.setattr(client_app, "resolve_device", lambda device: asked.append(device) or real("cpu"))
     cuda_message = message(MessageType.TRAIN, {**job(), "device": "cuda"})
     train(cuda_message, context({"data-path": site, "device": "cpu"}))
-    evaluate_local(message(MessageType.EVALUATE, {**job(), "device": "cuda"}), context({"data-path": site, "device": "cpu"}))
+    evaluate_local(
+        message(MessageType.EVALUATE, {**job(), "device": "cuda"}), context({"data-path": site, "device": "cpu"})
+    )
     assert asked == ["cpu", "cpu"]
 
 

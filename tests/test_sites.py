@@ -29,13 +29,24 @@ def site_job(cfg, dataset) -> dict:
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])
 def test_site_files_hold_the_simulated_clients_shares(tmp_path, medmnist_root, partition):
-    cfg = compose(["dataset=pneumoniamnist", f"dataset.root={medmnist_root}", f"partition={partition}",
-                   "federation.num_clients=3", "seed=5"])
+    cfg = compose(
+        [
+            "dataset=pneumoniamnist",
+            f"dataset.root={medmnist_root}",
+            f"partition={partition}",
+            "federation.num_clients=3",
+            "seed=5",
+        ]
+    )
     manifest = write_sites(cfg, tmp_path)
     job = job_from_config(cfg)
     dataset = dataset_from_config(job["dataset"], 5)
-    assert (manifest["dataset"], manifest["image_size"], manifest["channels"], manifest["num_classes"]) == \
-        ("pneumoniamnist", 28, 1, 2)
+    assert (manifest["dataset"], manifest["image_size"], manifest["channels"], manifest["num_classes"]) == (
+        "pneumoniamnist",
+        28,
+        1,
+        2,
+    )
     assert manifest["class_names"] == list(dataset.class_names) and manifest["seed"] == 5
     assert manifest["partition"]["name"] == partition and not manifest["site_shift_baked"]
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
@@ -55,7 +66,9 @@ def test_site_files_hold_the_simulated_clients_shares(tmp_path, medmnist_root, p
                 assert entry[f"{split}_examples"] == len(indices)
         # what the deployed site reads back is what the simulated client trains and holds out on
         deployed = site_share(str(path), site_job(cfg, dataset))
-        np.testing.assert_array_equal(deployed.images[deployed.train_indices], simulated.images[simulated.train_indices])
+        np.testing.assert_array_equal(
+            deployed.images[deployed.train_indices], simulated.images[simulated.train_indices]
+        )
         np.testing.assert_array_equal(deployed.labels[deployed.val_indices], simulated.labels[simulated.val_indices])
         total += entry["train_examples"] + entry["val_examples"]
     assert total == len(dataset.train)  # every training image at exactly one site
@@ -90,8 +103,9 @@ def test_site_partition_bakes_each_sites_scanner_into_its_images(tmp_path):
 
 def run_cli(*args: str, data: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "FEDMED_DATA": str(data)}
-    return subprocess.run([sys.executable, "-m", "fedmed.sites", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fedmed.sites", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 def test_cli_writes_the_sites_and_manifest(tmp_path, medmnist_root):
@@ -101,7 +115,11 @@ def test_cli_writes_the_sites_and_manifest(tmp_path, medmnist_root):
     manifest = json.loads((tmp_path / "sites" / "manifest.json").read_text())
     assert sorted(manifest["sites"]) == ["site-0", "site-1", "site-2"]
     assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == [
-        "manifest.json", "site-0.npz", "site-1.npz", "site-2.npz"]
+        "manifest.json",
+        "site-0.npz",
+        "site-1.npz",
+        "site-2.npz",
+    ]
     assert "site-2.npz: " in done.stdout
 
 

@@ -21,8 +21,9 @@ GLOBAL = arrays(np.zeros((2, 3), np.float32), np.zeros(4, np.float32))
 
 def reply(node: int, record: ArrayRecord, num_examples=10, extra: dict | None = None) -> Message:
     ins = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    metrics = MetricRecord({"num-examples": num_examples, "partition-id": NODES[node], "train_loss": 1.0,
-                            **(extra or {})})
+    metrics = MetricRecord(
+        {"num-examples": num_examples, "partition-id": NODES[node], "train_loss": 1.0, **(extra or {})}
+    )
     return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=ins)
 
 

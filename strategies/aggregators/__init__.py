@@ -26,8 +26,20 @@ from strategies.aggregators.weak_dp import WeakDP
 
 _CLASSES: dict[str, type[Aggregator]] = {
     cls.name: cls
-    for cls in (FedAvg, FedMedian, TrimmedMean, Krum, MultiKrum, Bulyan, RFA, NormClip, WeakDP, Flame,
-                FoolsGold, FLTrust)
+    for cls in (
+        FedAvg,
+        FedMedian,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+        Bulyan,
+        RFA,
+        NormClip,
+        WeakDP,
+        Flame,
+        FoolsGold,
+        FLTrust,
+    )
 }
 AGGREGATORS: tuple[str, ...] = tuple(_CLASSES)
 
@@ -60,13 +72,22 @@ def make_aggregator(name: str, **params: Any) -> Aggregator:
         elif key in defaults:
             if key not in _SERVER_KEYS and value != defaults[key]:
                 uses = ", ".join(f"strategy.{p}" for p in cls.params) or "none"
-                raise ValueError(f"strategy.{key}={value!r} has no effect with strategy={name} "
-                                 f"(its parameters: {uses})")
+                raise ValueError(
+                    f"strategy.{key}={value!r} has no effect with strategy={name} (its parameters: {uses})"
+                )
         else:
-            raise ValueError(f"strategy.{key} is not a parameter of strategy={name} "
-                             f"(its parameters: {', '.join(sorted(taken | extra_ok)) or 'none'})")
+            raise ValueError(
+                f"strategy.{key} is not a parameter of strategy={name} "
+                f"(its parameters: {', '.join(sorted(taken | extra_ok)) or 'none'})"
+            )
     return cls(**kwargs)
 
 
-__all__ = ["AGGREGATORS", "Aggregate", "Aggregator", "TooFewReplies", "make_aggregator",
-           *(c.__name__ for c in _CLASSES.values())]
+__all__ = [
+    "AGGREGATORS",
+    "Aggregate",
+    "Aggregator",
+    "TooFewReplies",
+    "make_aggregator",
+    *(c.__name__ for c in _CLASSES.values()),
+]

@@ -88,8 +88,7 @@ class Aggregator:
         if len(client_ids) != n or len(set(client_ids)) != n:
             raise ValueError(f"{self.name}: need {n} distinct client ids, got {client_ids}")
         self.check_replies(n)
-        result = self._aggregate(updates, num_examples, client_ids=client_ids, generator=generator,
-                                 reference=reference)
+        result = self._aggregate(updates, num_examples, client_ids=client_ids, generator=generator, reference=reference)
         result.scores = result.scores.to(device="cpu", dtype=torch.float64)
         result.flagged = sorted(int(i) for i in result.flagged)
         return result
@@ -106,8 +105,15 @@ class Aggregator:
         if state:
             raise ValueError(f"strategy={self.name} keeps no state, but the checkpoint holds {sorted(state)}")
 
-    def _aggregate(self, updates: torch.Tensor, num_examples: torch.Tensor, *, client_ids: list[int],
-                   generator: torch.Generator, reference: torch.Tensor | None) -> Aggregate:
+    def _aggregate(
+        self,
+        updates: torch.Tensor,
+        num_examples: torch.Tensor,
+        *,
+        client_ids: list[int],
+        generator: torch.Generator,
+        reference: torch.Tensor | None,
+    ) -> Aggregate:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -116,6 +122,7 @@ class Aggregator:
 
 
 # ---- parameter checks shared by the rules: each message names the configuration key ----------
+
 
 def check_optional_count(key: str, value: int | None, minimum: int) -> int | None:
     if value is None:
@@ -128,11 +135,20 @@ def check_optional_count(key: str, value: int | None, minimum: int) -> int | Non
 def check_positive(key: str, value: float, *, allow_zero: bool = False, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool) or not value == value \
-            or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):
+    if (
+        value is None
+        or not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not value == value
+        or value < 0
+        or (value == 0 and not allow_zero)
+        or value == float("inf")
+    ):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"strategy.{key}={value!r} must be a finite number {bound}"
-                         + (" (or null for the rule's default)" if allow_none else ""))
+        raise ValueError(
+            f"strategy.{key}={value!r} must be a finite number {bound}"
+            + (" (or null for the rule's default)" if allow_none else "")
+        )
     return float(value)
 
 

@@ -13,8 +13,15 @@ import torch
 from strategies.aggregators.base import Aggregate, above_expected
 from strategies.aggregators.fused import FUSE_AUTO_VALUES, bulyan_stage, compiled_bulyan_stage, fused_blocks
 from strategies.aggregators.krum import Krum
-from strategies.aggregators.ops import (Scratch, closest_window, count_outside, lowest, median_windows, middle,
-                                        sorted_column_blocks)
+from strategies.aggregators.ops import (
+    Scratch,
+    closest_window,
+    count_outside,
+    lowest,
+    median_windows,
+    middle,
+    sorted_column_blocks,
+)
 
 logger = getLogger(__name__)
 
@@ -118,10 +125,16 @@ class Bulyan(Krum):
                     result = stage(*args)
                 except Exception as error:  # noqa: BLE001 -- torch.compile's failures share no narrower base
                     if self.compile_stage:
-                        raise RuntimeError(f"bulyan: torch.compile could not build the fused stage ({error!r}); "
-                                           "set strategy.compile_stage=false to use the eager one") from error
-                    logger.log(WARNING, "bulyan: torch.compile could not build the fused stage (%r); using the "
-                                        "eager one (strategy.compile_stage=false skips the attempt)", error)
+                        raise RuntimeError(
+                            f"bulyan: torch.compile could not build the fused stage ({error!r}); "
+                            "set strategy.compile_stage=false to use the eager one"
+                        ) from error
+                    logger.log(
+                        WARNING,
+                        "bulyan: torch.compile could not build the fused stage (%r); using the "
+                        "eager one (strategy.compile_stage=false skips the attempt)",
+                        error,
+                    )
                     self.compile_stage = False
                     return None
                 self._compiled.add(key)

@@ -6,7 +6,6 @@ AISTATS 2017.
 
 from __future__ import annotations
 
-
 from strategies.aggregators.base import Aggregate, Aggregator, data_weights, none_flagged
 from strategies.aggregators.ops import weighted_sum
 

@@ -26,8 +26,11 @@ def largest_cluster(cosine_distances: np.ndarray) -> np.ndarray:
     n = cosine_distances.shape[0]
     if n == 1:
         return np.array([0])
-    labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, allow_single_cluster=True,
-                     metric="precomputed", copy=True).fit(cosine_distances).labels_
+    labels = (
+        HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, allow_single_cluster=True, metric="precomputed", copy=True)
+        .fit(cosine_distances)
+        .labels_
+    )
     clusters = labels[labels >= 0]
     if clusters.size == 0:
         return np.array([], dtype=np.int64)

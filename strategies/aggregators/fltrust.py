@@ -32,8 +32,10 @@ class FLTrust(Aggregator):
     def _aggregate(self, updates, num_examples, *, client_ids, generator, reference) -> Aggregate:
         n, d = updates.shape
         if reference is None:
-            raise ValueError("strategy=fltrust needs the server's reference update on its root dataset "
-                             "(reference=None): build RobustAggregation with reference_update")
+            raise ValueError(
+                "strategy=fltrust needs the server's reference update on its root dataset "
+                "(reference=None): build RobustAggregation with reference_update"
+            )
         reference = torch.as_tensor(reference).reshape(-1).to(device=updates.device, dtype=updates.dtype)
         if reference.numel() != d:
             raise ValueError(f"fltrust: the reference update has {reference.numel()} values, the updates {d}")
@@ -48,8 +50,7 @@ class FLTrust(Aggregator):
         flagged = torch.nonzero(trust == 0).flatten().tolist()
         total = float(trust.sum())
         if total == 0.0:
-            logger.log(WARNING, "FLTrust: no update has a positive cosine with the server's; "
-                                "the global model is kept")
+            logger.log(WARNING, "FLTrust: no update has a positive cosine with the server's; the global model is kept")
             return Aggregate(torch.zeros(d, dtype=updates.dtype, device=updates.device), 1.0 - trust, flagged)
         coefficients = trust * ref_norm / norms.clamp_min(1e-300) / total
         return Aggregate(weighted_sum(coefficients, updates), 1.0 - trust, flagged)

@@ -20,7 +20,7 @@ Bulyan then logs why and stays with the eager stage.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -69,7 +69,7 @@ def bulyan_stage(theta: int, beta: int) -> Callable[..., StageResult]:
     return stage
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled_bulyan_stage(theta: int, beta: int) -> Callable[..., StageResult]:
     return torch.compile(bulyan_stage(theta, beta), dynamic=False)
 

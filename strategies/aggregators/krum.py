@@ -54,14 +54,18 @@ class Krum(Aggregator):
         limit = self.max_malicious(n)
         if self.num_malicious is None:
             if limit < 0:
-                raise TooFewReplies(f"strategy={self.name} cannot aggregate {n} replies: {self.rule}, "
-                                    f"so at least {self.min_replies(0)} replies")
+                raise TooFewReplies(
+                    f"strategy={self.name} cannot aggregate {n} replies: {self.rule}, "
+                    f"so at least {self.min_replies(0)} replies"
+                )
             return limit
         f = self.num_malicious
         if f > limit:
             hint = f"at most f={limit} for {n} replies" if limit >= 0 else "no f works with so few"
-            raise TooFewReplies(f"strategy.num_malicious={f} is too large for {n} replies: {self.rule} "
-                                f"({hint}; f={f} needs at least {self.min_replies(f)} replies)")
+            raise TooFewReplies(
+                f"strategy.num_malicious={f} is too large for {n} replies: {self.rule} "
+                f"({hint}; f={f} needs at least {self.min_replies(f)} replies)"
+            )
         return f
 
     def min_replies(self, f: int) -> int:

@@ -19,7 +19,7 @@ Everything here works on the stacked updates ``U`` (n, d), float32, one row per 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -45,9 +45,9 @@ def gram(rows: torch.Tensor | Sequence[torch.Tensor], block: int = GRAM_BLOCK_CO
     result = torch.zeros(n, n, dtype=torch.float64, device=device)
     for start in range(0, d, block):
         if stacked:
-            x = rows[:, start:start + block]
+            x = rows[:, start : start + block]
         else:
-            x = torch.stack([r[start:start + block] for r in rows])
+            x = torch.stack([r[start : start + block] for r in rows])
         result += (x @ x.T).double()
     return merge_duplicates((result + result.T) * 0.5, rows)
 
@@ -125,7 +125,7 @@ def noise_like(d: int, std: float, generator: torch.Generator, device: torch.dev
     return (torch.randn(d, generator=generator, device=generator.device) * std).to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def batcher_runs(n: int) -> tuple[tuple[int, int, int], ...]:
     """Batcher's odd-even merge sorting network on ``n`` inputs as (first, gap, length) runs.
 
@@ -165,7 +165,7 @@ def sort_columns_(block: torch.Tensor, scratch: torch.Tensor | None = None) -> t
     if scratch is None or scratch.shape != block.shape:
         scratch = torch.empty_like(block)
     for a, k, length in batcher_runs(block.shape[0]):
-        low, high = block[a:a + length], block[a + k:a + k + length]
+        low, high = block[a : a + length], block[a + k : a + k + length]
         t = scratch[:length]
         torch.minimum(low, high, out=t)
         torch.maximum(low, high, out=high)
@@ -250,9 +250,13 @@ def count_outside(raw: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scra
     return a.sum(1).double()
 
 
-def closest_window(sorted_block: torch.Tensor, center: torch.Tensor, width: int,
-                   candidates: range | None = None,
-                   scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def closest_window(
+    sorted_block: torch.Tensor,
+    center: torch.Tensor,
+    width: int,
+    candidates: range | None = None,
+    scratch: Scratch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per column of a column-sorted block (rows, c), the ``width`` consecutive values closest to
     ``center``: the window whose farthest value is nearest ``center`` (the first such among
     ``candidates``, default every window, on a tie). Returns the window's mean, first and last
@@ -269,7 +273,7 @@ def closest_window(sorted_block: torch.Tensor, center: torch.Tensor, width: int,
     scratch = scratch if scratch is not None else Scratch()
     s = sorted_block
     first, k = candidates[0], len(candidates)
-    lows, highs = s[first:first + k], s[first + width - 1:first + width - 1 + k]
+    lows, highs = s[first : first + k], s[first + width - 1 : first + width - 1 + k]
     # reach of window j: max(center - lows[j], highs[j] - center)
     reach, other = scratch("reach", lows), scratch("reach_other", lows)
     torch.sub(center, lows, out=reach)
@@ -286,9 +290,9 @@ def closest_window(sorted_block: torch.Tensor, center: torch.Tensor, width: int,
     running.neg_().add_(2).clamp_(min=0).mul_(nearest)
     chosen = running
     totals = scratch("totals", lows)
-    totals.copy_(s[first:first + k])
+    totals.copy_(s[first : first + k])
     for j in range(1, width):  # each window summed in order, as a plain sum over it would
-        totals.add_(s[first + j:first + j + k])
+        totals.add_(s[first + j : first + j + k])
     mean = (totals.mul_(chosen)).sum(0).div_(width)
     low = torch.mul(lows, chosen, out=other).sum(0)
     high = torch.mul(highs, chosen, out=other).sum(0)

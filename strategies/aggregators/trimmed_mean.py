@@ -39,7 +39,7 @@ class TrimmedMean(Aggregator):
         informative = 0
         scratch = Scratch()
         for cols, s in sorted_column_blocks(updates):
-            out[cols] = s[cut:n - cut].mean(0)
+            out[cols] = s[cut : n - cut].mean(0)
             if cut:
                 informative += int((s[-1] > s[0]).sum())
                 trimmed += count_outside(updates[:, cols], s[cut], s[n - cut - 1], scratch)

@@ -29,8 +29,9 @@ class WeakDP(NormClip):
         self.noise_std = check_positive("noise_std", noise_std, allow_zero=True)
 
     def _aggregate(self, updates, num_examples, *, client_ids, generator, reference) -> Aggregate:
-        result = super()._aggregate(updates, num_examples, client_ids=client_ids, generator=generator,
-                                    reference=reference)
+        result = super()._aggregate(
+            updates, num_examples, client_ids=client_ids, generator=generator, reference=reference
+        )
         if self.noise_std > 0:
             result.noise = noise_like(updates.shape[1], self.noise_std, generator, updates.device)
         return result
