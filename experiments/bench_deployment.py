@@ -10,7 +10,7 @@ the SuperNodes in each ClientApp mode Flower 1.42 supports:
 * ``process``: ``flower-supernode --isolation process`` with ``fedmed-warm-exec`` beside it,
   which keeps PyTorch and Flower imported and forks a process per message.
 
-A step's overhead is the server's time for a training step (``train_step_s``: sending the
+A step's overhead is the server's time for a training step (``train_step_time_s``: sending the
 messages until every reply is in) minus the slowest client's own ``train_time_s``, the median
 over rounds 2.. (round 1 pays Ray's start in simulation and the FAB's first install when deployed).
 
@@ -85,7 +85,7 @@ def write_sites(overrides: list[str], directory: Path) -> list[Path]:
 
 def step_overheads(rows: list[dict]) -> list[float]:
     return [
-        r["train_step_s"] - max(c["train_time_s"] for c in r["clients"])
+        r["train_step_time_s"] - max(c["train_time_s"] for c in r["clients"])
         for r in rows
         if r["round"] >= 2 and r.get("clients")
     ]
@@ -192,7 +192,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "mode": mode,
-                        "train_step_s": [r.get("train_step_s") for r in rows],
+                        "train_step_time_s": [r.get("train_step_time_s") for r in rows],
                         "client_train_time_s": [[c["train_time_s"] for c in r["clients"]] for r in rows],
                     }
                 ),

@@ -105,7 +105,7 @@ class FedMedAvg(FedAvg):
         self._grid: Grid | None = None
         # per round: seconds from sending the training messages to having the replies, which a
         # deployed step's overhead is measured against (experiments/bench_deployment.py)
-        self.train_step_s: dict[int, float] = {}
+        self.train_step_time_s: dict[int, float] = {}
         self._sent_at = 0.0
 
     def online(self) -> list[int]:
@@ -170,7 +170,7 @@ class FedMedAvg(FedAvg):
     def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Valid replies in partition order; the others are logged and recorded as rejected."""
         assert self._global_arrays is not None, "configure_train must run before aggregate_train"
-        self.train_step_s[server_round] = time.monotonic() - self._sent_at
+        self.train_step_time_s[server_round] = time.monotonic() - self._sent_at
         accepted, rejected = [], []
         for msg in replies:
             pid = reply_partition_id(msg, self.partition_of_node)

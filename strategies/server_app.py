@@ -298,8 +298,8 @@ def run_federation(
         row["failures"] = loop.failures.get(server_round, [])
         if server_round in loop.skipped:
             row["skipped"] = loop.skipped[server_round]
-        if server_round in strategy.train_step_s:
-            row["train_step_s"] = strategy.train_step_s[server_round]
+        if server_round in strategy.train_step_time_s:
+            row["train_step_time_s"] = strategy.train_step_time_s[server_round]
         if strategy.client_eval_metrics.get(server_round):
             row["client_eval"] = strategy.client_eval_metrics[server_round]
             row.update(weakest_client(row["client_eval"], attacks, eps))
