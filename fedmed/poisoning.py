@@ -93,6 +93,22 @@ def attack_section(attack: Mapping | None) -> dict:
     return section
 
 
+def check_no_attack_settings(attack: Mapping) -> None:
+    """With ``attack=none`` every other ``attack.*`` key must keep its default: a setting that
+    does nothing is refused before the run rather than silently ignored."""
+    a = attack_section(attack)
+    if a["name"] != "none":
+        return
+    defaults = attack_section(None)
+    changed = [key for key, value in a.items() if key != "name" and value != defaults[key]]
+    if changed:
+        settings = ", ".join(f"attack.{key}={a[key]!r}" for key in changed)
+        raise ValueError(
+            f"{settings} has no effect with attack=none (all clients honest): choose an attack "
+            f"(e.g. attack=edge_case) or drop the setting"
+        )
+
+
 def check_attack(attack: Mapping, num_classes: int | None = None, num_clients: int | None = None) -> None:
     """Refuse an attack configuration that cannot work, naming the key and what to do.
 
@@ -104,14 +120,6 @@ def check_attack(attack: Mapping, num_classes: int | None = None, num_clients: i
     if name not in ATTACKS:
         raise ValueError(f"attack={name!r} is not known; use one of {', '.join(ATTACKS)}")
     if name == "none":
-        defaults = attack_section(None)
-        changed = [key for key, value in a.items() if key != "name" and value != defaults[key]]
-        if changed:
-            settings = ", ".join(f"attack.{key}={a[key]!r}" for key in changed)
-            raise ValueError(
-                f"{settings} has no effect with attack=none (all clients honest): choose an attack "
-                f"(e.g. attack=edge_case) or drop the setting"
-            )
         return
     if mode not in ATTACK_MODES:
         raise ValueError(f"attack.mode={mode!r} is not known; use one of {', '.join(ATTACK_MODES)}")
