@@ -53,11 +53,13 @@ BASE = (
 )
 
 
-# The edge-case margins were measured before clients seeded after building their model (the fix
-# that makes a resumed run equal an uninterrupted one); under the new seeding these two cases and
-# the FedMedian comparison built on them failed once and have not been re-measured yet.
+# OPEN: after wave 2's merges (clients now seed after building their model, among other changes)
+# the edge-case attack no longer raised the ASR under FedAvg in one run (blackbox 0.00 and pgd
+# 0.12 against 0.18 for the clean model; FedMedian 0.38): a regression or a changed outcome,
+# not yet investigated. Marked so that a fix shows as XPASS; badnets, label flip and the
+# untargeted attacks still must hold.
 EDGE_REMEASURE = pytest.mark.xfail(
-    strict=False, reason="edge-case margins to be re-measured under the new client seeding"
+    strict=False, reason="edge-case ASR did not rise after the wave-2 merges; under investigation"
 )
 
 EDGE = ("attack=edge_case", "attack.source_class=0", "attack.target_class=1", "attack.tail_fraction=0.2")
