@@ -139,12 +139,16 @@ def own_shared_directories(pid):
     return [p for parent in (Path("/dev/shm"), Path("/tmp")) for p in parent.glob(f"fedmed-arrays-{pid}-*")]
 
 
+STOP_WITHIN_S = 15
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
-    """A real signal to a real `python -m fedmed` during round 2 of 3: it exits within seconds,
-    non-zero, with one line saying how to resume; the checkpoint holds round 1; summary.json
-    is marked interrupted; Ray and the run's shared-memory files are gone."""
+    """A real signal to a real `python -m fedmed` during round 2 of 3, whose clients all hang
+    (so the round under way cannot end by itself, however fast the machine): it exits within
+    seconds, non-zero, with one line saying how to resume; the checkpoint holds round 1;
+    summary.json is marked interrupted; Ray and the run's shared-memory files are gone."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -153,6 +157,7 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
             *TINY,
             "federation.rounds=3",
             "dataset.n_train=900",
+            "fault=[{kind:hang,partitions:[0,1,2],start_round:2}]",
             f"output_dir={tmp_path}",
             hydra_dir(tmp_path),
         ],
@@ -173,7 +178,7 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
                 break
             time.sleep(0.5)
         assert process.poll() is None, process.communicate()[0][-3000:]
-        time.sleep(2)  # into round 2's training
+        time.sleep(2)  # into round 2, its clients hanging
         assert own_shared_directories(process.pid)
         signalled = time.monotonic()
         process.send_signal(signum)
@@ -182,11 +187,8 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
     finally:
         process.kill()
     assert process.returncode == 128 + signum, output[-3000:]
-    rows = metrics(tmp_path)
-    round_s = rows[1]["time_s"] - rows[0]["time_s"]
-    # it does not wait for the round under way: on a loaded 2-core machine "a few seconds" is
-    # measured against how long a round takes there
-    assert stopped_in < min(30, round_s / 2), (stopped_in, round_s)
+    # "within a few seconds": Ray's shutdown alone takes 3-5 s on a 2-core machine
+    assert stopped_in < STOP_WITHIN_S, stopped_in
     assert f"continue it with: fedmed-sim resume={tmp_path.resolve()}" in output.strip().splitlines()[-1]
     assert "Traceback" not in output
     summary = json.loads((tmp_path / "summary.json").read_text())
