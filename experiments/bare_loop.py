@@ -13,6 +13,7 @@ import torch
 
 from fedmed.data import client_partitions, load_dataset, split_holdout
 from fedmed.models import build_model
+from fedmed.precision import Precision
 from fedmed.train import derive_seed, evaluate, make_optimizer, train_local
 
 
@@ -35,10 +36,17 @@ def bare_fedavg(
     val_fraction: float,
     seed: int,
     size: int = 28,
+    device: str = "cpu",
+    amp: str = "off",
 ) -> list[dict]:
-    """Per-round rows (round, accuracy, auc, time_s), round 0 being the initial model."""
+    """Per-round rows (round, accuracy, auc, time_s), round 0 being the initial model.
+
+    ``device`` and ``amp`` (``client.amp``) as in a federation: the GPU check compares clients
+    sharing a GPU under Ray against this loop on the same GPU.
+    """
     started = time.monotonic()
-    device = torch.device("cpu")
+    device = torch.device(device)
+    precision = Precision(amp=amp, device=device)
     data = load_dataset(dataset, seed=seed, root=root, size=size)
     torch.manual_seed(seed)
     model = build_model(model_name, data.num_classes, data.channels, norm=norm)
@@ -68,6 +76,7 @@ def bare_fedavg(
                 device=device,
                 seed=client_seed,
                 augment=augment,
+                precision=precision,
             )
             for k, v in model.state_dict().items():
                 summed[k] += v.float() * (len(indices) / total)
