@@ -50,16 +50,23 @@ BASE = (
     "attack.fraction=0.4",
     f"attack.start_round={HONEST_ROUNDS + 1}",
     "seed=0",
+    "device=cpu",  # the outcomes below are this numerics' (see the note on the edge case)
 )
 
 
-# OPEN: after wave 2's merges (clients now seed after building their model, among other changes)
-# the edge-case attack no longer raised the ASR under FedAvg in one run (blackbox 0.00 and pgd
-# 0.12 against 0.18 for the clean model; FedMedian 0.38): a regression or a changed outcome,
-# not yet investigated. Marked so that a fix shows as XPASS; badnets, label flip and the
-# untargeted attacks still must hold.
-EDGE_REMEASURE = pytest.mark.xfail(
-    strict=False, reason="edge-case ASR did not rise after the wave-2 merges; under investigation"
+# The edge-case outcomes are one seed's, and they hang on floating-point order: with two intra-op
+# threads instead of one the same federation measured clean 0.12, blackbox 0.24 (+0.12), pgd 0.21
+# (+0.09) and FedMedian 1.00 (accuracy 0.37). A run once reported blackbox 0.00 and pgd 0.12 against
+# 0.18 clean after wave 2's merges; re-measured here (CPU, one thread) every edge-case number equals
+# the pre-merge commit 0bff2e9's to the last digit, so the merges changed nothing in this path. The
+# federation is pinned to the CPU (device=auto trains the clients on a GPU where there is one).
+# The attack is weak against the noise here: after one attack round an attacker's own model misreads
+# the held-out tail little more than the same client trained honestly (0.56/0.59 against 0.71/0.50 in
+# round 4; honest client 4 reached 0.76 in round 6), so only the federation-level rise is asserted.
+# The median's margin is 0.03 above what one thread measured and it fails with two: it stays open.
+EDGE_MEDIAN_FRAGILE = pytest.mark.xfail(
+    strict=False,
+    reason="one seed: FedMedian 0.12 vs FedAvg 0.29 (one thread), 1.00 with two threads; needs seeds",
 )
 
 EDGE = ("attack=edge_case", "attack.source_class=0", "attack.target_class=1", "attack.tail_fraction=0.2")
@@ -144,14 +151,15 @@ def asr(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
     return backdoor_asr(model, backdoor_test_set(data, job["attack"], job["seed"]), 128, CPU)
 
 
-# Margins sit below what was measured here (seed 0, one thread, deterministic): ASR over the clean
-# model's +0.29 (edge case, blackbox), +0.35 (pgd), +0.44 (badnets), +0.64 (label_flip).
+# Margins sit below what was measured here (seed 0, CPU, one thread, deterministic; the same before
+# and after wave 2's merges): ASR over the clean model's +0.29 (edge case, blackbox), +0.35 (pgd),
+# +0.44 (badnets), +0.64 (label_flip).
 @pytest.mark.parametrize(
     "attack, margin",
     [
-        pytest.param((*EDGE, "attack.mode=blackbox"), 0.2, marks=EDGE_REMEASURE),
+        ((*EDGE, "attack.mode=blackbox"), 0.2),
         # honest updates here have norms 17-21 (Adam): a radius of 8 makes the projection bite
-        pytest.param((*EDGE, "attack.mode=pgd", "attack.eps=8.0"), 0.2, marks=EDGE_REMEASURE),
+        ((*EDGE, "attack.mode=pgd", "attack.eps=8.0"), 0.2),
         (("attack=badnets", "attack.target_class=0"), 0.3),
         (("attack=label_flip", "attack.source_class=1", "attack.target_class=2"), 0.4),
     ],
@@ -172,9 +180,9 @@ def test_untargeted_attack_against_fedavg_breaks_the_main_task(attack):
     assert attacked_accuracy <= clean_accuracy - 0.1, (attacked_accuracy, clean_accuracy)
 
 
-@EDGE_REMEASURE
+@EDGE_MEDIAN_FRAGILE
 def test_the_coordinate_wise_median_lowers_the_edge_case_backdoor():
-    # measured: ASR 0.00 clean, 0.29 under FedAvg, 0.06 under FedMedian (accuracy 0.56)
+    # measured: ASR 0.00 clean, 0.29 under FedAvg, 0.12 under FedMedian (accuracy 0.57)
     attack = (*EDGE, "attack.mode=blackbox")
     fedavg_asr = asr(final_model(attack), attack)
     median = final_model(attack, "fedmedian")
