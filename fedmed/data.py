@@ -1,12 +1,15 @@
 """From configuration to arrays: which dataset, and which share of it a client holds.
 
 Results are cached per process, so a Ray worker that plays many virtual clients loads the
-dataset once and every client holds only index arrays into it.
+dataset once and every client holds only index arrays into it. In ``fedmed-sim`` the server cuts
+the partitions once and writes them beside the shared model files (``write_partitions``): a
+client then reads only its own slice and never loads flwr-datasets (190 MB in each Ray worker).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import numpy as np
 from fedmed.dataset import ArrayDataset
 from fedmed.poisoning import held_out_indices
 from fedmed.site_data import FederationShape, read_site
-from fedmed.site_shift import SiteShift, site_shifts
+from fedmed.site_shift import SiteShift, site_shift
 from fedmed.train import derive_seed
 
 
@@ -106,17 +109,63 @@ def _partitions(
 def client_partitions(
     labels: np.ndarray, num_clients: int, partition_cfg: dict, seed: int, dataset_name: str = ""
 ) -> list[np.ndarray]:
-    """Train-split indices of every client (deterministic from ``seed``, cached per process)."""
+    """Train-split indices of every client (deterministic from ``seed``, cached per process).
+    A split that cannot be made names the configuration keys that decide it."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    return _partitions(
-        dataset_name,
-        labels.tobytes(),
-        num_clients,
-        partition_cfg["name"],
-        seed,
-        float(partition_cfg.get("alpha", 0.5)),
-        int(partition_cfg.get("min_partition_size", 10)),
-    )
+    alpha, min_size = float(partition_cfg.get("alpha", 0.5)), int(partition_cfg.get("min_partition_size", 10))
+    try:
+        return _partitions(dataset_name, labels.tobytes(), num_clients, partition_cfg["name"], seed, alpha, min_size)
+    except ValueError as error:
+        raise ValueError(
+            f"partition={partition_cfg['name']} cannot split the {len(labels)} training images among "
+            f"federation.num_clients={num_clients} clients (partition.alpha={alpha:g}, "
+            f"partition.min_partition_size={min_size}): {error}"
+        ) from None
+
+
+# The job key naming the file of every client's indices (``write_partitions``); simulation on the
+# server's machine only, like the model files beside it.
+PARTITIONS_FILE_KEY = "partitions_file"
+
+
+def write_partitions(partitions: list[np.ndarray], path: Path) -> Path:
+    """Every client's indices in one int64 ``.npy``: [count, count + 1 offsets, indices...],
+    so that a client memory-maps it and reads its own slice only (``read_partition``)."""
+    sizes = np.array([len(p) for p in partitions], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    table = np.concatenate([[len(partitions)], offsets, *partitions]).astype(np.int64)
+    partial = path.with_name(path.name + ".partial.npy")
+    np.save(partial, table)
+    os.replace(partial, path)  # a client never reads half a file
+    return path
+
+
+def read_partition(path: str | Path, partition_id: int, num_partitions: int) -> np.ndarray:
+    """Partition ``partition_id``'s indices from ``write_partitions``' file (a copy of its slice)."""
+    table = np.load(path, mmap_mode="r", allow_pickle=False)
+    count = int(table[0])
+    if count != num_partitions:
+        raise ValueError(f"{path} holds {count} partitions, not num-partitions={num_partitions}")
+    _check_partition_id(partition_id, count)
+    start, end = (int(v) for v in table[1 + partition_id : 3 + partition_id])
+    return np.array(table[2 + count + start : 2 + count + end])
+
+
+def _check_partition_id(partition_id: int, count: int) -> None:
+    if not 0 <= partition_id < count:
+        raise ValueError(f"partition-id {partition_id} outside 0..{count - 1}")
+
+
+def partition_of(job: dict, dataset: ArrayDataset, partition_id: int, num_partitions: int) -> np.ndarray:
+    """One client's train-split indices: from the server's file when the job names one, else cut
+    here (every partition at once, cached: the partitioners assign all clients together)."""
+    path = job.get(PARTITIONS_FILE_KEY)
+    if path:
+        return read_partition(path, partition_id, num_partitions)
+    seed = int(job["seed"])
+    partitions = client_partitions(dataset.train.labels, num_partitions, job["partition"], seed, dataset.name)
+    _check_partition_id(partition_id, len(partitions))
+    return partitions[partition_id]
 
 
 def split_holdout(indices: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,11 +182,10 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
     """The share of partition ``partition_id`` in a simulated federation described by ``job``."""
     seed = int(job["seed"])
     dataset = dataset_from_config(job["dataset"], seed)
-    partitions = client_partitions(dataset.train.labels, num_partitions, job["partition"], seed, dataset.name)
-    if not 0 <= partition_id < len(partitions):
-        raise ValueError(f"partition-id {partition_id} outside 0..{len(partitions) - 1}")
     train_idx, val_idx = split_holdout(
-        partitions[partition_id], float(job["client"]["val_fraction"]), derive_seed(seed, partition_id)
+        partition_of(job, dataset, partition_id, num_partitions),
+        float(job["client"]["val_fraction"]),
+        derive_seed(seed, partition_id),
     )
     # attack=edge_case: the source class's tail is held out from every client's clean data (the
     # attackers get their share back, relabelled, only in attack rounds: clients/malicious.py)
@@ -147,7 +195,7 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
         val_idx = val_idx[~np.isin(val_idx, held_out)]
     shift = None
     if job["partition"]["name"] == "site":
-        shift = site_shifts(num_partitions, seed, float(job["partition"].get("site_strength", 1.0)))[partition_id]
+        shift = site_shift(partition_id, seed, float(job["partition"].get("site_strength", 1.0)))
     return ClientShare(dataset.train.images, dataset.train.labels, train_idx, val_idx, dataset.num_classes, shift)
 
 

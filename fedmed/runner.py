@@ -100,14 +100,17 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     from fedmed.checkpoint import CHECKPOINT_FILE, CheckpointKeeper, read_checkpoint
     from fedmed.data import dataset_from_config
     from fedmed.simulation import simulate
-    from strategies.server_app import make_server_app, prepare_config
+    from strategies.server_app import make_server_app, prepare_config, simulated_partitions
 
     check_config(cfg)
     prepare_config(cfg)
     resume_from = read_checkpoint(output_dir / CHECKPOINT_FILE) if resume else None
     # Load (and verify) the data here, before Ray starts: a missing or corrupt file fails at
     # once with its own message, and the server's copy is then cached in this process.
-    dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))
+    dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))
+    # The split too: one that cannot be made (say dirichlet's min_partition_size times 1000
+    # clients) fails here, naming its keys, and the server then finds it cut.
+    simulated_partitions(cfg, dataset)
     output_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

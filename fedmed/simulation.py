@@ -6,15 +6,21 @@ the command, packages and installs the app for every run, and takes its settings
 config rather than from a composed Hydra configuration (sweeps, typed overrides, the run folder).
 ``flwr run .`` stays supported for those who want it (README). What this adapter changes is only
 what the console shows: the deprecation banner Flower logs on every call is dropped; every other
-Flower message passes.
+Flower message passes. And one thing that grows with the federation: Flower's simulation asks every
+virtual node for a waiting message every 0.1 s, each question a pass over all waiting messages, so
+1000 nodes cost the driver a core during rounds; ``pending_messages_only`` asks only the nodes that
+have one.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from queue import Queue
 
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.simulation import run_simulation
 
 _BANNER = "`run_simulation` function is deprecated"
@@ -40,9 +46,40 @@ def without_deprecation_banner() -> Iterator[None]:
             target.removeFilter(banner_filter)
 
 
+_FLOWER_ADD_MESSAGES = vce_api.add_messages_to_queue
+
+
+def add_pending_messages_to_queue(state, queue: Queue, nodes_mapping: dict, f_stop: threading.Event) -> None:
+    """Flower's ``vce_api.add_messages_to_queue``, asking only the nodes that have an undelivered
+    message (one pass over the waiting messages per sweep instead of one per node). A LinkState
+    that does not keep them in memory gets Flower's own loop."""
+    store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
+    if store is None or lock is None:
+        _FLOWER_ADD_MESSAGES(state, queue, nodes_mapping, f_stop)
+        return
+    while not f_stop.is_set():
+        with lock:
+            waiting = {msg.metadata.dst_node_id for msg in list(store.values()) if msg.metadata.delivered_at == ""}
+        for node_id in nodes_mapping:  # Flower's order, one message per node and sweep
+            if node_id in waiting:
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+        f_stop.wait(0.1)
+
+
+@contextmanager
+def pending_messages_only() -> Iterator[None]:
+    """Flower's simulation runtime polls with ``add_pending_messages_to_queue`` meanwhile."""
+    vce_api.add_messages_to_queue = add_pending_messages_to_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = _FLOWER_ADD_MESSAGES
+
+
 def simulate(server_app, client_app, num_supernodes: int, backend_config: dict) -> None:
     """Run ``server_app`` with ``num_supernodes`` virtual SuperNodes on Flower's Ray backend."""
-    with without_deprecation_banner():
+    with without_deprecation_banner(), pending_messages_only():
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config
         )

@@ -44,28 +44,49 @@ def site_shifts(num_sites: int, seed: int, strength: float = 1.0) -> list[SiteSh
     """
     if isinstance(num_sites, bool) or not isinstance(num_sites, (int, np.integer)) or num_sites < 1:
         raise ValueError(f"num_sites must be a positive integer, got {num_sites!r}")
+    _check_seed_and_strength(seed, strength)
+    # Draw the same count of uniforms for every site, so site k stays the same whatever num_sites is.
+    draws = _site_stream(seed).uniform(-1.0, 1.0, size=(num_sites, DRAWS_PER_SITE))
+    return [_shift_from(site, row, strength) for site, row in enumerate(draws)]
+
+
+def site_shift(site: int, seed: int, strength: float = 1.0) -> SiteShift:
+    """``site_shifts(n, seed, strength)[site]`` for any n > site, without drawing the other sites':
+    the stream jumps to the site's draws (one 64-bit step per uniform double), so a client of a
+    1000-site federation builds its own shift only."""
+    if isinstance(site, bool) or not isinstance(site, (int, np.integer)) or site < 0:
+        raise ValueError(f"site must be a non-negative integer, got {site!r}")
+    _check_seed_and_strength(seed, strength)
+    stream = _site_stream(seed)
+    stream.bit_generator.advance(DRAWS_PER_SITE * int(site))
+    return _shift_from(int(site), stream.uniform(-1.0, 1.0, size=DRAWS_PER_SITE), strength)
+
+
+DRAWS_PER_SITE = 7  # brightness, contrast, red, green and blue gains, blur, noise
+
+
+def _site_stream(seed: int) -> np.random.Generator:
+    # A stream of its own (tag 2), so the shifts do not reuse the partition's draws.
+    return np.random.default_rng([seed, 2])
+
+
+def _check_seed_and_strength(seed: int, strength: float) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not (math.isfinite(strength) and 0.0 <= strength <= MAX_STRENGTH):
         raise ValueError(f"strength must lie in [0, {MAX_STRENGTH}] (1.0 gives the reference ranges), got {strength!r}")
-    # A stream of its own (tag 2), so the shifts do not reuse the partition's draws.
-    rng = np.random.default_rng([seed, 2])
-    shifts = []
-    for site in range(num_sites):
-        scale = strength * (MILD_SITE_SCALE if site == 0 else 1.0)
-        # Draw the same count of uniforms for every site, so site k stays the same
-        # whatever num_sites is.
-        brightness, contrast, red, green, blue, blur, noise = rng.uniform(-1.0, 1.0, size=7)
-        shifts.append(
-            SiteShift(
-                brightness=float(0.15 * scale * brightness),
-                contrast=float(1.0 + 0.3 * scale * contrast),
-                colour_gains=tuple(float(1.0 + 0.15 * scale * gain) for gain in (red, green, blue)),
-                blur_sigma=float(1.2 * scale * (blur + 1.0) / 2.0),
-                noise_std=float(0.05 * scale * (noise + 1.0) / 2.0),
-            )
-        )
-    return shifts
+
+
+def _shift_from(site: int, draws: np.ndarray, strength: float) -> SiteShift:
+    scale = strength * (MILD_SITE_SCALE if site == 0 else 1.0)
+    brightness, contrast, red, green, blue, blur, noise = draws
+    return SiteShift(
+        brightness=float(0.15 * scale * brightness),
+        contrast=float(1.0 + 0.3 * scale * contrast),
+        colour_gains=tuple(float(1.0 + 0.15 * scale * gain) for gain in (red, green, blue)),
+        blur_sigma=float(1.2 * scale * (blur + 1.0) / 2.0),
+        noise_std=float(0.05 * scale * (noise + 1.0) / 2.0),
+    )
 
 
 def apply_site_shift(images: torch.Tensor, shift: SiteShift, generator: torch.Generator | None = None) -> torch.Tensor:

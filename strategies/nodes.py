@@ -101,8 +101,16 @@ def discover(grid: Grid, num_nodes: int, timeout: float) -> Federation:
     return _federation(answers)
 
 
+# Connected nodes named in a log line at most: listing all of 1000 simulated partitions at every
+# poll wrote 150 kB of log before the first round.
+MAX_NAMED = 20
+
+
 def _names(answers: dict[int, tuple]) -> str:
-    return ", ".join(sorted(site if site is not None else f"partition {pid}" for pid, site, _ in answers.values()))
+    names = sorted(site if site is not None else f"partition {pid}" for pid, site, _ in answers.values())
+    if len(names) <= MAX_NAMED:
+        return ", ".join(names)
+    return ", ".join(names[:MAX_NAMED]) + f" and {len(names) - MAX_NAMED} more"
 
 
 def _federation(answers: dict[int, tuple]) -> Federation:

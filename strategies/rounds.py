@@ -130,7 +130,13 @@ class RoundLoop:
         for reply in replies:
             if STATE_RECORD in reply.content:
                 pid = self.strategy.partition_of_node.get(reply.metadata.src_node_id)
-                self.client_states[pid] = records_of(reply.content[STATE_RECORD])
+                records = records_of(reply.content[STATE_RECORD])
+                # only clients that keep state are remembered: the checkpoint and the messages
+                # grow with them, not with every client ever sampled
+                if records:
+                    self.client_states[pid] = records
+                else:
+                    self.client_states.pop(pid, None)
                 del reply.content[STATE_RECORD]
 
     def _replies(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:

@@ -29,7 +29,7 @@ from fedmed.checkpoint import (
     tensors_to_arrays,
 )
 from fedmed.config import check_assimilation, check_defense, model_norm_for
-from fedmed.data import client_partitions, dataset_from_config
+from fedmed.data import PARTITIONS_FILE_KEY, client_partitions, dataset_from_config, write_partitions
 from fedmed.detection import RoundDetection, run_totals, score_round
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
@@ -128,21 +128,26 @@ def prepare_config(cfg: DictConfig) -> None:
         cfg.model.norm = norm
 
 
+def simulated_partitions(cfg: DictConfig, dataset) -> list:
+    """Every simulated client's train-split indices (cut once per process, ``fedmed.data``)."""
+    return client_partitions(
+        dataset.train.labels,
+        int(cfg.federation.num_clients),
+        OmegaConf.to_container(cfg.partition),
+        int(cfg.seed),
+        dataset.name,
+    )
+
+
 def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: Path, console: Console) -> None:
-    """Examples per client and class: deployed sites' own counts, or the simulated split."""
+    """Examples per client and class: deployed sites' own counts, or the simulated split (a
+    summary over the clients in large federations: ``fedmed.partition``)."""
     names = None
     if federation.deployed:
         counts = federation.label_counts(dataset.num_classes)
         names = [federation.name(pid) for pid in range(len(counts))]
     else:
-        partitions = client_partitions(
-            dataset.train.labels,
-            int(cfg.federation.num_clients),
-            OmegaConf.to_container(cfg.partition),
-            int(cfg.seed),
-            dataset.name,
-        )
-        counts = label_count_table(dataset.train.labels, partitions, dataset.num_classes)
+        counts = label_count_table(dataset.train.labels, simulated_partitions(cfg, dataset), dataset.num_classes)
     if cfg.progress:
         console.print(format_label_table(counts, list(dataset.class_names), names))
     plot_label_counts(counts, list(dataset.class_names), plots_dir / "partition.png", names)
@@ -330,6 +335,10 @@ def run_federation(
     job = job_from_config(cfg)
     job["num_classes"] = dataset.num_classes  # deployed sites need it to build the same head
     job["channels"], job["image_size"] = dataset.channels, dataset.image_size  # sites check their data against them
+    if shared_arrays is not None and not federation.deployed:
+        # the clients read their own slice of the server's split instead of each cutting all of it
+        path = write_partitions(simulated_partitions(cfg, dataset), shared_arrays.directory / "partitions.npy")
+        job[PARTITIONS_FILE_KEY] = str(path)
     if resume_from is None:
         arrays, first_round = initial_arrays, 1
         evaluate_global(0, arrays)
