@@ -29,8 +29,12 @@ def backend_config(ray_cfg: DictConfig) -> dict:
     init_args: dict = {"include_dashboard": False}
     if ray_cfg.address:
         init_args["address"] = str(ray_cfg.address)
-    elif ray_cfg.num_cpus:
-        init_args["num_cpus"] = int(ray_cfg.num_cpus)
+    else:
+        # a Ray instance of its own: without an address `ray.init` joins whatever cluster
+        # `ray start` left running on this machine (even one whose head has gone away)
+        init_args["address"] = "local"
+        if ray_cfg.num_cpus:
+            init_args["num_cpus"] = int(ray_cfg.num_cpus)
     return {
         "client_resources": {
             "num_cpus": float(ray_cfg.num_cpus_per_client),

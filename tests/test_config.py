@@ -93,6 +93,9 @@ def test_backend_config_maps_ray_keys():
     backend = backend_config(cfg.ray)
     assert backend["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
     assert backend["init_args"]["address"] == "auto"
+    # without ray.address a run starts a Ray instance of its own, never joins a leftover cluster
+    local = backend_config(compose_config("ray.num_cpus=2").ray)["init_args"]
+    assert local["address"] == "local" and local["num_cpus"] == 2
 
 
 @pytest.mark.parametrize(
