@@ -47,6 +47,9 @@ def free_port() -> int:
     raise RuntimeError("no free port in 6400-8999 for Ray's head node")
 
 
+# Ray registers the node under the machine's own address even with --node-ip-address=127.0.0.1
+# and connects to that (ray-project/ray#59110, open): its servers are this machine's, started and
+# stopped by the fixture, but not reachable on loopback alone.
 def ray_node(*args: str) -> subprocess.Popen:
     """`ray start ... --block`: it stops the Ray processes it started when it is terminated."""
     return subprocess.Popen(
