@@ -207,6 +207,9 @@ class EvalConfig:
     max_samples: Optional[int] = 128
     # clients also report robust accuracy on their own validation share, after the last round
     clients: bool = True
+    # at most this many clients (a seeded sample of those online) do so; None: every client.
+    # In a federation of 1000 that is 1000 calls after the last round
+    max_clients: Optional[int] = None
 
 
 @dataclass
@@ -377,6 +380,9 @@ def check_eval(eval_cfg) -> None:
         raise ValueError(f"eval.every={eval_cfg['every']} must be >= 1 (robustness assessed every N rounds)")
     if int(eval_cfg["batch_size"]) < 1:
         raise ValueError(f"eval.batch_size={eval_cfg['batch_size']} must be >= 1")
+    max_clients = eval_cfg.get("max_clients")
+    if max_clients is not None and int(max_clients) < 1:
+        raise ValueError(f"eval.max_clients={max_clients} must be >= 1, or null for every client")
 
 
 def check_assimilation(

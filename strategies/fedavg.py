@@ -57,6 +57,9 @@ class FedMedAvg(FedAvg):
     shared_arrays : SharedArrays, optional
         Simulation on one machine: the global model and the replies' weights travel as files
         in shared memory, not inside the messages (``fedmed.shared_arrays``).
+    assess_max_clients : int, optional
+        At most this many nodes (a seeded sample of those online) take part in an assessment
+        round (``eval.max_clients``); None: every node.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class FedMedAvg(FedAvg):
         fraction_evaluate: float = 0.0,
         assess_round: Callable[[int], bool] | None = None,
         shared_arrays: SharedArrays | None = None,
+        assess_max_clients: int | None = None,
     ) -> None:
         num_nodes = len(partition_of_node)
         if not 1 <= clients_per_round <= num_nodes:
@@ -88,6 +92,7 @@ class FedMedAvg(FedAvg):
         )
         self.local_eval_fraction = fraction_evaluate
         self.assess_round = assess_round or (lambda server_round: False)
+        self.assess_max_clients = assess_max_clients
         self.partition_of_node = dict(partition_of_node)
         self.clients_per_round = clients_per_round
         self.rng = random.Random(seed)
@@ -158,7 +163,8 @@ class FedMedAvg(FedAvg):
         assess = self.assess_round(server_round)
         available = self.online()
         if assess:
-            node_ids = self.sample_partitions(len(available), available)
+            count = len(available) if self.assess_max_clients is None else min(self.assess_max_clients, len(available))
+            node_ids = self.sample_partitions(count, available)
         else:
             count = int(round(self.local_eval_fraction * len(self.partition_of_node)))
             if count == 0:

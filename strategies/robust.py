@@ -230,11 +230,20 @@ class RobustAggregation(FedMedAvg):
         fraction_evaluate: float = 0.0,
         assess_round: Callable[[int], bool] | None = None,
         shared_arrays: SharedArrays | None = None,
+        assess_max_clients: int | None = None,
         *,
         aggregator: Aggregator,
         reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round, shared_arrays)
+        super().__init__(
+            partition_of_node,
+            clients_per_round,
+            seed,
+            fraction_evaluate,
+            assess_round,
+            shared_arrays,
+            assess_max_clients,
+        )
         try:
             aggregator.check_replies(clients_per_round)
         except TooFewReplies as error:

@@ -81,6 +81,7 @@ def build_strategy(
         # the clients' assessment, every site attacking its own share, runs once, after the last round
         assess_round=lambda r: assess_clients and r == int(cfg.federation.rounds) and assessment_round(cfg, r),
         shared_arrays=shared_arrays,
+        assess_max_clients=None if cfg.eval.max_clients is None else int(cfg.eval.max_clients),
     )
     params = OmegaConf.to_container(cfg.strategy, resolve=True)
     name = params.pop("name")

@@ -107,6 +107,7 @@ def test_backend_config_maps_ray_keys():
         ("client.optimizer=rmsprop", "client.optimizer"),
         ("client.momentum=1.5", "client.momentum"),
         ("client.val_fraction=1.0", "client.val_fraction"),
+        ("eval.max_clients=0", "eval.max_clients"),
         ("eval.every=0", "eval.every"),
         ("attack.fraction=1.5", "attack.fraction"),  # with attack=none: no effect, refused rather than ignored
     ],

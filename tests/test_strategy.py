@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from fedmed.job import ASSESS_KEY
 from strategies.fedavg import FedMedAvg
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -105,3 +106,15 @@ def test_sampling_is_seeded_by_partition_not_node_id():
 def test_clients_per_round_out_of_range_is_refused():
     with pytest.raises(ValueError, match="clients_per_round"):
         FedMedAvg(NODES, clients_per_round=5, seed=0)
+
+
+@pytest.mark.parametrize("max_clients, expected", [(None, 4), (2, 2), (10, 4)])
+def test_the_final_assessment_asks_at_most_eval_max_clients(max_clients, expected):
+    """A federation of 1000 need not make 1000 assessment calls after its last round."""
+    s = FedMedAvg(NODES, clients_per_round=2, seed=0, assess_round=lambda r: r == 3, assess_max_clients=max_clients)
+    assessed = list(s.configure_evaluate(3, GLOBAL, ConfigRecord(), grid=None))
+    assert len(assessed) == expected
+    assert len({m.metadata.dst_node_id for m in assessed}) == expected
+    assert all(m.content["config"][ASSESS_KEY] for m in assessed)
+    # a round without assessment is unchanged: fraction_evaluate=0 sends nothing
+    assert list(s.configure_evaluate(2, GLOBAL, ConfigRecord(), grid=None)) == []
