@@ -38,14 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bare_loop import bare_fedavg  # noqa: E402
+from bench_overhead import steady_round_s  # noqa: E402
 
 TRAINING = dict(epochs=1, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.0, weight_decay=5e-4)
-
-
-def steady_round_s(times: list[float]) -> float:
-    """Mean time of rounds 2.. from cumulative times of rounds 0..R."""
-    deltas = [b - a for a, b in zip(times[1:], times[2:])]
-    return sum(deltas) / len(deltas)
 
 
 def gpu_processes() -> set[int] | None:
