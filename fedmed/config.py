@@ -418,7 +418,7 @@ def check_assimilation(
             f"assimilation.freeze_backbone_rounds={frozen} unfreezes the backbone after {frozen} "
             "rounds, but model.freeze_backbone=true keeps it frozen throughout: set one of them only"
         )
-    if rounds is not None and frozen >= rounds:
+    if rounds is not None and frozen > 0 and frozen >= rounds:
         raise ValueError(
             f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
             "backbone would never train; use model.freeze_backbone=true for that"

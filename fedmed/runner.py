@@ -26,7 +26,8 @@ register_configs()
 
 def backend_config(ray_cfg: DictConfig) -> dict:
     """Flower's Ray backend settings: resources per virtual client and `ray.init` arguments."""
-    init_args: dict = {"include_dashboard": False}
+    # logging_level and log_to_driver: Flower's defaults, set here as fedmed starts Ray itself
+    init_args: dict = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
     if ray_cfg.address:
         init_args["address"] = str(ray_cfg.address)
     else:
@@ -100,11 +101,10 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     """
     import json
 
-    from clients.client_app import app as client_app
     from fedmed.checkpoint import CHECKPOINT_FILE, CheckpointKeeper, read_checkpoint
     from fedmed.data import dataset_from_config
-    from fedmed.simulation import simulate
-    from strategies.server_app import make_server_app, prepare_config, simulated_partitions
+    from fedmed.ray_start import RayStart
+    from strategies.preflight import prepare_config, simulated_partitions
 
     check_config(cfg)
     prepare_config(cfg)
@@ -112,31 +112,42 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     # Load (and verify) the data here, before Ray starts: a missing or corrupt file fails at
     # once with its own message, and the server's copy is then cached in this process.
     dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed))
-    # The split too: one that cannot be made (say dirichlet's min_partition_size times 1000
-    # clients) fails here, naming its keys, and the server then finds it cut.
-    simulated_partitions(cfg, dataset)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    summary_path = output_dir / "summary.json"
-    summary_path.unlink(missing_ok=True)
+    backend = backend_config(cfg.ray)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    for chatty in ("opacus", "alembic"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    if cfg.progress:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
-    server_app = make_server_app(
-        cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(), keeper
-    )
-    run_stoppable(
-        functools.partial(simulate, server_app, client_app, int(cfg.federation.num_clients), backend_config(cfg.ray)),
-        stop,
-        keeper,
-        output_dir,
-    )
+    ray_start = RayStart(backend["init_args"])  # while the rest is imported (fedmed.ray_start)
+    try:
+        # The split too, while Ray starts: one that cannot be made (say dirichlet's
+        # min_partition_size times 1000 clients) fails here, naming its keys, and the server
+        # then finds it cut.
+        simulated_partitions(cfg, dataset)
+        from clients.client_app import app as client_app
+        from fedmed.simulation import simulate
+        from strategies.server_app import make_server_app
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        summary_path = output_dir / "summary.json"
+        summary_path.unlink(missing_ok=True)
+        for chatty in ("opacus", "alembic"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        if cfg.progress:
+            logging.getLogger("flwr").setLevel(logging.WARNING)
+        keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
+        server_app = make_server_app(
+            cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(), keeper
+        )
+        ray_start.wait()
+        run_stoppable(
+            functools.partial(simulate, server_app, client_app, int(cfg.federation.num_clients), backend),
+            stop,
+            keeper,
+            output_dir,
+        )
+    finally:
+        ray_start.shutdown()
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())

@@ -91,15 +91,15 @@ class StopControl:
 
 
 def exit_leaving_stuck_threads(code: int, grace_s: float = 5.0) -> None:
-    """Exit with ``code``; should threads still wait on something that never returns (or, after
-    an interruption, ``grace_s=0``: the ServerApp thread in the middle of a step), end the process
-    without joining them."""
+    """Exit with ``code`` once everything is written. Threads still running get ``grace_s`` to end
+    (after an interruption, ``grace_s=0``: the ServerApp thread may be in the middle of a step);
+    one that waits on something that never returns is left behind. The interpreter's own
+    teardown is skipped too: with torch, torchvision and Flower loaded it took 1.4 s on 2 cores
+    and writes nothing (logs and standard streams are flushed here first)."""
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     for thread in stuck:
         thread.join(grace_s / max(len(stuck), 1))
-    if any(t.is_alive() for t in stuck):
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

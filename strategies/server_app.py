@@ -28,8 +28,7 @@ from fedmed.checkpoint import (
     strategy_state,
     tensors_to_arrays,
 )
-from fedmed.config import check_assimilation, check_defense, model_norm_for
-from fedmed.data import PARTITIONS_FILE_KEY, client_partitions, dataset_from_config, write_partitions
+from fedmed.data import PARTITIONS_FILE_KEY, dataset_from_config, write_partitions
 from fedmed.detection import RoundDetection, run_totals, score_round
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
@@ -49,11 +48,12 @@ from fedmed.serialization import load_arrays, model_to_arrays, save_model
 from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.stopping import StopControl, release_client_actors
 from fedmed.train import derive_seed, evaluate, resolve_device
-from strategies.aggregators import TooFewReplies, make_aggregator
+from strategies.aggregators import make_aggregator
 from strategies.fedavg import FedMedAvg
 from strategies.nodes import Federation, discover
+from strategies.preflight import prepare_config, simulated_partitions
 from strategies.robust import RobustAggregation
-from strategies.robustness import check_eval_config, global_robustness, is_assessment_round, weakest_client
+from strategies.robustness import global_robustness, is_assessment_round, weakest_client
 from strategies.root_update import make_root_update
 from strategies.rounds import NotEnoughReplies, RoundLoop
 
@@ -98,46 +98,6 @@ def build_strategy(
 
 def assessment_round(cfg: DictConfig, server_round: int) -> bool:
     return is_assessment_round(server_round, int(cfg.eval.every), int(cfg.federation.rounds), list(cfg.eval.attacks))
-
-
-def prepare_config(cfg: DictConfig) -> None:
-    """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
-    check_defense(cfg.defense)
-    check_assimilation(
-        cfg.assimilation,
-        str(cfg.model.assimilation),
-        cfg.defense,
-        freeze_backbone=bool(cfg.model.freeze_backbone),
-        image_size=int(cfg.dataset.size),
-        rounds=int(cfg.federation.rounds),
-    )
-    strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
-    aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
-    try:
-        aggregator.check_replies(int(cfg.federation.clients_per_round))
-    except TooFewReplies as error:
-        raise ValueError(f"{error} (federation.clients_per_round={cfg.federation.clients_per_round})") from None
-    check_eval_config(list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps], cfg.eval.max_samples)
-    norm = model_norm_for(str(cfg.model.norm), str(cfg.defense.name))
-    if norm != cfg.model.norm:
-        logging.getLogger("fedmed").warning(
-            "defense=%s: BatchNorm mixes examples, so DP-SGD cannot clip per-example gradients; every "
-            "model (clients' and server's) uses model.norm=%s (Opacus ModuleValidator.fix)",
-            cfg.defense.name,
-            norm,
-        )
-        cfg.model.norm = norm
-
-
-def simulated_partitions(cfg: DictConfig, dataset) -> list:
-    """Every simulated client's train-split indices (cut once per process, ``fedmed.data``)."""
-    return client_partitions(
-        dataset.train.labels,
-        int(cfg.federation.num_clients),
-        OmegaConf.to_container(cfg.partition),
-        int(cfg.seed),
-        dataset.name,
-    )
 
 
 def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: Path, console: Console) -> None:

@@ -121,3 +121,12 @@ def test_dropped_chestmnist_preset_lists_the_datasets_there_are():
     # ChestMNIST is multi-label; fedmed trains single-label classifiers, so it has no preset
     with pytest.raises(ConfigCompositionException, match="pneumoniamnist"):
         compose_config("dataset=chestmnist")
+
+
+def test_zero_rounds_is_a_valid_assessment_only_run():
+    # the default assimilation.freeze_backbone_rounds=0 once refused federation.rounds=0
+    from strategies.preflight import prepare_config
+
+    cfg = compose_config("federation.rounds=0")
+    check_config(cfg)
+    prepare_config(cfg)

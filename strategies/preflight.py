@@ -1,0 +1,56 @@
+"""Checks of a composed configuration made before any process starts, and the simulated split.
+
+Kept apart from ``strategies.server_app`` so that ``fedmed-sim`` can run them before it imports
+the server's heavier parts (torchvision, matplotlib) and before Ray starts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.config import check_assimilation, check_defense, model_norm_for
+from fedmed.data import client_partitions
+from strategies.aggregators import TooFewReplies, make_aggregator
+from strategies.robustness import check_eval_config
+
+
+def prepare_config(cfg: DictConfig) -> None:
+    """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
+    check_defense(cfg.defense)
+    check_assimilation(
+        cfg.assimilation,
+        str(cfg.model.assimilation),
+        cfg.defense,
+        freeze_backbone=bool(cfg.model.freeze_backbone),
+        image_size=int(cfg.dataset.size),
+        rounds=int(cfg.federation.rounds),
+    )
+    strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
+    aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
+    try:
+        aggregator.check_replies(int(cfg.federation.clients_per_round))
+    except TooFewReplies as error:
+        raise ValueError(f"{error} (federation.clients_per_round={cfg.federation.clients_per_round})") from None
+    check_eval_config(list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps], cfg.eval.max_samples)
+    norm = model_norm_for(str(cfg.model.norm), str(cfg.defense.name))
+    if norm != cfg.model.norm:
+        logging.getLogger("fedmed").warning(
+            "defense=%s: BatchNorm mixes examples, so DP-SGD cannot clip per-example gradients; every "
+            "model (clients' and server's) uses model.norm=%s (Opacus ModuleValidator.fix)",
+            cfg.defense.name,
+            norm,
+        )
+        cfg.model.norm = norm
+
+
+def simulated_partitions(cfg: DictConfig, dataset) -> list:
+    """Every simulated client's train-split indices (cut once per process, ``fedmed.data``)."""
+    return client_partitions(
+        dataset.train.labels,
+        int(cfg.federation.num_clients),
+        OmegaConf.to_container(cfg.partition),
+        int(cfg.seed),
+        dataset.name,
+    )
