@@ -2,7 +2,7 @@
 
 Input normalisation lives inside our models (:class:`fedmed.models.MedicalClassifier`), so every
 attack here perturbs raw pixels: ``eps = 8/255`` means the same for every dataset and model
-(DESIGN.md). All attacks share these rules:
+(docs/architecture.md). All attacks share these rules:
 
 - ``x`` is a float batch (N, C, H, W) in [0, 1] and ``y`` its labels (N,); with
   ``targeted=True``, ``y`` holds the *target* labels and the loss is minimised instead.

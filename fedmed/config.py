@@ -1,4 +1,4 @@
-"""Hydra structured configuration: the schema behind configs/ (see DESIGN.md's contract).
+"""Hydra structured configuration: the schema behind configs/ (the README's configuration table).
 
 The dataclasses make Hydra reject typos (an unknown key or a wrong type fails with the key's
 name) and give every field its documented default.

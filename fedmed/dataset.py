@@ -1,6 +1,6 @@
 """The in-memory form every dataset takes: uint8 image arrays plus integer labels.
 
-Images stay uint8 (N, H, W, C) until a batch is drawn (see DESIGN.md); they may be
+Images stay uint8 (N, H, W, C) until a batch is drawn (docs/architecture.md); they may be
 read-only memory maps so that many virtual clients share one copy.
 """
 

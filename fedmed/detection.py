@@ -1,7 +1,7 @@
 """Scoring a strategy's flags against the ground truth, which only the runner holds.
 
 A strategy reports, per round, the partition ids it rejected or down-weighted; it decides from
-the clients' arrays and example counts alone (DESIGN.md). The runner knows which partitions are
+the clients' arrays and example counts alone (docs/architecture.md). The runner knows which partitions are
 malicious and whether they attacked in the round (``fedmed.poisoning``) and scores the flags:
 
 * a positive is a client that took part in the round *and attacked in it*; a malicious client

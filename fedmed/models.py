@@ -3,7 +3,7 @@
 Every model takes float pixels in [0, 1], shaped (N, C, H, W) with C = 1 (grey) or 3 (RGB).
 Grey expansion, resizing of too small images and ImageNet normalisation all happen inside
 :class:`MedicalClassifier`, so attacks, epsilons and DP noise work in pixel space
-(see DESIGN.md): epsilon 8/255 means the same for every dataset and every architecture.
+(docs/architecture.md): epsilon 8/255 means the same for every dataset and every architecture.
 
 One builder per architecture (as in ``torchvision.models``), plus :func:`build_model`,
 which dispatches by name for the configuration (``model=densenet121`` and so on).

@@ -1,7 +1,7 @@
 """Split a training set among federated clients.
 
 Each client holds a sorted int64 array of indices into the shared train arrays, never a
-copy of the images (see DESIGN.md: many virtual clients must not mean many copies).
+copy of the images (docs/architecture.md: many virtual clients must not mean many copies).
 
 The assignment itself is done by flwr-datasets partitioners on a label-only table:
 

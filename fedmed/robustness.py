@@ -1,10 +1,10 @@
 """Robustness assessment: accuracy and AUC of a model under evasion attacks.
 
 Used by the server (global model on the test split) and by clients (their model on their
-validation share). Images stay uint8 arrays (N, H, W, C) until a batch is drawn (DESIGN.md);
+validation share). Images stay uint8 arrays (N, H, W, C) until a batch is drawn (docs/architecture.md);
 each clean batch is gathered once and attacked with every (attack, eps) pair.
 
-Metric names are part of the public contract (DESIGN.md, metrics.jsonl):
+Metric names are part of the public contract (README, metrics.jsonl):
 ``adv/<attack>/<eps_key(eps)>/accuracy`` and ``adv/<attack>/<eps_key(eps)>/auc``, e.g.
 ``adv/fgsm/0.0314/accuracy`` for eps = 8/255.
 """

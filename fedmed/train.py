@@ -2,7 +2,7 @@
 
 Batches are gathered from the (possibly memory-mapped) uint8 arrays by index, moved to the
 device, and only there turned into floats, augmented and, for a site, shifted: whole batches at
-once, no per-sample transforms (DESIGN.md).
+once, no per-sample transforms (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Flower ServerApp: runs the rounds, evaluates the global model on the official test split
-every round (round 0 included) and writes the run's outputs (DESIGN.md's contract)."""
+every round (round 0 included) and writes the run's outputs (listed in the README)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Robust aggregators on stacked client updates, one module per rule (see ``base`` for the contract).
 
 ``make_aggregator(name, **params)`` builds one from the ``strategy`` configuration section
-(fedmed/config.py, ``StrategyConfig``); ``AGGREGATORS`` lists the names, as DESIGN.md's contract.
+(fedmed/config.py, ``StrategyConfig``); ``AGGREGATORS`` lists the names, as the README's configuration table.
 """
 
 from __future__ import annotations

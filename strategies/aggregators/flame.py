@@ -54,7 +54,7 @@ class Flame(Aggregator):
 
     FLAME's Algorithm 1 writes the cosine distances on the local models W_i. Between models that
     all start from the same global model, nearly all of that cosine is the global model itself, so
-    (DESIGN.md) we compute it on the updates W_i - G, as the paper's clipping bound already is.
+    (docs/architecture.md) we compute it on the updates W_i - G, as the paper's clipping bound already is.
 
     With a single cluster allowed, HDBSCAN labels the cluster's outskirts as noise (only the
     points that stay until the densest level are members), so FLAME rejects some honest clients

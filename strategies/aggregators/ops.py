@@ -5,7 +5,7 @@ Everything here works on the stacked updates ``U`` (n, d), float32, one row per 
 * :func:`gram` — ``U @ U.T`` by blocks of columns, each block a float32 GEMM, summed in float64.
   Distances and cosines come from it (:func:`sq_distances`, :func:`cosines`), so the Krum family,
   RFA, FLAME and FoolsGold pay one GEMM pass over the updates and then work on (n, n) matrices.
-  On updates the Gram trick keeps its digits; on raw weights it would not (DESIGN.md).
+  On updates the Gram trick keeps its digits; on raw weights it would not (docs/architecture.md).
 * :func:`sorted_column_blocks` — the columns of ``U`` sorted, one cache-sized block at a time, for
   the coordinate-wise rules (median, trimmed mean, Bulyan). On the CPU it runs Batcher's odd-even
   merge sorting network: every compare-exchange is a ``minimum``/``maximum`` over two contiguous
