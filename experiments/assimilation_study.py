@@ -36,7 +36,7 @@ Configurations (CONFIGS below)
            (assimilation.freeze_backbone_rounds), 20 rounds, attacks with 10 steps on the whole
            test split, seeds 0, 1, 2.
 
-    python experiments/assimilation_study.py [--config quick|full] [--datasets D ...]
+    python -m experiments.assimilation_study [--config quick|full] [--datasets D ...]
         [--settings central federated] [--rows R ...] [--seeds 0 1 2] [--root DIR] [--out DIR]
 
 Written to --out: `<dataset>/<setting>/seed<k>/<row>/` (each run's fedmed outputs and
@@ -63,8 +63,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from study_runs import overrides, report, run_once, study_parser  # noqa: E402
 
+from experiments.study_runs import overrides, report, run_once, study_parser  # noqa: E402
 from fedmed.attacks import bim, eval_mode, fgsm, mifgsm, pgd  # noqa: E402
 from fedmed.data import load_dataset  # noqa: E402
 from fedmed.metrics import classification_metrics  # noqa: E402

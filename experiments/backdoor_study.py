@@ -33,7 +33,7 @@ Configurations (CONFIGS below):
 
 How to run:
 
-    python experiments/backdoor_study.py [--config quick|full] [--root ../shared/data/medmnist]
+    python -m experiments.backdoor_study [--config quick|full] [--root ../shared/data/medmnist]
         [--out results/backdoor_study] [--seed 0] [--strategies S ...] [--modes M ...]
         [--set KEY=VALUE ...]
 
@@ -55,7 +55,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from study_runs import fmt, overrides, report, run_once, study_parser  # noqa: E402
+
+from experiments.study_runs import fmt, overrides, report, run_once, study_parser  # noqa: E402
 
 STRATEGIES = [
     "fedavg",

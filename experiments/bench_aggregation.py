@@ -30,7 +30,7 @@ in the memory available (n=100 at ResNet50 size is 9.4 GB of updates; Flower's K
 copies of them; FoolsGold keeps a history as large as the updates), it is skipped with the
 reason printed.
 
-    python experiments/bench_aggregation.py [--sizes resnet50,mobilenet_v2] [--n 10,50,100]
+    python -m experiments.bench_aggregation [--sizes resnet50,mobilenet_v2] [--n 10,50,100]
         [--repeats 3] [--threads N] [--strategies krum,bulyan,...]
 
 Last line: krum_speedup_vs_flower=<Flower Krum time / our Krum e2e time at n=50, ResNet50 size>.
@@ -43,11 +43,7 @@ import gc
 import math
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

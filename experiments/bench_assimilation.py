@@ -8,7 +8,7 @@ both alike, and the median of `--repeats` is taken.
 Settings: ResNet18 on PneumoniaMNIST 28 px (the quick study's), and MobileNetV2 at 64 px (the
 28 px images resized up once, before training). Target (issue 14): ResNet18 28 px ratio <= 1.5.
 
-    python experiments/bench_assimilation.py [--images 512] [--repeats 3] [--threads 1]
+    python -m experiments.bench_assimilation [--images 512] [--repeats 3] [--threads 1]
 
 Last line: assimilation_cost_ratio=<ResNet18 28 px: modules + texture loss / baseline epoch>.
 """

@@ -7,7 +7,7 @@ needs GroupNorm, so it is compared with clean training of the GroupNorm model.
 
 Targets (issue 3): FGSM-AT and fast AT at most 2.1x clean, PGD-k at most k + 1.2x clean.
 
-    python experiments/bench_defenses.py [--images 1024] [--repeats 3] [--pgd-steps 7]
+    python -m experiments.bench_defenses [--images 1024] [--repeats 3] [--pgd-steps 7]
 
 Last line: fgsm_at_cost_ratio=<FGSM-AT epoch time / clean epoch time>.
 """

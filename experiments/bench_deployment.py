@@ -14,7 +14,7 @@ A step's overhead is the server's time for a training step (``train_step_time_s`
 messages until every reply is in) minus the slowest client's own ``train_time_s``, the median
 over rounds 2.. (round 1 pays Ray's start in simulation and the FAB's first install when deployed).
 
-    python experiments/bench_deployment.py [--rounds 3] [--modes subprocess,process] [--train 512]
+    python -m experiments.bench_deployment [--rounds 3] [--modes subprocess,process] [--train 512]
 
 Last line: deployment_step_overhead_s=<the fastest deployed mode's overhead>.
 """
@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 

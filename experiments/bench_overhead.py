@@ -9,7 +9,7 @@ is the whole command minus rounds x steady round: (a) runs in a subprocess of it
 both pay the interpreter's start and imports. (c) times the README's first command, `fedmed-sim`
 with no arguments (in a temporary folder), and when its first round line (round 0) appears.
 
-    python experiments/bench_overhead.py [--root ../shared/data/medmnist] [--rounds 3]
+    python -m experiments.bench_overhead [--root ../shared/data/medmnist] [--rounds 3]
         [--transport auto,message] [--repeats 3] [--no-default-run]
 
 Last lines: fixed_cost_s=<(b)'s fixed cost>, default_run_s=<(c)>, overhead_ratio=<steady-state (b)/(a)>.
@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from bare_loop import bare_fedavg  # noqa: E402
+from experiments.bare_loop import bare_fedavg  # noqa: E402
 
 WORKLOAD = dict(
     model_name="resnet18",
@@ -69,7 +68,19 @@ def run_bare(root: str, rounds: int, norm: str) -> tuple[float, float]:
     """(steady round, whole command) of the bare loop, in a fresh interpreter like fedmed-sim."""
     started = time.monotonic()
     child = subprocess.run(
-        [sys.executable, __file__, "--bare-child", "--root", root, "--rounds", str(rounds), "--norm", norm],
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench_overhead",
+            "--bare-child",
+            "--root",
+            root,
+            "--rounds",
+            str(rounds),
+            "--norm",
+            norm,
+        ],
+        cwd=HERE.parent,
         check=True,
         capture_output=True,
         text=True,

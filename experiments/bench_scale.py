@@ -18,7 +18,7 @@ seeded subset of 10 x (the 1000-client share) images: every sampled client then 
 images in both runs, and the two rounds differ only in the size of the federation.
 `--no-same-work` compares on the whole split instead.
 
-    python experiments/bench_scale.py [--root ../shared/data/medmnist] [--rounds 4]
+    python -m experiments.bench_scale [--root ../shared/data/medmnist] [--rounds 4]
         [--clients 10,1000] [--no-same-work] [--interval 0.2]
 
 Last line: scale_1000_peak_gib=<peak RSS sum, 1000 clients, GiB>
@@ -47,9 +47,8 @@ except ImportError:  # Ray bundles psutil and puts it on sys.path when imported
     psutil = importlib.import_module("psutil")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from bench_overhead import steady_round_s  # noqa: E402
+from experiments.bench_overhead import steady_round_s  # noqa: E402
 
 GIB = 2**30
 CLIENTS_PER_ROUND = 10

@@ -8,19 +8,15 @@ both ways against torch's own tools for the same stage (sort, median + topk, med
 as a multiple of one GEMM pass U @ U.T over the n stacked updates, on one thread, in one run.
 Compiling the fused kernel is done first and not timed.
 
-    python experiments/bulyan_alternatives.py [--n 50] [--d 2226434]
+    python -m experiments.bulyan_alternatives [--n 50] [--d 2226434]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from strategies.aggregators import make_aggregator  # noqa: E402
 

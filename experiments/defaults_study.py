@@ -5,20 +5,18 @@ round, batch 32, weight decay 5e-4, seed 0, FedAvg as a bare loop (experiments/b
 fedmed's own data, model and training code, no Flower). Prints the global test accuracy and AUC
 of rounds 0..R for each setting; the README's "Defaults, and why" table came from these.
 
-    python experiments/defaults_study.py [--rounds 6] [--only 4 5]
+    python -m experiments.defaults_study [--rounds 6] [--only 4 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from bare_loop import bare_fedavg  # noqa: E402
+from experiments.bare_loop import bare_fedavg  # noqa: E402
 
 # (optimiser, lr, momentum, norm, augment)
 SETTINGS = [

@@ -16,7 +16,7 @@ round (rounds after the first, which pays start-up). Checks: every metric of (a)
 (b) learned (final test AUC above 0.6), and, where nvidia-smi can see
 processes, at least two client processes on the GPU at once.
 
-    python experiments/gpu_check.py [--root ../shared/data/medmnist] [--model resnet18]
+    python -m experiments.gpu_check [--root ../shared/data/medmnist] [--model resnet18]
         [--clients 8] [--fraction 0.25] [--rounds 3] [--amp off,bf16,fp16]
 
 Last line: gpu_check=<ok|failed> followed by each amp mode's throughput ratio (b)/(a).
@@ -35,10 +35,9 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from bare_loop import bare_fedavg  # noqa: E402
-from bench_overhead import steady_round_s  # noqa: E402
+from experiments.bare_loop import bare_fedavg  # noqa: E402
+from experiments.bench_overhead import steady_round_s  # noqa: E402
 
 TRAINING = dict(epochs=1, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.0, weight_decay=5e-4)
 

@@ -7,20 +7,17 @@ global model; the script compares the coordinate-wise median of their updates wi
 cosines, and the test loss of the global model after each aggregate (BatchNorm statistics averaged
 in both). The federation then moves on with the mean, for ``--rounds`` rounds.
 
-    python experiments/median_vs_mean.py [--rounds 3] [--root ../shared/data/medmnist]
+    python -m experiments.median_vs_mean [--rounds 3] [--root ../shared/data/medmnist]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedmed.data import dataset_from_config  # noqa: E402
 from fedmed.models import build_model  # noqa: E402

@@ -9,7 +9,7 @@ test ACC 0.854, AUC 0.944 (100 epochs, Adam, batch 128). Here, with fedmed's def
 
 Each round is one local epoch, so R rounds see the data R times in every setting.
 
-    python experiments/medmnist_baseline.py [--rounds 20] [--root ../shared/data/medmnist] \
+    python -m experiments.medmnist_baseline [--rounds 20] [--root ../shared/data/medmnist] \
         [--out results/medmnist_baseline]
 
 Writes table.md, table.csv and accuracy.png to --out, and prints the table.

@@ -40,13 +40,13 @@ Both assess FGSM and PGD at eps 1/255, 2/255, 4/255 and 8/255 (pixel scale: inpu
 
 How to run:
 
-    python experiments/robustness_study.py [--config quick|full] [--root ../shared/data/medmnist]
+    python -m experiments.robustness_study [--config quick|full] [--root ../shared/data/medmnist]
         [--out results/robustness_study] [--seed 0] [--models M ...] [--datasets D ...]
         [--defenses D ...] [--rounds N] [--set KEY=VALUE ...]
 
 e.g. a two-run smoke test:
 
-    python experiments/robustness_study.py --models mobilenet_v2 --datasets breastmnist \\
+    python -m experiments.robustness_study --models mobilenet_v2 --datasets breastmnist \\
         --defenses none fast_at --rounds 1 --out /tmp/rs_smoke
 
 `--rounds N` overrides federation.rounds and eval.every (robustness is then assessed at round 0
@@ -84,7 +84,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from study_runs import fmt, overrides, report, run_once, study_parser  # noqa: E402
+
+from experiments.study_runs import fmt, overrides, report, run_once, study_parser  # noqa: E402
 
 MODELS = ["densenet121", "mobilenet_v2", "resnet50"]
 DATASETS = ["pneumoniamnist", "breastmnist", "retinamnist"]

@@ -9,7 +9,7 @@ global ArrayRecord once to a file in a private directory of shared memory and se
 (in the message's ConfigRecord, ``ARRAYS_FILE_KEY``); each client writes its reply's ArrayRecord
 to a file beside it and replies with that path. The server reads each reply file back into an
 ArrayRecord before the usual validation, then deletes it. On whole rounds
-(``experiments/bench_overhead.py --transport auto,message --repeats 3``) fedmed-sim took 1.022x
+(``python -m experiments.bench_overhead --transport auto,message --repeats 3``) fedmed-sim took 1.022x
 the bare PyTorch loop this way and 1.111x with the model in the messages. Deployed clients never
 take this path: a client only accepts a file reference when it is a simulated partition.
 
