@@ -14,13 +14,13 @@ from clients.faults import active_fault, garbage_reply, misbehave
 from clients.local_data import device_setting, is_simulated, local_share, partition_id, site_class_counts, site_name
 from clients.local_training import LocalData, train_round
 from clients.malicious import malicious_round
+from fedmed.adversarial_eval import assess_robustness, fixed_subset
 from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_to_record
 from fedmed.config import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
 from fedmed.precision import Precision
-from fedmed.robustness import assess_robustness, fixed_subset
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, arrays_file, read_arrays, reply_file_for, write_arrays
 from fedmed.site_shift import apply_site_shift

@@ -65,11 +65,11 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from experiments.study_runs import overrides, report, run_once, study_parser  # noqa: E402
+from fedmed.adversarial_eval import fixed_subset  # noqa: E402
 from fedmed.attacks import bim, eval_mode, fgsm, mifgsm, pgd  # noqa: E402
 from fedmed.data import load_dataset  # noqa: E402
 from fedmed.metrics import classification_metrics  # noqa: E402
 from fedmed.models import build_model  # noqa: E402
-from fedmed.robustness import fixed_subset  # noqa: E402
 from fedmed.serialization import load_model_file  # noqa: E402
 
 DATASETS = ["breastmnist", "pneumoniamnist", "retinamnist"]

@@ -52,7 +52,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from strategies.aggregators import AGGREGATORS, make_aggregator  # noqa: E402
 from strategies.aggregators.fused import FUSE_BLOCK_COLUMNS  # noqa: E402
-from strategies.robust import UpdateRows, apply_update, batchnorm_statistics, stack_updates  # noqa: E402
+from strategies.robust_aggregation import UpdateRows, apply_update, batchnorm_statistics, stack_updates  # noqa: E402
 
 GB = 1e9
 SIZES = {"resnet50": 23_512_130, "mobilenet_v2": 2_226_434}  # checked against torchvision in main()

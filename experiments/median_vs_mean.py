@@ -23,7 +23,7 @@ from fedmed.data import dataset_from_config  # noqa: E402
 from fedmed.models import build_model  # noqa: E402
 from fedmed.serialization import load_arrays, model_to_arrays  # noqa: E402
 from fedmed.train import evaluate, make_optimizer, train_local  # noqa: E402
-from strategies.robust import apply_update, batchnorm_statistics, stack_updates  # noqa: E402
+from strategies.robust_aggregation import apply_update, batchnorm_statistics, stack_updates  # noqa: E402
 
 CLIENTS = 10
 

@@ -143,7 +143,7 @@ CONFIGS = {
 
 
 def eps_key(eps: float) -> str:
-    """As in metric names (fedmed.robustness.eps_key): four decimals."""
+    """As in metric names (fedmed.adversarial_eval.eps_key): four decimals."""
     return f"{eps:.4f}"
 
 

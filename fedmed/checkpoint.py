@@ -84,7 +84,7 @@ def restore_generators(states: dict) -> None:
 
 
 def strategy_state(strategy) -> dict:
-    """What the strategy carries between rounds (``strategies.fedavg`` / ``strategies.robust``)."""
+    """What the strategy carries between rounds (``strategies.strategy`` / ``strategies.robust_aggregation``)."""
     state = {"sampling": strategy.rng.getstate()}
     aggregator = getattr(strategy, "aggregator", None)
     if aggregator is not None:

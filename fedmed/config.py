@@ -375,7 +375,7 @@ def check_client(client, device: str = "auto") -> None:
 
 
 def check_eval(eval_cfg) -> None:
-    """The assessment's schedule and batch size (the attacks and epsilons: strategies/robustness.py)."""
+    """The assessment's schedule and batch size (the attacks and epsilons: strategies/global_assessment.py)."""
     if int(eval_cfg["every"]) < 1:
         raise ValueError(f"eval.every={eval_cfg['every']} must be >= 1 (robustness assessed every N rounds)")
     if int(eval_cfg["batch_size"]) < 1:

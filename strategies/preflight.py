@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed.config import check_assimilation, check_defense, model_norm_for
 from fedmed.data import client_partitions
 from strategies.aggregators import TooFewReplies, make_aggregator
-from strategies.robustness import check_eval_config
+from strategies.global_assessment import check_eval_config
 
 
 def prepare_config(cfg: DictConfig) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from fedmed.dataset import Split
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.train import derive_seed, make_optimizer, train_local
-from strategies.robust import flat_update
+from strategies.robust_aggregation import flat_update
 
 
 def root_indices(num_images: int, root_samples: int, seed: int) -> np.ndarray:

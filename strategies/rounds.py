@@ -32,7 +32,7 @@ from flwr.supercore import log
 
 from fedmed.client_state import STATE_RECORD, record_from, records_of
 from fedmed.serialization import array_view
-from strategies.fedavg import FedMedAvg
+from strategies.strategy import FedMedStrategy
 
 POLL_S = 0.1
 MAX_REASON = 400  # characters of a client's error kept in metrics.jsonl (Ray's run to pages)
@@ -99,7 +99,13 @@ class RoundLoop:
     """
 
     def __init__(
-        self, strategy: FedMedAvg, grid: Grid, *, timeout: float, min_replies: int, stop: threading.Event | None = None
+        self,
+        strategy: FedMedStrategy,
+        grid: Grid,
+        *,
+        timeout: float,
+        min_replies: int,
+        stop: threading.Event | None = None,
     ) -> None:
         if min_replies < 1:
             raise ValueError(f"federation.min_replies={min_replies} must be >= 1")

@@ -49,13 +49,13 @@ from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.stopping import StopControl, release_client_actors
 from fedmed.train import derive_seed, evaluate, resolve_device
 from strategies.aggregators import make_aggregator
-from strategies.fedavg import FedMedAvg
+from strategies.global_assessment import global_robustness, is_assessment_round, weakest_client
 from strategies.nodes import Federation, discover
 from strategies.preflight import prepare_config, simulated_partitions
-from strategies.robust import RobustAggregation
-from strategies.robustness import global_robustness, is_assessment_round, weakest_client
+from strategies.robust_aggregation import RobustAggregation
 from strategies.root_update import make_root_update
 from strategies.rounds import NotEnoughReplies, RoundLoop
+from strategies.strategy import FedMedStrategy
 
 
 def seed_everything(seed: int) -> None:
@@ -70,8 +70,8 @@ def build_strategy(
     partition_of_node: dict[int, int],
     reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
     shared_arrays: SharedArrays | None = None,
-) -> FedMedAvg:
-    """``strategy=fedavg``: Flower's FedAvg (``FedMedAvg``); any other: ``RobustAggregation``
+) -> FedMedStrategy:
+    """``strategy=fedavg``: Flower's FedAvg (``FedMedStrategy``); any other: ``RobustAggregation``
     with that rule. Nothing here knows which clients are malicious."""
     assess_clients = bool(cfg.eval.clients)
     common = dict(
@@ -87,7 +87,7 @@ def build_strategy(
     name = params.pop("name")
     aggregator = make_aggregator(name, **params)  # refuses unknown names and misplaced keys
     if name == "fedavg":
-        return FedMedAvg(partition_of_node, **common)
+        return FedMedStrategy(partition_of_node, **common)
     return RobustAggregation(
         partition_of_node,
         **common,
@@ -115,7 +115,7 @@ def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: 
 
 
 def round_detection(
-    strategy: FedMedAvg, server_round: int, malicious: list[int], attacking: bool
+    strategy: FedMedStrategy, server_round: int, malicious: list[int], attacking: bool
 ) -> RoundDetection | None:
     """Score the strategy's flags of one round against the ground truth, which only this runner
     holds (the strategy never sees ``malicious``). A rejected reply counts as flagged."""

@@ -16,10 +16,10 @@ from flwr.app import RecordDict
 from omegaconf import OmegaConf
 
 from clients.local_training import LocalData, train_round
+from fedmed.adversarial_eval import assess_robustness, fixed_subset
 from fedmed.config import ClientConfig, DefenseConfig
 from fedmed.data import load_dataset
 from fedmed.models import build_model
-from fedmed.robustness import assess_robustness, fixed_subset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

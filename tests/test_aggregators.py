@@ -1,4 +1,4 @@
-"""Robust aggregators (strategies/aggregators) and the strategy that runs them (strategies/robust.py).
+"""Robust aggregators (strategies/aggregators) and the strategy that runs them (strategies/robust_aggregation.py).
 
 * equal to Flower's FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan on the same replies
   (same selection, same aggregate), and exact where a float32 Gram trick on raw weights is not;
@@ -33,8 +33,8 @@ from strategies.aggregators.ops import (
     sort_columns_,
     sq_distances,
 )
-from strategies.fedavg import FedMedAvg
-from strategies.robust import RobustAggregation, apply_update, flat_update, stack_updates, update_size
+from strategies.robust_aggregation import RobustAggregation, apply_update, flat_update, stack_updates, update_size
+from strategies.strategy import FedMedStrategy
 
 SHAPES = {"conv": (6, 5, 5), "fc": (40, 50), "bias": (50,)}
 D = sum(int(np.prod(s)) for s in SHAPES.values())  # 2,950
@@ -538,7 +538,7 @@ def test_robust_fedavg_matches_fedmedavg_and_both_report_detection():
     def replies():
         return [reply(p, client_record(delta_w[p], delta_b[p], tracked=7), 5 + p) for p in range(4)]
 
-    plain = FedMedAvg({100 + i: i for i in range(4)}, clients_per_round=4, seed=0)
+    plain = FedMedStrategy({100 + i: i for i in range(4)}, clients_per_round=4, seed=0)
     list(plain.configure_train(1, GLOBAL, ConfigRecord(), grid=None))
     a, _ = plain.aggregate_train(1, replies())
     b, _ = robust(make_aggregator("fedavg"), GLOBAL, 4).aggregate_train(1, replies())
@@ -629,7 +629,7 @@ def reference_round(rule, records, global_record, counts, ids, server_round, see
     """The aggregation path written out plainly from Flower's own (de)serialisation: each update
     as ``Array.numpy()`` differences (float32 where both are, else float64), concatenated; the
     new arrays as ``Array(global + slice)``."""
-    from strategies.robust import batchnorm_statistics, float_keys, round_generator
+    from strategies.robust_aggregation import batchnorm_statistics, float_keys, round_generator
 
     keys = float_keys(global_record)
 

@@ -29,7 +29,7 @@ from fedmed.poisoning import backdoor_asr, backdoor_test_set, malicious_ids
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.train import evaluate
 from strategies.aggregators import make_aggregator
-from strategies.robust import apply_update, batchnorm_statistics, stack_updates
+from strategies.robust_aggregation import apply_update, batchnorm_statistics, stack_updates
 from tests.helpers import compose_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity", "one_thread")]

@@ -1,4 +1,4 @@
-"""Tests for fedmed.attacks and fedmed.robustness: bounds, strength, agreement with torchattacks,
+"""Tests for fedmed.attacks and fedmed.adversarial_eval: bounds, strength, agreement with torchattacks,
 targeted mode, side effects on the model, seeding, names, and the robustness assessment."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torchattacks
 from torch import nn
 
 from fedmed import attacks
+from fedmed.adversarial_eval import assess_robustness, eps_key, fixed_subset
 from fedmed.attacks import ATTACK_NAMES, bim, fgsm, make_attack, mifgsm, pgd
 from fedmed.models import build_model
-from fedmed.robustness import assess_robustness, eps_key, fixed_subset
 from fedmed.synthetic import make_synthetic
 from fedmed.train import evaluate, gather_batch
 
@@ -474,13 +474,13 @@ def test_assess_robustness_batched_epsilons_equal_one_radius_at_a_time(trained, 
     calls = []
     batched = attacks.attack_each_eps
     monkeypatch.setattr(
-        "fedmed.robustness.attack_each_eps",
+        "fedmed.adversarial_eval.attack_each_eps",
         lambda name, eps, *args: calls.append(len(eps)) or batched(name, eps, *args),
     )
     together = assess_robustness(trained, images, labels, np.arange(20), **kwargs)
     assert set(calls) == {3}  # every epsilon of an attack in one batch
     calls.clear()
-    monkeypatch.setattr("fedmed.robustness.ATTACK_BATCH_VALUES", 0)
+    monkeypatch.setattr("fedmed.adversarial_eval.ATTACK_BATCH_VALUES", 0)
     alone = assess_robustness(trained, images, labels, np.arange(20), **kwargs)
     assert set(calls) == {1}
     assert together == alone

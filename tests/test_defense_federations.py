@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedmed.robustness import eps_key
+from fedmed.adversarial_eval import eps_key
 from fedmed.runner import run
 from tests.helpers import BOUNDED_WAITS, compose_config
 

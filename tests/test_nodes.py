@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from strategies.fedavg import FedMedAvg
 from strategies.nodes import Federation, discover
 from strategies.rounds import RoundLoop
+from strategies.strategy import FedMedStrategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -102,7 +102,7 @@ def test_waiting_names_who_connected_and_fails_clearly(caplog):
 def test_a_lost_site_is_not_sampled_until_it_returns_and_its_failure_is_named():
     grid = FakeGrid({10: "a", 11: "b", 12: "c"})
     federation = discover(grid, 3, timeout=5)
-    strategy = FedMedAvg(federation.partition_of_node, clients_per_round=3, seed=0)
+    strategy = FedMedStrategy(federation.partition_of_node, clients_per_round=3, seed=0)
     strategy.federation = federation
     loop = RoundLoop(strategy, grid, timeout=0.5, min_replies=1)
     sent = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)

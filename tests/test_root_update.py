@@ -7,7 +7,7 @@ from torch import nn
 
 from fedmed.dataset import Split
 from fedmed.serialization import model_to_arrays
-from strategies.robust import update_size
+from strategies.robust_aggregation import update_size
 from strategies.root_update import client_iterations, make_root_update, random_batches
 
 CLIENT = {

@@ -21,7 +21,7 @@ from fedmed.shared_arrays import (
     shared_directory,
     write_arrays,
 )
-from strategies.fedavg import FedMedAvg
+from strategies.strategy import FedMedStrategy
 from tests.test_client_app import context, job, message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -138,8 +138,8 @@ def test_directories_of_killed_runs_are_removed(tmp_path):
     assert not orphan.exists() and mine.exists() and other.exists()
 
 
-def strategy(shared: SharedArrays | None) -> FedMedAvg:
-    return FedMedAvg(NODES, clients_per_round=2, seed=0, shared_arrays=shared)
+def strategy(shared: SharedArrays | None) -> FedMedStrategy:
+    return FedMedStrategy(NODES, clients_per_round=2, seed=0, shared_arrays=shared)
 
 
 def reply_to(ins: Message, content: RecordDict) -> Message:

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedmed.job import ASSESS_KEY
-from strategies.fedavg import FedMedAvg
+from strategies.strategy import FedMedStrategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -33,8 +33,8 @@ def failed(node: int) -> Message:
     return Message(Error(code=0, reason="CUDA out of memory"), reply_to=ins)
 
 
-def strategy(clients_per_round=4, seed=0) -> FedMedAvg:
-    s = FedMedAvg(NODES, clients_per_round=clients_per_round, seed=seed)
+def strategy(clients_per_round=4, seed=0) -> FedMedStrategy:
+    s = FedMedStrategy(NODES, clients_per_round=clients_per_round, seed=seed)
     list(s.configure_train(1, GLOBAL, ConfigRecord(), grid=None))
     return s
 
@@ -98,20 +98,22 @@ def test_sampling_is_seeded_by_partition_not_node_id():
     assert len(other) > 1
     # The same partitions are drawn whatever ids the nodes got in this run.
     renamed = {n + 7: p for n, p in NODES.items()}
-    first = FedMedAvg(NODES, clients_per_round=2, seed=3).sample_partitions(2)
-    first_renamed = FedMedAvg(renamed, clients_per_round=2, seed=3).sample_partitions(2)
+    first = FedMedStrategy(NODES, clients_per_round=2, seed=3).sample_partitions(2)
+    first_renamed = FedMedStrategy(renamed, clients_per_round=2, seed=3).sample_partitions(2)
     assert [renamed[n] for n in first_renamed] == [NODES[n] for n in first]
 
 
 def test_clients_per_round_out_of_range_is_refused():
     with pytest.raises(ValueError, match="clients_per_round"):
-        FedMedAvg(NODES, clients_per_round=5, seed=0)
+        FedMedStrategy(NODES, clients_per_round=5, seed=0)
 
 
 @pytest.mark.parametrize("max_clients, expected", [(None, 4), (2, 2), (10, 4)])
 def test_the_final_assessment_asks_at_most_eval_max_clients(max_clients, expected):
     """A federation of 1000 need not make 1000 assessment calls after its last round."""
-    s = FedMedAvg(NODES, clients_per_round=2, seed=0, assess_round=lambda r: r == 3, assess_max_clients=max_clients)
+    s = FedMedStrategy(
+        NODES, clients_per_round=2, seed=0, assess_round=lambda r: r == 3, assess_max_clients=max_clients
+    )
     assessed = list(s.configure_evaluate(3, GLOBAL, ConfigRecord(), grid=None))
     assert len(assessed) == expected
     assert len({m.metadata.dst_node_id for m in assessed}) == expected

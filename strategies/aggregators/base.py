@@ -34,7 +34,7 @@ class Aggregate:
     flagged : sorted row indices the rule rejected or down-weighted.
     noise : (d,) float32 or None, Gaussian noise the rule adds (FLAME, weak DP). Kept apart from
         ``update`` because the server adds it to the learned weights only, not to BatchNorm's
-        running statistics (``strategies.robust.apply_update``).
+        running statistics (``strategies.robust_aggregation.apply_update``).
     """
 
     update: torch.Tensor

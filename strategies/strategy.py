@@ -38,7 +38,7 @@ def _metrics_of(msg: Message) -> dict:
     return dict(next(iter(msg.content.metric_records.values())))
 
 
-class FedMedAvg(FedAvg):
+class FedMedStrategy(FedAvg):
     """FedAvg with seeded sampling, reply validation and per-client metrics.
 
     Parameters
@@ -53,7 +53,7 @@ class FedMedAvg(FedAvg):
         Share of nodes that evaluate the global model on their local hold-out each round.
     assess_round : callable, optional
         ``assess_round(server_round)`` is true on rounds where every node also assesses the
-        global model's robustness on its hold-out (``strategies/robustness.py``).
+        global model's robustness on its hold-out (``strategies/global_assessment.py``).
     shared_arrays : SharedArrays, optional
         Simulation on one machine: the global model and the replies' weights travel as files
         in shared memory, not inside the messages (``fedmed.shared_arrays``).
@@ -103,7 +103,7 @@ class FedMedAvg(FedAvg):
         self.rejections: dict[int, list[Rejection]] = {}
         self.client_eval_metrics: dict[int, list[dict]] = {}
         # per round: {"scores": {partition id: suspicion}, "flagged": [partition ids]}; FedAvg
-        # suspects nobody (strategies/robust.py fills it from its aggregator)
+        # suspects nobody (strategies/robust_aggregation.py fills it from its aggregator)
         self.detection: dict[int, dict] = {}
         # deployed sites' names (set by the server app)
         self.federation: Federation | None = None

@@ -1,6 +1,6 @@
 """Robust aggregation as a Flower strategy.
 
-``RobustAggregation`` keeps everything ``FedMedAvg`` does around aggregation (seeded sampling by
+``RobustAggregation`` keeps everything ``FedMedStrategy`` does around aggregation (seeded sampling by
 partition id, reply validation, partition-ordered replies, per-client metrics) and replaces the
 weighted mean by one of the aggregators of ``strategies/aggregators``: each accepted reply
 becomes an update (client weights minus the round's global weights, learned floating-point
@@ -27,8 +27,8 @@ from fedmed.serialization import array_from_numpy, array_view
 from fedmed.shared_arrays import SharedArrays
 from fedmed.train import derive_seed
 from strategies.aggregators.base import Aggregator, TooFewReplies
-from strategies.fedavg import FedMedAvg
 from strategies.replies import reply_partition_id
+from strategies.strategy import FedMedStrategy
 
 
 def is_batchnorm_statistic(key: str) -> bool:
@@ -201,13 +201,13 @@ def round_generator(seed: int, server_round: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, server_round))
 
 
-class RobustAggregation(FedMedAvg):
-    """``FedMedAvg`` with a robust aggregator (``strategies.aggregators.make_aggregator``).
+class RobustAggregation(FedMedStrategy):
+    """``FedMedStrategy`` with a robust aggregator (``strategies.aggregators.make_aggregator``).
 
     Parameters
     ----------
     partition_of_node, clients_per_round, seed, fraction_evaluate, assess_round, shared_arrays
-        As ``FedMedAvg``; ``seed`` also seeds the aggregator's noise (one generator per round).
+        As ``FedMedStrategy``; ``seed`` also seeds the aggregator's noise (one generator per round).
     aggregator : Aggregator
         The rule. Its requirements on the number of replies (e.g. Bulyan's n >= 4f + 3) are
         checked against ``clients_per_round`` here; a round in which too few valid replies

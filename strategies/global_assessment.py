@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmed.adversarial_eval import assess_robustness, eps_key, fixed_subset
 from fedmed.attacks import make_attack
-from fedmed.robustness import assess_robustness, eps_key, fixed_subset
 
 VAL_PREFIX = "val_"
 
