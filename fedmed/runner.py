@@ -222,8 +222,7 @@ def hydra_main(cfg: DictConfig) -> None:
             flush=True,
         )
         exit_leaving_stuck_threads(EXIT_CODES.get(str(stopped), 3), grace_s=0.0)
-    print(f"outputs in {output_dir.resolve()} (final accuracy {summary['final'].get('accuracy')})")
-    exit_leaving_stuck_threads(0)
+    print(f"outputs in {output_dir.resolve()} (final accuracy {summary['final'].get('accuracy')})", flush=True)
 
 
 def main() -> None:
@@ -233,6 +232,8 @@ def main() -> None:
     if resume:
         sys.argv += [f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
     hydra_main()
+    # after every run of a sweep (`-m`), not after the first
+    exit_leaving_stuck_threads(0)
 
 
 if __name__ == "__main__":
