@@ -106,6 +106,9 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     from fedmed.ray_start import RayStart
     from strategies.preflight import prepare_config, simulated_partitions
 
+    # before the imports below: alembic logs its plugins at INFO as Flower's simulation loads it
+    for chatty in ("opacus", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     check_config(cfg)
     prepare_config(cfg)
     resume_from = read_checkpoint(output_dir / CHECKPOINT_FILE) if resume else None
@@ -131,8 +134,6 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
             (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         summary_path = output_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
-        for chatty in ("opacus", "alembic"):
-            logging.getLogger(chatty).setLevel(logging.WARNING)
         if cfg.progress:
             logging.getLogger("flwr").setLevel(logging.WARNING)
         keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
