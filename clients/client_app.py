@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -18,6 +19,7 @@ from fedmed.adversarial_eval import assess_robustness, fixed_subset
 from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_to_record
 from fedmed.config import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
+from fedmed.logs import through_flower_handlers
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
 from fedmed.precision import Precision
@@ -84,6 +86,13 @@ def _site_transform(share, seed: int, device: torch.device):
 
 
 SITE_RECORD = "site"
+
+
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    # in the processes Flower starts nothing configures logging: fedmed.logs
+    through_flower_handlers()
+    yield
 
 
 @app.query()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +15,10 @@ from clients.assimilation import assimilation_settings, backbone_frozen, with_te
 from clients.defenses import METHODS, AdversarialTraining, SoftLabelStep, round_eps, temperature_step
 from fedmed.attacks import eval_mode, make_attack
 from fedmed.config import check_assimilation, check_defense
+from fedmed.logs import log
 from fedmed.precision import Precision
 from fedmed.train import BatchTransform, cross_entropy_step, derive_seed, gather_batch, make_optimizer, train_local
 
-log = logging.getLogger("fedmed")
 CHECK_KEY = "fedmed-robust-check"
 CHECK_SAMPLES = 64
 

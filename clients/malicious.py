@@ -30,7 +30,6 @@ defence, honest replies also carry the defence's own metrics (``privacy_epsilon`
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -39,6 +38,7 @@ from torch import nn
 
 from clients.local_training import LocalData
 from fedmed.data import ClientShare
+from fedmed.logs import log
 from fedmed.poisoning import (
     DATA_POISONING,
     add_trigger_uint8,
@@ -49,8 +49,6 @@ from fedmed.poisoning import (
     update_scale,
 )
 from fedmed.train import BatchTransform, TrainStep, cross_entropy_step, derive_seed, make_optimizer, train_local
-
-log = logging.getLogger("fedmed")
 
 _TAG_POOL = 0x706F6F6C
 _TAG_NOISE = 0x6E6F6973

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed.config import register_configs
+from fedmed.logs import LOGGER_NAME
 from fedmed.stopping import RunInterrupted, StopControl, exit_leaving_stuck_threads
 
 register_configs()
@@ -119,6 +120,7 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray_start = RayStart(backend["init_args"])  # while the rest is imported (fedmed.ray_start)
+    quieted = {name: logging.getLogger(name).level for name in ("flwr", LOGGER_NAME)}
     try:
         # The split too, while Ray starts: one that cannot be made (say dirichlet's
         # min_partition_size times 1000 clients) fails here, naming its keys, and the server
@@ -134,8 +136,9 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
             (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         summary_path = output_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
-        if cfg.progress:
-            logging.getLogger("flwr").setLevel(logging.WARNING)
+        if cfg.progress:  # the round lines say it; warnings still show
+            for name in quieted:
+                logging.getLogger(name).setLevel(logging.WARNING)
         keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
         server_app = make_server_app(
             cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(), keeper
@@ -149,6 +152,8 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
         )
     finally:
         ray_start.shutdown()
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())

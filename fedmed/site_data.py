@@ -9,7 +9,6 @@ Nothing here unpickles: archives are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.dataset import Split
-
-log = logging.getLogger("fedmed")
+from fedmed.logs import log
 
 SITE_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 LAYOUT_HINT = (

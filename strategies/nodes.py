@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from logging import INFO
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore import log
+
+from fedmed.logs import log
 
 SITE_RECORD = "site"  # the query reply's ConfigRecord holding a deployed site's name
 
@@ -69,8 +69,7 @@ def discover(grid: Grid, num_nodes: int, timeout: float) -> Federation:
     pending: dict[str, int] = {}  # query message id -> node id
     asked: set[int] = set()
     answers: dict[int, tuple] = {}
-    log(
-        INFO,
+    log.info(
         "fedmed: waiting up to %.0f s for %d sites (federation.num_clients, federation.connect_timeout_s)",
         timeout,
         num_nodes,
@@ -88,7 +87,7 @@ def discover(grid: Grid, num_nodes: int, timeout: float) -> Federation:
                     raise RuntimeError(f"node {node} failed fedmed's query (its site data?): {reply.error.reason}")
                 answers[node] = _identity(reply)
             if arrived:
-                log(INFO, "fedmed: %d of %d sites connected: %s", len(answers), num_nodes, _names(answers))
+                log.info("fedmed: %d of %d sites connected: %s", len(answers), num_nodes, _names(answers))
         if len(answers) >= num_nodes:
             break
         if time.monotonic() > deadline:

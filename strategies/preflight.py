@@ -6,12 +6,11 @@ the server's heavier parts (torchvision, matplotlib) and before Ray starts.
 
 from __future__ import annotations
 
-import logging
-
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed.config import check_assimilation, check_defense, model_norm_for
 from fedmed.data import client_partitions
+from fedmed.logs import log
 from strategies.aggregators import TooFewReplies, make_aggregator
 from strategies.global_assessment import check_eval_config
 
@@ -36,7 +35,7 @@ def prepare_config(cfg: DictConfig) -> None:
     check_eval_config(list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps], cfg.eval.max_samples)
     norm = model_norm_for(str(cfg.model.norm), str(cfg.defense.name))
     if norm != cfg.model.norm:
-        logging.getLogger("fedmed").warning(
+        log.warning(
             "defense=%s: BatchNorm mixes examples, so DP-SGD cannot clip per-example gradients; every "
             "model (clients' and server's) uses model.norm=%s (Opacus ModuleValidator.fix)",
             cfg.defense.name,

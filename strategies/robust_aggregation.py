@@ -16,13 +16,12 @@ to score against the ground truth it alone knows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from logging import INFO, WARNING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.supercore import log
 
+from fedmed.logs import log
 from fedmed.serialization import array_from_numpy, array_view
 from fedmed.shared_arrays import SharedArrays
 from fedmed.train import derive_seed
@@ -262,7 +261,7 @@ class RobustAggregation(FedMedStrategy):
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accepted_replies(server_round, replies)
         if not accepted:
-            log(WARNING, "round %d: no valid reply; the global model stays as it was", server_round)
+            log.warning("round %d: no valid reply; the global model stays as it was", server_round)
             self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, None
         assert self._global_arrays is not None
@@ -287,7 +286,7 @@ class RobustAggregation(FedMedStrategy):
                 reference=reference,
             )
         except TooFewReplies as error:
-            log(WARNING, "round %d: %s; the global model stays as it was", server_round, error)
+            log.warning("round %d: %s; the global model stays as it was", server_round, error)
             self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, metrics
         statistics = batchnorm_statistics(records, num_examples, result.flagged)
@@ -297,5 +296,5 @@ class RobustAggregation(FedMedStrategy):
             "flagged": sorted(flagged),
         }
         if flagged:
-            log(INFO, "round %d: %s flagged partitions %s", server_round, self.aggregator.name, sorted(flagged))
+            log.info("round %d: %s flagged partitions %s", server_round, self.aggregator.name, sorted(flagged))
         return apply_update(self._global_arrays, result.update, result.noise, statistics), metrics

@@ -23,14 +23,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedmed.client_state import STATE_RECORD, record_from, records_of
+from fedmed.logs import log
 from fedmed.serialization import array_view
 from strategies.strategy import FedMedStrategy
 
@@ -179,7 +178,7 @@ class RoundLoop:
         pid = self.strategy.partition_of_node.get(node)
         federation = getattr(self.strategy, "federation", None)
         client = federation.name(pid) if federation is not None else pid
-        log(WARNING, "round %d: client %s %s in %s: %s", server_round, client, kind, phase, reason)
+        log.warning("round %d: client %s %s in %s: %s", server_round, client, kind, phase, reason)
         failures.append(
             {"client": client, "partition_id": pid, "node_id": node, "phase": phase, "kind": kind, "reason": reason}
         )
@@ -214,8 +213,7 @@ class RoundLoop:
                 bad = non_finite_keys(new_arrays)
                 if bad:
                     reason = f"the aggregate holds NaN or Inf in {len(bad)} arrays (first: {bad[0]})"
-                    log(
-                        WARNING,
+                    log.warning(
                         "round %d: %s; the round is skipped and the previous global model kept",
                         server_round,
                         reason,

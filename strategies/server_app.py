@@ -4,10 +4,9 @@ every round (round 0 included) and writes the run's outputs (listed in the READM
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from fedmed.checkpoint import (
 from fedmed.data import PARTITIONS_FILE_KEY, dataset_from_config, write_partitions
 from fedmed.detection import RoundDetection, run_totals, score_round
 from fedmed.job import JOB_KEY, encode_job, job_from_config
+from fedmed.logs import log, through_flower_handlers
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
 from fedmed.poisoning import attack_section, attacks_in_round, backdoor_asr, backdoor_test_set, malicious_ids
@@ -162,7 +162,7 @@ def run_federation(
     if len(partition_of_node) != cfg.federation.num_clients:
         # `flwr run` sizes the federation itself (its simulation config or the SuperNodes that
         # connect); the partitions follow the nodes that are really there.
-        logging.getLogger("flwr").warning(
+        log.warning(
             "the federation has %d nodes, not federation.num_clients=%d; using %d",
             len(partition_of_node),
             cfg.federation.num_clients,
@@ -310,9 +310,7 @@ def run_federation(
         loop.client_states = {int(pid): records for pid, records in json.loads(resume_from["clients"]).items()}
         started -= float(resume_from["elapsed_s"])
         restore_generators(resume_from["generators"])
-        logging.getLogger("fedmed").warning(
-            "resuming %s after round %d of %d", output_dir, first_round - 1, total_rounds
-        )
+        log.warning("resuming %s after round %d of %d", output_dir, first_round - 1, total_rounds)
     try:
         final_arrays = loop.run(
             arrays,
@@ -416,7 +414,7 @@ def make_server_app(
         finally:
             if stop is not None and stop.clients_stuck:
                 # some client never replied: its Ray worker may wait for good, and Flower with it
-                logging.getLogger("fedmed").warning(
+                log.warning(
                     "ending the %d ClientApp actors: a client did not reply and its call may never return",
                     release_client_actors(),
                 )
@@ -427,12 +425,17 @@ def make_server_app(
 app = ServerApp()
 
 
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    # in the process Flower starts nothing configures logging: fedmed.logs
+    through_flower_handlers()
+    yield
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, output_dir = config_from_run_config(dict(context.run_config))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logging.getLogger("flwr").info(
-        "fedmed: writing outputs to %s; test split: dataset=%s (on this server)", output_dir, cfg.dataset.name
-    )
+    log.info("fedmed: writing outputs to %s; test split: dataset=%s (on this server)", output_dir, cfg.dataset.name)
     run_federation(grid, cfg, output_dir)

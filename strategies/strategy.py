@@ -20,15 +20,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from flwr.supercore import log
 
 from fedmed.job import ASSESS_KEY
+from fedmed.logs import log
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
 from strategies.nodes import Federation, online_partitions
 from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
@@ -145,8 +144,7 @@ class FedMedStrategy(FedAvg):
         self._grid = grid
         available = self.online()
         if len(available) < self.clients_per_round:
-            log(
-                WARNING,
+            log.warning(
                 "round %d: only %d of %d clients online; sampling %d",
                 server_round,
                 len(available),
@@ -185,7 +183,7 @@ class FedMedStrategy(FedAvg):
             if problem is None:
                 accepted.append((pid, msg))
             else:
-                log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
+                log.warning("round %d: rejected reply of partition %s: %s", server_round, pid, problem)
                 rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
         accepted.sort(key=lambda item: (item[0] is None, item[0]))
         accepted = self._without_outlying_counts(server_round, accepted, rejected)
@@ -207,7 +205,7 @@ class FedMedStrategy(FedAvg):
             if problem is None:
                 kept.append((pid, msg))
             else:
-                log(WARNING, "round %d: rejected reply of partition %s: %s", server_round, pid, problem)
+                log.warning("round %d: rejected reply of partition %s: %s", server_round, pid, problem)
                 rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
         return kept
 
@@ -216,7 +214,7 @@ class FedMedStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accepted_replies(server_round, replies)
         if not accepted:
-            log(WARNING, "round %d: no valid reply; the global model stays as it was", server_round)
+            log.warning("round %d: no valid reply; the global model stays as it was", server_round)
             self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, None
         self.detection[server_round] = {
@@ -229,8 +227,7 @@ class FedMedStrategy(FedAvg):
         results = []
         for msg in replies:
             if msg.has_error():
-                log(
-                    WARNING,
+                log.warning(
                     "round %d: local evaluation failed on node %d: %s",
                     server_round,
                     msg.metadata.src_node_id,

@@ -6,10 +6,9 @@ ICML 2018.
 
 from __future__ import annotations
 
-from logging import WARNING, getLogger
-
 import torch
 
+from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, above_expected
 from strategies.aggregators.fused import FUSE_AUTO_VALUES, bulyan_stage, compiled_bulyan_stage, fused_blocks
 from strategies.aggregators.krum import Krum
@@ -22,8 +21,6 @@ from strategies.aggregators.ops import (
     middle,
     sorted_column_blocks,
 )
-
-logger = getLogger(__name__)
 
 
 class Bulyan(Krum):
@@ -129,8 +126,7 @@ class Bulyan(Krum):
                             f"bulyan: torch.compile could not build the fused stage ({error!r}); "
                             "set strategy.compile_stage=false to use the eager one"
                         ) from error
-                    logger.log(
-                        WARNING,
+                    log.warning(
                         "bulyan: torch.compile could not build the fused stage (%r); using the "
                         "eager one (strategy.compile_stage=false skips the attempt)",
                         error,

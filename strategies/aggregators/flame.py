@@ -8,15 +8,13 @@ Koushanfar, Sadeghi, Schneider, "FLAME: Taming Backdoors in Federated Learning",
 from __future__ import annotations
 
 import warnings
-from logging import WARNING, getLogger
 
 import numpy as np
 import torch
 
+from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, Aggregator, check_positive
 from strategies.aggregators.ops import cosines, gram, median, noise_like, weighted_sum
-
-logger = getLogger(__name__)
 
 
 def largest_cluster(cosine_distances: np.ndarray) -> np.ndarray:
@@ -91,7 +89,7 @@ class Flame(Aggregator):
         scores = (1.0 - direction / direction_norm).clamp_(0.0, 2.0)
         flagged = torch.nonzero(~inside).flatten().tolist()
         if admitted.numel() == 0:
-            logger.log(WARNING, "FLAME: HDBSCAN found no cluster among %d updates; the global model is kept", n)
+            log.warning("FLAME: HDBSCAN found no cluster among %d updates; the global model is kept", n)
             return Aggregate(torch.zeros(d, dtype=updates.dtype, device=updates.device), scores, flagged)
         bound = float(median(norms))
         scale = torch.where(norms > bound, bound / norms.clamp_min(max(bound, 1e-300)), torch.ones_like(norms))

@@ -6,14 +6,11 @@ NDSS 2021.
 
 from __future__ import annotations
 
-from logging import WARNING, getLogger
-
 import torch
 
+from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, Aggregator
 from strategies.aggregators.ops import weighted_sum
-
-logger = getLogger(__name__)
 
 
 class FLTrust(Aggregator):
@@ -50,7 +47,7 @@ class FLTrust(Aggregator):
         flagged = torch.nonzero(trust == 0).flatten().tolist()
         total = float(trust.sum())
         if total == 0.0:
-            logger.log(WARNING, "FLTrust: no update has a positive cosine with the server's; the global model is kept")
+            log.warning("FLTrust: no update has a positive cosine with the server's; the global model is kept")
             return Aggregate(torch.zeros(d, dtype=updates.dtype, device=updates.device), 1.0 - trust, flagged)
         coefficients = trust * ref_norm / norms.clamp_min(1e-300) / total
         return Aggregate(weighted_sum(coefficients, updates), 1.0 - trust, flagged)

@@ -5,14 +5,11 @@ Fung, Yoon, Beschastnikh, "The Limitations of Federated Learning in Sybil Settin
 
 from __future__ import annotations
 
-from logging import WARNING, getLogger
-
 import torch
 
+from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, Aggregator
 from strategies.aggregators.ops import cosines, gram, weighted_sum
-
-logger = getLogger(__name__)
 
 COSINE_TOLERANCE = 1e-6
 
@@ -83,6 +80,6 @@ class FoolsGold(Aggregator):
         total = float(weights.sum())
         flagged = torch.nonzero(weights < 0.5).flatten().tolist()
         if total == 0.0:
-            logger.log(WARNING, "FoolsGold: every client got weight 0; the global model is kept")
+            log.warning("FoolsGold: every client got weight 0; the global model is kept")
             return Aggregate(torch.zeros(d, dtype=updates.dtype, device=updates.device), 1.0 - weights, flagged)
         return Aggregate(weighted_sum(weights / total, updates), 1.0 - weights, flagged)
