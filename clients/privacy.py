@@ -127,6 +127,6 @@ class PrivateRound:
     def __exit__(self, *exc) -> None:
         try:
             save_history(self.state, list(self.engine.accountant.state_dict()["history"]))
-            self.model._close()
+            self.model.cleanup()
         finally:
             self._quiet.__exit__(None, None, None)
