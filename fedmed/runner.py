@@ -176,7 +176,7 @@ def run_stoppable(simulate: Callable[[], None], stop: StopControl, keeper, outpu
     try:
         simulate()
     except (RunInterrupted, SystemExit) as interruption:
-        # before the ServerApp takes SIGTERM back, ray.init's own handler answers it: sys.exit(SIGTERM)
+        # a ray.init in the main thread answers SIGTERM with sys.exit(SIGTERM) (fedmed.stopping)
         if isinstance(interruption, SystemExit) and interruption.code != signal.SIGTERM:
             raise
         stop.requested.set()

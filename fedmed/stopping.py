@@ -14,8 +14,10 @@ interrupt only the main thread's wait, leaving the ServerApp thread polling for 
   (it shuts Ray down on the way); the runner then writes what is complete and exits non-zero.
 * A second one exits the process at once.
 
-``ray.init`` (run by Flower in the main thread) replaces the SIGTERM handler with its own
-``sys.exit``; the ServerApp thread asks the main thread to take it back (SIGUSR1) once Ray runs.
+``ray.init`` called in the main thread replaces the SIGTERM handler with its own ``sys.exit``;
+the ServerApp thread then asks the main thread to take it back (SIGUSR1). ``fedmed-sim`` now calls
+``ray.init`` in a thread of its own (``fedmed.ray_start``), where Ray sets no handler, so this is
+a guard for a Ray started in the main thread, not a step every run needs.
 """
 
 from __future__ import annotations
