@@ -17,7 +17,7 @@ from clients.local_training import LocalData, train_round
 from clients.malicious import malicious_round
 from fedmed.adversarial_eval import assess_robustness, fixed_subset
 from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_to_record
-from fedmed.config import model_norm_for
+from fedmed.defenses import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.logs import through_flower_handlers
 from fedmed.models import build_model

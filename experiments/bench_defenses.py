@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from clients.defenses import AdversarialTraining, SoftLabelStep, temperature_step
-from clients.privacy import PrivateRound
 from fedmed.data import load_dataset
+from fedmed.defenses.privacy import PrivateRound
+from fedmed.defenses.steps import AdversarialTraining, SoftLabelStep, temperature_step
 from fedmed.models import build_model
 from fedmed.train import make_optimizer, train_local
 
@@ -81,13 +81,15 @@ def epoch_timer(name: str, data, indices: np.ndarray, batch_size: int, pgd_steps
                 step=SoftLabelStep(teacher, 20.0),
             )
         elif name == "dp_sgd (GN)":
-            defense = {"noise_multiplier": 1.0, "target_epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0}
             with PrivateRound(
                 model,
                 optimizer,
                 indices,
                 batch_size=batch_size,
-                defense=defense,
+                noise_multiplier=1.0,
+                target_epsilon=None,
+                delta=1e-5,
+                max_grad_norm=1.0,
                 total_epochs=1,
                 state=RecordDict(),
                 seed=0,

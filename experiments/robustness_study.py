@@ -16,7 +16,7 @@ Grid (each list can be restricted on the command line):
             fast_at             "fast" FGSM AT from a random start (Wong et al. 2020)
             distillation        defensive distillation (Papernot et al., S&P 2016), fedmed's
                                 `defense.mode=defensive`: each client trains a teacher at
-                                temperature T (configs/defense/distillation.yaml: T = 20) and its
+                                temperature T (fedmed/defenses/distillation.py: T = 20) and its
                                 model on the teacher's soft labels at T -- the seed paper's setting.
                                 High-temperature distillation is known to mask gradients (Carlini &
                                 Wagner 2016, "Defensive distillation is not robust to adversarial
@@ -242,8 +242,7 @@ def main() -> int:
     models = args.models or config["models"]
     out = Path(args.out).resolve()  # the runs start in the repository root
     out.mkdir(parents=True, exist_ok=True)
-    common = overrides(settings)
-    common += [f"dataset.root={Path(args.root).resolve()}", f"seed={args.seed}", "progress=false", *args.overrides]
+    common = [f"dataset.root={Path(args.root).resolve()}", f"seed={args.seed}", "progress=false", *args.overrides]
 
     grid = [(m, d, f) for m in models for d in args.datasets for f in args.defenses]
     results: dict[tuple[str, str, str], dict] = {}
@@ -252,7 +251,8 @@ def main() -> int:
     for i, (model, dataset, defense) in enumerate(grid, 1):
         run_dir = out / model / dataset / defense
         tag = f"[{i}/{len(grid)}] {model} / {dataset} / {defense}"
-        status = run_once(run_dir, [f"model={model}", f"dataset={dataset}", f"defense={defense}", *common], tag)
+        run_args = [f"model={model}", f"dataset={dataset}", *overrides({**settings, "defense": defense}), *common]
+        status = run_once(run_dir, run_args, tag)
         if status is None:
             failed.append((model, dataset, defense))
             continue

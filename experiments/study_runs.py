@@ -28,7 +28,17 @@ def hydra_value(value) -> str:
 
 
 def overrides(settings: dict) -> list[str]:
-    return [f"{k}={hydra_value(v)}" for k, v in settings.items()]
+    """Hydra overrides of ``settings``; a ``defense.<key>`` the run's defence (its ``defense``
+    setting, default none) does not have is left out: a study sets its training epsilon once for
+    every row, and ``defense=none`` has no epsilon."""
+    from fedmed.defenses import defense_section
+
+    keys = set(defense_section(str(settings.get("defense", "none"))))
+    return [
+        f"{k}={hydra_value(v)}"
+        for k, v in settings.items()
+        if not k.startswith("defense.") or k.split(".", 1)[1] in keys
+    ]
 
 
 def tail(path: Path, n: int = 30) -> str:

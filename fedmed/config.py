@@ -12,6 +12,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from fedmed.assimilation import check_kind
+from fedmed.defenses import DefenseConfig, store_configs
 
 
 @dataclass
@@ -98,32 +99,6 @@ class ClientConfig:
     amp: str = "off"
     # model and batches in the channels-last memory layout
     channels_last: bool = False
-
-
-@dataclass
-class DefenseConfig:
-    """What an honest client does beyond plain training (clients/defenses.py, clients/privacy.py)."""
-
-    name: str = "none"
-    # adversarial training (fgsm_at, fast_at, pgd_at; also dp_sgd with `adversarial`)
-    eps: float = 0.0314  # training epsilon, pixel scale (8/255)
-    alpha: Optional[float] = None  # step size; None: FGSM eps, fast AT 1.25 eps, PGD 2.5 eps/steps
-    steps: int = 7  # pgd_at
-    clean_weight: float = 0.0  # loss = clean_weight * clean + (1 - clean_weight) * adversarial
-    warmup_rounds: int = 0  # epsilon grows linearly to `eps` over these rounds
-    # after local training, PGD accuracy on one batch next to the training attack's: a collapse
-    # of the former alone is catastrophic overfitting (Wong et al. 2020)
-    overfitting_check: bool = True
-    # distillation
-    mode: str = "defensive"  # defensive (Papernot et al. 2016) | federated (global model teaches)
-    temperature: float = 1.0
-    soft_weight: float = 0.5  # federated mode: weight of the teacher's soft labels
-    # dp_sgd (Opacus): one of noise_multiplier / target_epsilon (over all rounds)
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    adversarial: Optional[str] = None  # dp_sgd only: fgsm_at, fast_at or pgd_at under DP-SGD
 
 
 @dataclass
@@ -253,6 +228,7 @@ class Config:
     partition: PartitionConfig = MISSING
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    # one option of fedmed/defenses/, each with its own keys (defense=<name> picks it)
     defense: DefenseConfig = MISSING
     assimilation: AssimilationConfig = field(default_factory=AssimilationConfig)
     attack: AttackConfig = MISSING
@@ -275,76 +251,9 @@ def register_configs() -> None:
     """Register the schema so that configs/*.yaml are validated against it."""
     from hydra.core.config_store import ConfigStore  # Hydra only where configs are composed
 
-    ConfigStore.instance().store(name="fedmed_schema", node=Config)
-
-
-DEFENSES = ("none", "fgsm_at", "fast_at", "pgd_at", "distillation", "dp_sgd")
-ADVERSARIAL_TRAINING = ("fgsm_at", "fast_at", "pgd_at")
-DISTILLATION_MODES = ("defensive", "federated")
-
-
-def check_defense(defense) -> None:
-    """Refuse a defence configuration that cannot work, naming the key and what to do.
-
-    ``defense`` is the ``defense`` section (a DictConfig or a plain dict, as clients get it).
-    """
-    name = defense["name"]
-    if name not in DEFENSES:
-        raise ValueError(f"defense={name!r} is not known; use one of {', '.join(DEFENSES)}")
-    adversarial = defense["adversarial"]
-    if adversarial is not None and name != "dp_sgd":
-        raise ValueError(
-            f"defense.adversarial={adversarial!r} combines adversarial training with DP-SGD "
-            f"only; with defense={name} leave it unset (or use defense=dp_sgd)"
-        )
-    if name == "dp_sgd":
-        if (defense["noise_multiplier"] is None) == (defense["target_epsilon"] is None):
-            raise ValueError(
-                "defense=dp_sgd needs exactly one of defense.noise_multiplier (noise per step) "
-                "or defense.target_epsilon (privacy budget over all rounds); configs/defense/"
-                "dp_sgd.yaml sets noise_multiplier=1.0, so with a target epsilon add "
-                "defense.noise_multiplier=null"
-            )
-        if defense["noise_multiplier"] is not None and defense["noise_multiplier"] < 0:
-            raise ValueError(f"defense.noise_multiplier={defense['noise_multiplier']} must be >= 0")
-        if defense["target_epsilon"] is not None and defense["target_epsilon"] <= 0:
-            raise ValueError(f"defense.target_epsilon={defense['target_epsilon']} must be > 0")
-        if not 0 < defense["delta"] < 1:
-            raise ValueError(f"defense.delta={defense['delta']} must be in (0, 1), well below 1/(client examples)")
-        if defense["max_grad_norm"] <= 0:
-            raise ValueError(f"defense.max_grad_norm={defense['max_grad_norm']} must be > 0")
-        if adversarial is not None and adversarial not in ADVERSARIAL_TRAINING:
-            raise ValueError(
-                f"defense.adversarial={adversarial!r} cannot run under DP-SGD: use one of "
-                f"{', '.join(ADVERSARIAL_TRAINING)} (distillation's teacher would see the data without "
-                "privacy accounting)"
-            )
-        if adversarial is not None and defense["clean_weight"] != 0:
-            raise ValueError(
-                "defense=dp_sgd with defense.adversarial needs defense.clean_weight=0: Opacus clips "
-                "each example's gradient of a single loss, and Poisson sampling refuses the second "
-                "backward pass a clean + adversarial mix needs"
-            )
-    if name in ADVERSARIAL_TRAINING or adversarial is not None:
-        if defense["eps"] <= 0:
-            raise ValueError(
-                f"defense.eps={defense['eps']} must be > 0 for adversarial training (pixel scale: 8/255 = 0.0314)"
-            )
-        if defense["alpha"] is not None and defense["alpha"] <= 0:
-            raise ValueError(f"defense.alpha={defense['alpha']} must be > 0 (or null for the method's default)")
-        if defense["steps"] < 1:
-            raise ValueError(f"defense.steps={defense['steps']} must be >= 1")
-        if not 0 <= defense["clean_weight"] <= 1:
-            raise ValueError(f"defense.clean_weight={defense['clean_weight']} must be in [0, 1]")
-        if defense["warmup_rounds"] < 0:
-            raise ValueError(f"defense.warmup_rounds={defense['warmup_rounds']} must be >= 0")
-    if name == "distillation":
-        if defense["mode"] not in DISTILLATION_MODES:
-            raise ValueError(f"defense.mode={defense['mode']!r} is not known; use defensive or federated")
-        if defense["temperature"] <= 0:
-            raise ValueError(f"defense.temperature={defense['temperature']} must be > 0")
-        if not 0 <= defense["soft_weight"] <= 1:
-            raise ValueError(f"defense.soft_weight={defense['soft_weight']} must be in [0, 1]")
+    config_store = ConfigStore.instance()
+    config_store.store(name="fedmed_schema", node=Config)
+    store_configs(config_store)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -423,17 +332,9 @@ def check_assimilation(
             f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
             "backbone would never train; use model.freeze_backbone=true for that"
         )
-    if kind != "none" and weight > 0 and defense["name"] == "dp_sgd" and defense["adversarial"] is not None:
+    if kind != "none" and weight > 0 and defense["name"] == "dp_sgd" and defense.get("adversarial") is not None:
         raise ValueError(
             f"assimilation.texture_weight={weight} with defense=dp_sgd and defense.adversarial: the texture "
             "loss on the clean image needs a second backward pass, which Opacus's per-example clipping "
             "refuses; set assimilation.texture_weight=0 or drop defense.adversarial"
         )
-
-
-def model_norm_for(norm: str, defense_name: str) -> str:
-    """DP-SGD cannot use BatchNorm (it mixes examples, so per-example gradients are undefined):
-    under ``defense=dp_sgd`` every model, clients' and server's alike, gets GroupNorm."""
-    if defense_name == "dp_sgd" and norm == "batch":
-        return "group"
-    return norm

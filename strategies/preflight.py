@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.config import check_assimilation, check_defense, model_norm_for
+from fedmed.config import check_assimilation
 from fedmed.data import client_partitions
+from fedmed.defenses import check_defense, model_norm_for
 from fedmed.logs import log
 from strategies.aggregators import TooFewReplies, make_aggregator
 from strategies.global_assessment import check_eval_config

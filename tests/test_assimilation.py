@@ -16,7 +16,8 @@ from clients.assimilation import TextureStep, backbone_frozen
 from clients.local_training import LocalData, train_round
 from fedmed.assimilation import FEATURES, glcm_features, glcm_offsets, soft_glcm, texture_loss
 from fedmed.attacks import make_attack
-from fedmed.config import AssimilationConfig, ClientConfig, DefenseConfig, check_assimilation
+from fedmed.config import AssimilationConfig, ClientConfig, check_assimilation
+from fedmed.defenses import defense_section
 from fedmed.models import ARCHITECTURES, build_model
 from fedmed.synthetic import make_synthetic
 from tests.helpers import compose_config
@@ -196,8 +197,8 @@ def _settings(**changes) -> dict:
 def _job(kind: str, defense_changes: dict | None = None, **assimilation) -> dict:
     client = OmegaConf.to_container(OmegaConf.structured(ClientConfig))
     client.update(augment=False, batch_size=16)
-    defense = OmegaConf.to_container(OmegaConf.structured(DefenseConfig))
-    defense.update(defense_changes or {})
+    changes = dict(defense_changes or {})
+    defense = defense_section(changes.pop("name", "none"), **changes)
     return {
         "defense": defense,
         "client": client,
@@ -312,7 +313,7 @@ def test_frozen_backbone_context_restores_what_was_frozen_before():
     ],
 )
 def test_bad_assimilation_settings_are_refused_by_name(kind, changes, extra, message):
-    defense = OmegaConf.to_container(OmegaConf.structured(DefenseConfig))
+    defense = defense_section("none")
     with pytest.raises(ValueError, match=message):
         check_assimilation(_settings(**changes), kind, defense, **extra)
 

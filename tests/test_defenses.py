@@ -1,5 +1,9 @@
 """Client-side defences: configuration rules, adversarial-training steps, distillation, DP-SGD."""
 
+import subprocess
+import sys
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +12,19 @@ from flwr.app import RecordDict
 from omegaconf import OmegaConf
 from opacus.validators import ModuleValidator
 
-from clients.defenses import AdversarialTraining, SoftLabelStep, round_eps
 from clients.local_training import LocalData, train_round
-from fedmed.config import ClientConfig, DefenseConfig, check_defense, model_norm_for
+from fedmed.config import ClientConfig
+from fedmed.defenses import (
+    DEFENSES,
+    Defense,
+    DefenseConfig,
+    LocalRound,
+    check_defense,
+    defense_section,
+    model_norm_for,
+    register,
+)
+from fedmed.defenses.steps import AdversarialTraining, SoftLabelStep, round_eps
 from fedmed.models import build_model
 from fedmed.synthetic import make_synthetic
 from tests.helpers import compose_config
@@ -18,10 +32,8 @@ from tests.helpers import compose_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def defense(**changes) -> dict:
-    values = OmegaConf.to_container(OmegaConf.structured(DefenseConfig))
-    values.update(changes)
-    return values
+def defense(name: str, **changes) -> dict:
+    return defense_section(name, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +42,52 @@ def small_data():
     return LocalData(data.train.images, data.train.labels, np.arange(96))
 
 
-@pytest.mark.parametrize("name", ["fgsm_at", "fast_at", "pgd_at", "distillation", "dp_sgd"])
-def test_every_defense_has_a_config_group(name):
+@pytest.mark.parametrize("name", ["none", "fgsm_at", "fast_at", "pgd_at", "distillation", "dp_sgd"])
+def test_every_defense_is_an_option_with_its_own_keys(name):
     cfg = compose_config(f"defense={name}")
     assert cfg.defense.name == name
+    assert list(cfg.defense) == list(defense_section(name))
     check_defense(cfg.defense)
+
+
+def test_the_registry_holds_every_defense_and_composes_each_with_its_defaults():
+    assert list(DEFENSES) == ["none", "fgsm_at", "fast_at", "pgd_at", "distillation", "dp_sgd"]
+    assert compose_config("defense=fgsm_at").defense.clean_weight == 0.5
+    assert compose_config("defense=distillation").defense.temperature == 20.0
+    assert compose_config("defense=dp_sgd").defense.noise_multiplier == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["defense.eps=0.1"], "defense.eps"),  # defense=none has no epsilon
+        (["defense=fgsm_at", "defense.steps=3"], "defense.steps"),  # only pgd_at (and dp_sgd) take steps
+        (["defense=fast_at", "defense.temperature=3"], "defense.temperature"),
+        (["defense=fgsm_at", "defense.eps=abc"], "defense.eps"),
+        (["defense=fgsm"], "fgsm_at"),  # Hydra lists the options
+    ],
+)
+def test_a_key_the_chosen_defense_does_not_have_is_a_hydra_error_naming_it(overrides, message):
+    with pytest.raises(Exception, match=message):
+        compose_config(*overrides)
+
+
+def test_a_client_job_with_a_key_its_defense_does_not_have_is_refused_by_name():
+    with pytest.raises(ValueError, match="defense=fast_at: Key 'temperature' not in"):
+        check_defense({"name": "fast_at", "temperature": 3.0})
+    with pytest.raises(ValueError, match="defense=none has no key eps"):
+        defense_section("none", eps=0.1)
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"name": "fgsm"}, "defense='fgsm' is not known"),
-        ({"name": "dp_sgd"}, "exactly one of defense.noise_multiplier"),
+        ({"name": "dp_sgd", "noise_multiplier": None}, "exactly one of defense.noise_multiplier"),
         ({"name": "dp_sgd", "noise_multiplier": 1.0, "target_epsilon": 3.0}, "exactly one"),
-        ({"name": "fast_at", "adversarial": "pgd_at"}, "combines adversarial training with DP-SGD only"),
+        ({"name": "fast_at", "adversarial": "pgd_at"}, "defense=fast_at: Key 'adversarial' not in"),
+        ({"name": "dp_sgd", "eps": -1.0, "adversarial": "pgd_at"}, "defense.eps=-1.0 must be > 0"),
+        ({"name": "pgd_at", "steps": 0}, "defense.steps=0 must be >= 1"),
         ({"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "distillation"}, "cannot run under DP-SGD"),
         (
             {"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "fgsm_at", "clean_weight": 0.5},
@@ -57,7 +101,7 @@ def test_every_defense_has_a_config_group(name):
 )
 def test_impossible_defense_settings_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        check_defense(defense(**changes))
+        check_defense(changes)
 
 
 def test_dp_sgd_turns_batchnorm_into_groupnorm_for_every_architecture():
@@ -193,3 +237,54 @@ def test_dp_sgd_target_epsilon_is_spent_over_all_rounds(small_data):
     ]
     assert spent[0] < spent[1] <= 4.0 * 1.02  # Opacus searches the noise to within its tolerance
     assert spent[1] > 4.0 * 0.9
+
+
+def test_the_defence_package_imports_without_torch():
+    # fedmed-sim checks its configuration, defences included, before torch is needed
+    code = "import sys, fedmed.defenses; assert 'torch' not in sys.modules, 'fedmed.defenses imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@dataclass
+class _ScaledLossConfig(DefenseConfig):
+    name: str = "scaled_loss"
+    factor: float = 0.5
+
+    def check(self) -> None:
+        if self.factor <= 0:
+            raise ValueError(f"defense.factor={self.factor} must be > 0")
+
+
+def _train_with_scaled_loss(config: _ScaledLossConfig, local_round: LocalRound) -> dict[str, float]:
+    def step(model, x, y):
+        logits = model(x)
+        loss = config.factor * F.cross_entropy(logits, y)
+        loss.backward()
+        return loss.detach(), logits.detach()
+
+    result = local_round.train(step)
+    return {"train_loss": result["loss"], "train_accuracy": result["accuracy"], "factor": config.factor}
+
+
+@pytest.fixture
+def scaled_loss_defence():
+    from hydra.core.config_store import ConfigStore
+
+    register(Defense("scaled_loss", _ScaledLossConfig, _train_with_scaled_loss))
+    ConfigStore.instance().store(group="defense", name="scaled_loss", node=_ScaledLossConfig)
+    yield
+    del DEFENSES["scaled_loss"]
+    ConfigStore.instance().repo["defense"].pop("scaled_loss.yaml")
+
+
+def test_a_new_defence_is_one_config_one_train_and_its_registration(scaled_loss_defence, small_data):
+    cfg = compose_config("defense=scaled_loss", "defense.factor=0.25")
+    check_defense(cfg.defense)
+    with pytest.raises(ValueError, match="defense.factor=-1.0 must be > 0"):
+        check_defense({"name": "scaled_loss", "factor": -1.0})
+    model = build_model("resnet18", 3, 1)
+    job = job_for(OmegaConf.to_container(cfg.defense))
+    metrics = train_round(
+        model, small_data, job, server_round=1, seed=0, device=torch.device("cpu"), state=RecordDict()
+    )
+    assert metrics["factor"] == 0.25 and np.isfinite(metrics["train_loss"])

@@ -3,6 +3,8 @@ of online nodes only, and failures recorded under the site's name (a fake grid, 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
@@ -94,6 +96,7 @@ def test_two_sites_with_one_name_are_refused():
 
 
 def test_waiting_names_who_connected_and_fails_clearly(caplog):
+    caplog.set_level(logging.INFO, logger="fedmed")  # the progress lines are INFO, whatever ran before
     with pytest.raises(TimeoutError, match="only 1 of federation.num_clients=3 sites .* connected: leeds"):
         discover(FakeGrid({7: "leeds"}), 3, timeout=1)
     assert "1 of 3 sites connected: leeds" in caplog.text

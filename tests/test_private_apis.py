@@ -76,4 +76,5 @@ def test_rays_message_from_a_thread_is_the_one_fedmed_ray_start_drops():
 def test_opacus_releases_a_grad_sample_module_through_a_public_method(name):
     from opacus import GradSampleModule
 
-    assert callable(getattr(GradSampleModule, name, None)), f"clients/privacy.py calls GradSampleModule.{name}()"
+    message = f"fedmed/defenses/privacy.py calls GradSampleModule.{name}()"
+    assert callable(getattr(GradSampleModule, name, None)), message

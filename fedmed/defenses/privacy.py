@@ -38,17 +38,19 @@ def save_history(state: RecordDict, history: list[tuple[float, float, int]]) -> 
     state[STATE_KEY] = ConfigRecord({"history": json.dumps([list(h) for h in history])})
 
 
-def noise_for(defense: dict, sample_rate: float, total_epochs: int) -> float:
-    """The configured noise multiplier, or the one that spends ``target_epsilon`` over
+def noise_for(
+    noise_multiplier: float | None, target_epsilon: float | None, delta: float, sample_rate: float, total_epochs: int
+) -> float:
+    """``noise_multiplier``, or if None the one that spends ``target_epsilon`` over
     ``total_epochs`` epochs at ``delta`` (a client that joins every round)."""
-    if defense["noise_multiplier"] is not None:
-        return float(defense["noise_multiplier"])
+    if noise_multiplier is not None:
+        return float(noise_multiplier)
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(
         get_noise_multiplier(
-            target_epsilon=float(defense["target_epsilon"]),
-            target_delta=float(defense["delta"]),
+            target_epsilon=float(target_epsilon),
+            target_delta=float(delta),
             sample_rate=sample_rate,
             epochs=total_epochs,
             accountant="rdp",
@@ -72,15 +74,18 @@ class PrivateRound:
         indices,
         *,
         batch_size: int,
-        defense: dict,
+        noise_multiplier: float | None,
+        target_epsilon: float | None,
+        delta: float,
+        max_grad_norm: float,
         total_epochs: int,
         state: RecordDict,
         seed: int,
     ) -> None:
         self.state = state
-        self.delta = float(defense["delta"])
+        self.delta = float(delta)
         sample_rate = batch_size / len(indices)
-        self.noise_multiplier = noise_for(defense, sample_rate, total_epochs)
+        self.noise_multiplier = noise_for(noise_multiplier, target_epsilon, delta, sample_rate, total_epochs)
         loader = DataLoader(TensorDataset(torch.as_tensor(indices)), batch_size=batch_size)
         generator = torch.Generator().manual_seed(seed)
         # entered here and left in __exit__: the engine, make_private and every training step warn
@@ -98,7 +103,7 @@ class PrivateRound:
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=self.noise_multiplier,
-                max_grad_norm=float(defense["max_grad_norm"]),
+                max_grad_norm=float(max_grad_norm),
                 poisson_sampling=True,
                 noise_generator=generator,
             )

@@ -1,4 +1,5 @@
-"""Client-side defences against evasion attacks, as training steps for ``fedmed.train.train_local``.
+"""The training steps of the client defences, for ``fedmed.train.train_local`` (torch code, imported
+when a defence trains; the options themselves are the other modules of this package).
 
 * ``AdversarialTraining``: FGSM adversarial training (Goodfellow et al., "Explaining and
   Harnessing Adversarial Examples", ICLR 2015), fast adversarial training — FGSM from a random
@@ -9,7 +10,7 @@
   (Hinton et al. 2015), used for defensive distillation (Papernot et al., "Distillation as a
   Defense to Adversarial Perturbations against Deep Neural Networks", S&P 2016) and for
   federated distillation, where the received global model teaches the local one
-  (see ``clients/local_training.py``).
+  (``fedmed/defenses/distillation.py``).
 
 Training-time attacks run with the model in training mode, as Wong et al. and Madry et al. do;
 the server's assessment (``fedmed/attacks.py``) attacks in eval mode.
@@ -20,11 +21,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-METHODS = {"fgsm_at": "fgsm", "fast_at": "fast", "pgd_at": "pgd"}
+from fedmed.attacks import eval_mode, make_attack
+from fedmed.defenses.base import LocalData
+from fedmed.logs import log
+from fedmed.train import derive_seed, gather_batch
+
+CHECK_KEY = "fedmed-robust-check"
+CHECK_SAMPLES = 64
 
 
 def round_eps(eps: float, server_round: int, warmup_rounds: int) -> float:
@@ -166,3 +175,39 @@ class SoftLabelStep:
             loss = loss + (1 - self.soft_weight) * F.cross_entropy(logits, y)
         loss.backward()
         return loss.detach(), logits.detach()
+
+
+def robust_check(
+    model: nn.Module, data: LocalData, eps: float, seed: int, device: torch.device, state: RecordDict, server_round: int
+) -> dict[str, float]:
+    """FGSM and PGD-10 accuracy on a fixed sample of training images after local training.
+
+    FGSM-based adversarial training can overfit catastrophically (Wong et al. 2020): FGSM
+    accuracy stays high while PGD accuracy collapses within an epoch. A fall of PGD accuracy by
+    more than 0.2 from the client's previous round is logged as a warning.
+    """
+    rng = np.random.default_rng(derive_seed(seed, 5))
+    count = min(CHECK_SAMPLES, len(data.indices))
+    batch = np.sort(rng.choice(data.indices, size=count, replace=False))
+    x = gather_batch(data.images, batch, device)
+    if data.transform is not None:
+        x = data.transform(x)
+    y = torch.from_numpy(np.asarray(data.labels)[batch].astype(np.int64)).to(device)
+    scores = {}
+    for name in ("fgsm", "pgd"):
+        x_adv = make_attack(name, eps, seed=derive_seed(seed, 6))(model, x, y)
+        with torch.no_grad(), eval_mode(model):
+            scores[name] = float((model(x_adv).argmax(1) == y).float().mean())
+    previous = state[CHECK_KEY]["pgd"] if CHECK_KEY in state else None
+    if previous is not None and float(previous) - scores["pgd"] > 0.2:
+        log.warning(
+            "round %d: PGD accuracy on training images fell from %.2f to %.2f while FGSM accuracy "
+            "is %.2f: catastrophic overfitting (Wong et al. 2020); lower defense.eps or "
+            "defense.alpha, or use pgd_at",
+            server_round,
+            float(previous),
+            scores["pgd"],
+            scores["fgsm"],
+        )
+    state[CHECK_KEY] = ConfigRecord({"pgd": scores["pgd"]})
+    return {"train_fgsm_accuracy": scores["fgsm"], "train_pgd_accuracy": scores["pgd"]}

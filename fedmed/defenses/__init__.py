@@ -1,0 +1,100 @@
+"""Client defences against evasion attacks and for privacy: one module per defence, one registry.
+
+A defence is a ``Defense`` (``base.py``): its config name, its structured config (a dataclass,
+stored in Hydra's ConfigStore under the group ``defense``, with its own ``check``) and its round
+of training. To add one: a module in this package that defines the three as its ``DEFENSE``,
+and its line in the registration at the end of this file. Nothing else changes: ``defense=<name>`` then composes
+it, a key it does not have is a Hydra error naming the key, its check runs before any process
+starts and again in every client, and clients train with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedmed.defenses.base import Defense, DefenseConfig, LocalData, LocalRound
+
+DEFENSES: dict[str, Defense] = {}
+
+
+def register(defense: Defense) -> Defense:
+    if defense.name in DEFENSES:
+        raise ValueError(f"a defence named {defense.name!r} is registered already")
+    DEFENSES[defense.name] = defense
+    return defense
+
+
+def defense_named(name: str) -> Defense:
+    if name not in DEFENSES:
+        raise ValueError(f"defense={name!r} is not known; use one of {', '.join(DEFENSES)}")
+    return DEFENSES[name]
+
+
+def defense_config(section: Mapping) -> DefenseConfig:
+    """The typed, checked config of a ``defense`` section (a DictConfig, or the plain dict a
+    client gets in its job): keys the option does not have and values of the wrong type are
+    refused with the key's name."""
+    defense = defense_named(str(section["name"]))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(defense.config), section)
+    except OmegaConfBaseException as error:
+        keys = ", ".join(f"defense.{key}" for key in OmegaConf.structured(defense.config))
+        raise ValueError(f"defense={defense.name}: {error.msg}; its keys are {keys}") from None
+    config = OmegaConf.to_object(merged)
+    config.check()
+    return config
+
+
+def check_defense(section: Mapping) -> None:
+    """Refuse a defence configuration that cannot work, naming the key and what to do."""
+    defense_config(section)
+
+
+def defense_section(name: str, **changes) -> dict:
+    """The plain ``defense`` section of option ``name`` with its defaults and ``changes``, as a
+    client's job carries it (tests and experiments build jobs with it)."""
+    values = OmegaConf.to_container(OmegaConf.structured(defense_named(name).config))
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise ValueError(f"defense={name} has no key {', '.join(sorted(unknown))}; its keys are {', '.join(values)}")
+    values.update(changes)
+    return values
+
+
+def model_norm_for(norm: str, defense_name: str) -> str:
+    """Per-example gradients (DP-SGD) are undefined under BatchNorm, which mixes examples: under
+    such a defence every model, clients' and server's alike, gets GroupNorm."""
+    if norm == "batch" and defense_named(defense_name).per_example_gradients:
+        return "group"
+    return norm
+
+
+def store_configs(config_store) -> None:
+    """Every defence's config as an option of Hydra's group ``defense``."""
+    for defense in DEFENSES.values():
+        config_store.store(group="defense", name=defense.name, node=defense.config)
+
+
+# the defences, in the order the README lists them
+from fedmed.defenses import distillation, dp_sgd, fast_at, fgsm_at, none, pgd_at  # noqa: E402
+
+for _module in (none, fgsm_at, fast_at, pgd_at, distillation, dp_sgd):
+    register(_module.DEFENSE)
+
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "DefenseConfig",
+    "LocalData",
+    "LocalRound",
+    "check_defense",
+    "defense_config",
+    "defense_named",
+    "defense_section",
+    "model_norm_for",
+    "register",
+    "store_configs",
+]
