@@ -11,6 +11,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from fedmed.architectures import ARCHITECTURES
 from fedmed.assimilation import check_kind
 from fedmed.defenses import DefenseConfig, store_configs
 
@@ -254,6 +255,8 @@ def register_configs() -> None:
     config_store = ConfigStore.instance()
     config_store.store(name="fedmed_schema", node=Config)
     store_configs(config_store)
+    for name in ARCHITECTURES:  # model=<name>: every architecture of fedmed/architectures.py
+        config_store.store(group="model", name=name, node=ModelConfig(name=name))
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")

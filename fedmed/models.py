@@ -5,8 +5,8 @@ Grey expansion, resizing of too small images and ImageNet normalisation all happ
 :class:`MedicalClassifier`, so attacks, epsilons and DP noise work in pixel space
 (docs/architecture.md): epsilon 8/255 means the same for every dataset and every architecture.
 
-One builder per architecture (as in ``torchvision.models``), plus :func:`build_model`,
-which dispatches by name for the configuration (``model=densenet121`` and so on).
+:func:`build_model` builds any architecture of the registry (``fedmed/architectures.py``,
+``model=densenet121`` and so on) through torchvision's public ``get_model`` and ``get_weight``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import socket
 import urllib.error
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -22,52 +21,19 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models import (
-    DenseNet121_Weights,
-    MobileNet_V2_Weights,
-    ResNet18_Weights,
-    ResNet50_Weights,
-    WeightsEnum,
-)
+from torchvision.models import WeightsEnum
 from torchvision.models import densenet as _tv_densenet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fedmed.architectures import ARCHITECTURES as _REGISTRY
+from fedmed.architectures import Architecture, architecture
 from fedmed.assimilation import ColourModule, TextureModule, build_modules, check_kind
 
-__all__ = [
-    "ARCHITECTURES",
-    "MedicalClassifier",
-    "build_model",
-    "densenet121",
-    "min_input_size",
-    "mobilenet_v2",
-    "resnet18",
-    "resnet50",
-]
+__all__ = ["ARCHITECTURES", "MedicalClassifier", "build_model", "min_input_size"]
 
-ARCHITECTURES: tuple[str, ...] = ("densenet121", "mobilenet_v2", "resnet50", "resnet18")
+ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)
 
 NORMS: tuple[str, ...] = ("batch", "group")
-
-# Smallest square input (pixels) each torchvision backbone accepts, found by trying every size
-# from 1 px up (eval and train mode, batch of 2). DenseNet121's three transition layers each
-# halve the map with a 2x2 average pool; at 28 px the map reaches 0x0 in the last one, 29 px is
-# the first size that survives. ResNets and MobileNetV2 end in adaptive pooling and their
-# strided convs are padded, so any size works; 28 px MedMNIST images go in unresized.
-_MIN_INPUT_SIZE: dict[str, int] = {
-    "densenet121": 29,
-    "mobilenet_v2": 1,
-    "resnet50": 1,
-    "resnet18": 1,
-}
-
-# The classification head of each torchvision model (the module we replace and leave trainable).
-_HEAD: dict[str, str] = {
-    "densenet121": "classifier",
-    "mobilenet_v2": "classifier.1",
-    "resnet50": "fc",
-    "resnet18": "fc",
-}
 
 # ImageNet statistics, the ones every torchvision ImageNet weight set was trained with.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,8 +46,7 @@ _DOWNLOAD_TIMEOUT_S = 20.0
 
 def min_input_size(name: str) -> int:
     """Smallest height/width (pixels) the architecture accepts; smaller inputs are resized up."""
-    _check_name(name)
-    return _MIN_INPUT_SIZE[name]
+    return architecture(name).min_input_size
 
 
 class MedicalClassifier(nn.Module):
@@ -121,7 +86,7 @@ class MedicalClassifier(nn.Module):
     @property
     def head(self) -> nn.Module:
         """The classification layer (the only trainable part of the backbone with ``freeze_backbone=True``)."""
-        return self.backbone.get_submodule(_HEAD[self.arch])
+        return self.backbone.get_submodule(architecture(self.arch).head)
 
     @property
     def has_modules(self) -> bool:
@@ -156,113 +121,6 @@ class MedicalClassifier(nn.Module):
         return self.classify_adapted(self.adapt(x))
 
 
-# --- builders ------------------------------------------------------------------------------
-
-
-def densenet121(
-    num_classes: int,
-    in_channels: int,
-    pretrained: bool = False,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-    norm: str = "batch",
-    assimilation: str = "none",
-) -> MedicalClassifier:
-    """DenseNet121 (ImageNet weights: ``DenseNet121_Weights.IMAGENET1K_V1``)."""
-    return _build(
-        "densenet121",
-        torchvision.models.densenet121,
-        DenseNet121_Weights.IMAGENET1K_V1,
-        num_classes,
-        in_channels,
-        pretrained,
-        weights_path,
-        freeze_backbone,
-        norm,
-        assimilation,
-    )
-
-
-def mobilenet_v2(
-    num_classes: int,
-    in_channels: int,
-    pretrained: bool = False,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-    norm: str = "batch",
-    assimilation: str = "none",
-) -> MedicalClassifier:
-    """MobileNetV2 (ImageNet weights: ``MobileNet_V2_Weights.IMAGENET1K_V1``)."""
-    return _build(
-        "mobilenet_v2",
-        torchvision.models.mobilenet_v2,
-        MobileNet_V2_Weights.IMAGENET1K_V1,
-        num_classes,
-        in_channels,
-        pretrained,
-        weights_path,
-        freeze_backbone,
-        norm,
-        assimilation,
-    )
-
-
-def resnet50(
-    num_classes: int,
-    in_channels: int,
-    pretrained: bool = False,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-    norm: str = "batch",
-    assimilation: str = "none",
-) -> MedicalClassifier:
-    """ResNet50 (ImageNet weights: ``ResNet50_Weights.IMAGENET1K_V2``, the better of the two)."""
-    return _build(
-        "resnet50",
-        torchvision.models.resnet50,
-        ResNet50_Weights.IMAGENET1K_V2,
-        num_classes,
-        in_channels,
-        pretrained,
-        weights_path,
-        freeze_backbone,
-        norm,
-        assimilation,
-    )
-
-
-def resnet18(
-    num_classes: int,
-    in_channels: int,
-    pretrained: bool = False,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-    norm: str = "batch",
-    assimilation: str = "none",
-) -> MedicalClassifier:
-    """ResNet18 (ImageNet weights: ``ResNet18_Weights.IMAGENET1K_V1``)."""
-    return _build(
-        "resnet18",
-        torchvision.models.resnet18,
-        ResNet18_Weights.IMAGENET1K_V1,
-        num_classes,
-        in_channels,
-        pretrained,
-        weights_path,
-        freeze_backbone,
-        norm,
-        assimilation,
-    )
-
-
-_BUILDERS: dict[str, Callable[..., MedicalClassifier]] = {
-    "densenet121": densenet121,
-    "mobilenet_v2": mobilenet_v2,
-    "resnet50": resnet50,
-    "resnet18": resnet18,
-}
-
-
 def build_model(
     name: str,
     num_classes: int,
@@ -284,30 +142,16 @@ def build_model(
     modules in front of the backbone (:mod:`fedmed.assimilation`); they start as the identity
     (grey replicated for the colour module) and stay trainable with ``freeze_backbone=True``.
     """
-    _check_name(name)
-    return _BUILDERS[name](
-        num_classes,
-        in_channels,
-        pretrained=pretrained,
-        weights_path=weights_path,
-        freeze_backbone=freeze_backbone,
-        norm=norm,
-        assimilation=assimilation,
+    return _build(
+        architecture(name), num_classes, in_channels, pretrained, weights_path, freeze_backbone, norm, assimilation
     )
 
 
 # --- internals -----------------------------------------------------------------------------
 
 
-def _check_name(name: str) -> None:
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r} (config key `model`); valid names: {', '.join(ARCHITECTURES)}")
-
-
 def _build(
-    arch: str,
-    constructor: Callable[..., nn.Module],
-    weights: WeightsEnum,
+    spec: Architecture,
     num_classes: int,
     in_channels: int,
     pretrained: bool,
@@ -316,6 +160,7 @@ def _build(
     norm: str,
     assimilation: str,
 ) -> MedicalClassifier:
+    arch = spec.name
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{arch}: num_classes must be a positive integer, got {num_classes!r}")
     if in_channels not in (1, 3):
@@ -329,14 +174,14 @@ def _build(
 
     # Built with torchvision's own 1000-class head so that ImageNet checkpoints load strictly
     # (every key checked); the head is replaced only afterwards.
-    backbone = constructor()
+    backbone = torchvision.models.get_model(arch)
     if weights_path is not None:
-        _load_into(backbone, arch, _read_weights_file(weights_path, arch), str(weights_path))
+        _load_into(backbone, spec, _read_weights_file(weights_path, arch), str(weights_path))
     elif pretrained:
-        state_dict, source = _read_imagenet_weights(weights, arch)
-        _load_into(backbone, arch, state_dict, source)
+        state_dict, source = _read_imagenet_weights(torchvision.models.get_weight(spec.weights), arch)
+        _load_into(backbone, spec, state_dict, source)
 
-    _replace_head(backbone, arch, num_classes)
+    _replace_head(backbone, spec.head, num_classes)
 
     if norm == "group":
         # Opacus replaces each BatchNorm by GroupNorm(min(32, C), C), the same fix the DP-SGD
@@ -349,22 +194,18 @@ def _build(
 
     if freeze_backbone:
         backbone.requires_grad_(False)
-        backbone.get_submodule(_HEAD[arch]).requires_grad_(True)
+        backbone.get_submodule(spec.head).requires_grad_(True)
 
     # after the backbone, so that a seed gives the same backbone with and without modules
     texture, colour = build_modules(assimilation, in_channels)
-    return MedicalClassifier(backbone, arch, num_classes, in_channels, _MIN_INPUT_SIZE[arch], texture, colour)
+    return MedicalClassifier(backbone, arch, num_classes, in_channels, spec.min_input_size, texture, colour)
 
 
-def _replace_head(backbone: nn.Module, arch: str, num_classes: int) -> None:
-    if arch in ("resnet18", "resnet50"):
-        backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
-    elif arch == "mobilenet_v2":
-        backbone.classifier[1] = nn.Linear(backbone.classifier[1].in_features, num_classes)
-    elif arch == "densenet121":
-        backbone.classifier = nn.Linear(backbone.classifier.in_features, num_classes)
-    else:  # pragma: no cover - guarded by _check_name
-        raise AssertionError(arch)
+def _replace_head(backbone: nn.Module, head: str, num_classes: int) -> None:
+    """A new ``nn.Linear`` with ``num_classes`` outputs where the ImageNet head was."""
+    parent, _, leaf = head.rpartition(".")
+    old = backbone.get_submodule(head)
+    setattr(backbone.get_submodule(parent), leaf, nn.Linear(old.in_features, num_classes))
 
 
 # --- norm="group": no in-place ops, for Opacus -----------------------------------------------
@@ -490,9 +331,10 @@ class _HeldWeights:
         return self._state_dict
 
 
-def _load_into(backbone: nn.Module, arch: str, state_dict: dict[str, Any], source: str) -> None:
+def _load_into(backbone: nn.Module, spec: Architecture, state_dict: dict[str, Any], source: str) -> None:
+    arch = spec.name
     try:
-        if arch == "densenet121":
+        if spec.old_checkpoint_keys:
             _tv_densenet._load_state_dict(backbone, _HeldWeights(state_dict), progress=False)
         else:
             backbone.load_state_dict(state_dict)

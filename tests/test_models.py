@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fedmed import models
+from fedmed.architectures import architecture
 from fedmed.models import ARCHITECTURES, MedicalClassifier, build_model, min_input_size
 
 NUM_CLASSES = 3
@@ -223,7 +223,7 @@ def _reference(arch: str, seed: int = 123):
 def _assert_backbone_loaded(model: MedicalClassifier, reference: nn.Module):
     ref = reference.state_dict()
     got = model.backbone.state_dict()
-    head = models._HEAD[model.arch]
+    head = architecture(model.arch).head
     compared = 0
     for key, value in ref.items():
         if key.startswith(head + "."):
@@ -290,3 +290,30 @@ def test_pretrained_without_cache_or_network_fails_fast(tmp_path, monkeypatch):
     # The download was tried under a finite socket timeout, restored afterwards.
     assert timeouts and timeouts[0] is not None and timeouts[0] > 0
     assert socket.getdefaulttimeout() == previous
+
+
+def test_a_new_architecture_is_one_record(monkeypatch, tmp_path):
+    # torchvision's ResNet34 is not in fedmed's registry; one record makes it buildable, with the
+    # head replaced, the backbone frozen and torchvision-layout weights loaded like the others'
+    from fedmed.architectures import ARCHITECTURES as registry
+    from fedmed.architectures import Architecture
+
+    monkeypatch.setitem(registry, "resnet34", Architecture("resnet34", "ResNet34_Weights.IMAGENET1K_V1", "fc"))
+    reference = torchvision.models.resnet34()
+    torch.save(reference.state_dict(), tmp_path / "resnet34.pth")
+    model = build_model("resnet34", NUM_CLASSES, 1, weights_path=str(tmp_path / "resnet34.pth"), freeze_backbone=True)
+    _assert_backbone_loaded(model, reference)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == [
+        "backbone.fc.weight",
+        "backbone.fc.bias",
+    ]
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, NUM_CLASSES)
+
+
+def test_every_architecture_is_a_model_option():
+    from tests.helpers import compose_config
+
+    for name in ARCHITECTURES:
+        assert compose_config(f"model={name}").model.name == name
+    with pytest.raises(Exception, match="resnet18"):  # Hydra lists the options
+        compose_config("model=vgg16")
