@@ -23,10 +23,11 @@ from fedmed.logs import through_flower_handlers
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
 from fedmed.precision import Precision
+from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, arrays_file, read_arrays, reply_file_for, write_arrays
 from fedmed.site_shift import apply_site_shift
-from fedmed.train import derive_seed, evaluate, resolve_device
+from fedmed.train import evaluate, resolve_device
 
 app = ClientApp()
 
@@ -81,7 +82,7 @@ def _arrays_reply(arrays: ArrayRecord, msg: Message) -> dict:
 def _site_transform(share, seed: int, device: torch.device):
     if share.site_shift is None:
         return None
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed_for(seed, Stream.SITE_NOISE))
     return lambda x: apply_site_shift(x, share.site_shift, generator)
 
 
@@ -145,11 +146,11 @@ def train(msg: Message, context: Context) -> Message:
     if fault is not None and fault["kind"] == "garbage":
         return _garbage_train_reply(msg, context.node_config, fault["garbage"], len(share.train_indices), pid)
     device = resolve_device(device_setting(job, context.node_config))
-    seed = derive_seed(job["seed"], server_round, pid)
+    seed = seed_for(int(job["seed"]), Stream.CLIENT_ROUND, server_round, pid)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
     # Seeded after the model: building it (only on a worker's first call) draws from the same
     # generator, and which call is a worker's first differs from run to run (and on resume).
-    torch.manual_seed(seed)
+    torch.manual_seed(seed_for(seed, Stream.TORCH_GLOBAL))
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
     attack = job.get("attack")
     check_attack(attack, share.num_classes, int(job["num_clients"]))
@@ -190,7 +191,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
-    seed = derive_seed(job["seed"], server_round, pid, 1)
+    seed = seed_for(int(job["seed"]), Stream.CLIENT_EVALUATION, server_round, pid)
     eval_cfg = job["eval"]
     result = evaluate(
         model,
@@ -203,7 +204,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         precision=Precision.of(job["client"], device),
     )
     if bool(config.get(ASSESS_KEY, False)):
-        indices = share.val_indices[fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed)]
+        indices = share.val_indices[
+            fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed_for(seed, Stream.EVALUATION_SUBSET))
+        ]
         result.update(
             assess_robustness(
                 model,

@@ -48,10 +48,8 @@ from fedmed.poisoning import (
     malicious_ids,
     update_scale,
 )
-from fedmed.train import BatchTransform, TrainStep, cross_entropy_step, derive_seed, make_optimizer, train_local
-
-_TAG_POOL = 0x706F6F6C
-_TAG_NOISE = 0x6E6F6973
+from fedmed.seeds import Stream, seed_for
+from fedmed.train import BatchTransform, TrainStep, cross_entropy_step, make_optimizer, train_local
 
 
 class PoolImages:
@@ -139,7 +137,7 @@ def poisoned_data(
         raise ValueError(f"attack={name} poisons no data")
     clean = np.asarray(share.train_indices, dtype=np.int64)
     labels = np.asarray(share.labels, dtype=np.int64)[clean]
-    rng = np.random.default_rng(derive_seed(seed, _TAG_POOL))
+    rng = np.random.default_rng(seed_for(seed, Stream.POISON_POOL))
     poison = np.zeros(0, dtype=np.int64)
     stamp = False
     if name == "edge_case":
@@ -304,7 +302,7 @@ def malicious_round(
         if name == "sign_flip":
             updates = [(r - p.detach()) * scale for p, r in zip(params, reference)]
         elif name == "gaussian":
-            generator = torch.Generator().manual_seed(derive_seed(seed, _TAG_NOISE))
+            generator = torch.Generator().manual_seed(seed_for(seed, Stream.GAUSSIAN_UPDATE))
             std = float(attack["noise_std"]) * scale
             updates = [torch.randn(r.shape, generator=generator, dtype=torch.float32) * std for r in reference]
         else:

@@ -14,7 +14,8 @@ import torch
 from fedmed.data import client_partitions, load_dataset, split_holdout
 from fedmed.models import build_model
 from fedmed.precision import Precision
-from fedmed.train import derive_seed, evaluate, make_optimizer, train_local
+from fedmed.seeds import Stream, seed_for
+from fedmed.train import evaluate, make_optimizer, train_local
 
 
 def bare_fedavg(
@@ -51,7 +52,9 @@ def bare_fedavg(
     torch.manual_seed(seed)
     model = build_model(model_name, data.num_classes, data.channels, norm=norm)
     partitions = client_partitions(data.train.labels, num_clients, partition, seed, data.name)
-    shares = [split_holdout(p, val_fraction, derive_seed(seed, pid))[0] for pid, p in enumerate(partitions)]
+    shares = [
+        split_holdout(p, val_fraction, seed_for(seed, Stream.HOLDOUT, pid))[0] for pid, p in enumerate(partitions)
+    ]
     test = data.test
     rows = [
         {"round": 0, **evaluate(model, test.images, test.labels, device=device), "time_s": time.monotonic() - started}
@@ -62,7 +65,7 @@ def bare_fedavg(
         summed = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_state.items()}
         for pid, indices in enumerate(shares):
             model.load_state_dict(global_state)
-            client_seed = derive_seed(seed, server_round, pid)
+            client_seed = seed_for(seed, Stream.CLIENT_ROUND, server_round, pid)
             torch.manual_seed(client_seed)
             opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
             train_local(

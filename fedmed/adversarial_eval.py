@@ -19,7 +19,8 @@ from torch import nn
 
 from fedmed.attacks import attack_each_eps, eval_mode, make_attack
 from fedmed.metrics import classification_metrics
-from fedmed.train import BatchTransform, derive_seed, gather_batch
+from fedmed.seeds import derive_seed
+from fedmed.train import BatchTransform, gather_batch
 
 __all__ = ["CLEAN", "assess_robustness", "eps_key", "fixed_subset", "metric_key"]
 

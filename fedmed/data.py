@@ -17,9 +17,9 @@ import numpy as np
 
 from fedmed.dataset import ArrayDataset
 from fedmed.poisoning import held_out_indices
+from fedmed.seeds import Stream, seed_for
 from fedmed.site_data import FederationShape, read_site
 from fedmed.site_shift import SiteShift, site_shift
-from fedmed.train import derive_seed
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,8 +73,9 @@ def load_dataset(
 
 
 def dataset_from_config(dataset_cfg: dict, seed: int) -> ArrayDataset:
-    """``load_dataset`` on the ``dataset`` section of the configuration."""
-    return load_dataset(seed=seed, **dataset_cfg)
+    """``load_dataset`` on the ``dataset`` section of the configuration; what it draws
+    (generated images, an image folder's split) comes from the run's ``DATASET`` stream."""
+    return load_dataset(seed=seed_for(seed, Stream.DATASET), **dataset_cfg)
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,16 @@ def _partitions(
 def client_partitions(
     labels: np.ndarray, num_clients: int, partition_cfg: dict, seed: int, dataset_name: str = ""
 ) -> list[np.ndarray]:
-    """Train-split indices of every client (deterministic from ``seed``, cached per process).
+    """Train-split indices of every client (deterministic from the run's ``seed``, through its
+    ``DATA_SPLIT`` stream; cached per process).
     A split that cannot be made names the configuration keys that decide it."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     alpha, min_size = float(partition_cfg.get("alpha", 0.5)), int(partition_cfg.get("min_partition_size", 10))
     try:
-        return _partitions(dataset_name, labels.tobytes(), num_clients, partition_cfg["name"], seed, alpha, min_size)
+        split_seed = seed_for(seed, Stream.DATA_SPLIT)
+        return _partitions(
+            dataset_name, labels.tobytes(), num_clients, partition_cfg["name"], split_seed, alpha, min_size
+        )
     except ValueError as error:
         raise ValueError(
             f"partition={partition_cfg['name']} cannot split the {len(labels)} training images among "
@@ -185,7 +190,7 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
     train_idx, val_idx = split_holdout(
         partition_of(job, dataset, partition_id, num_partitions),
         float(job["client"]["val_fraction"]),
-        derive_seed(seed, partition_id),
+        seed_for(seed, Stream.HOLDOUT, partition_id),
     )
     # attack=edge_case: the source class's tail is held out from every client's clean data (the
     # attackers get their share back, relabelled, only in attack rounds: clients/malicious.py)
@@ -195,7 +200,9 @@ def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientSha
         val_idx = val_idx[~np.isin(val_idx, held_out)]
     shift = None
     if job["partition"]["name"] == "site":
-        shift = site_shift(partition_id, seed, float(job["partition"].get("site_strength", 1.0)))
+        shift = site_shift(
+            partition_id, seed_for(seed, Stream.SITE_SHIFT), float(job["partition"].get("site_strength", 1.0))
+        )
     return ClientShare(dataset.train.images, dataset.train.labels, train_idx, val_idx, dataset.num_classes, shift)
 
 

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from fedmed.dataset import ArrayDataset
-from fedmed.train import BatchTransform, derive_seed, predict_probs
+from fedmed.seeds import Stream, seed_for
+from fedmed.train import BatchTransform, predict_probs
 
 __all__ = [
     "ATTACKS",
@@ -73,10 +74,6 @@ DATA_POISONING = ("edge_case", "badnets", "label_flip")  # targeted: they have a
 MODEL_POISONING = ("sign_flip", "gaussian")  # untargeted: they only degrade the global model
 # the two classes matter (source != target) for these
 _SOURCE_TARGET = ("edge_case", "label_flip")
-
-# tags that keep the seeds derived here apart from the (seed, round, partition) training seeds
-_TAG_MALICIOUS = 0x6D616C
-_TAG_EDGE = 0x65646765
 
 
 def attack_section(attack: Mapping | None) -> dict:
@@ -200,7 +197,7 @@ def malicious_partitions(num_clients: int, fraction: float, ids: list[int] | Non
     if fraction <= 0 or num_clients < 1:
         return []
     count = min(num_clients, max(1, int(math.floor(fraction * num_clients + 0.5))))
-    rng = np.random.default_rng(derive_seed(seed, _TAG_MALICIOUS))
+    rng = np.random.default_rng(seed_for(seed, Stream.MALICIOUS_CLIENTS))
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
@@ -332,7 +329,7 @@ def tail_distances(
             "the edge-case feature space is fitted on the classes other than "
             f"attack.source_class={source_class}, which have {len(rest)} training images"
         )
-    rng = np.random.default_rng(derive_seed(seed, _TAG_EDGE, 1))
+    rng = np.random.default_rng(seed_for(seed, Stream.EDGE_CASE, 1))
     if len(rest) > max_fit:
         rest = np.sort(rng.choice(rest, size=max_fit, replace=False))
     fit = _features(images, rest)
@@ -341,7 +338,7 @@ def tail_distances(
         n_components=n_components,
         whiten=True,
         svd_solver="randomized",
-        random_state=int(derive_seed(seed, _TAG_EDGE, 2) % (2**32)),
+        random_state=int(seed_for(seed, Stream.EDGE_CASE, 2) % (2**32)),
     )
     # one BLAS thread: on a busy machine (Ray actors on every core) two threads made this
     # 0.1 s fit take 2 to 10 s; the matrices are too small to gain from more
@@ -396,7 +393,7 @@ def edge_case_split(
     count = min(len(source), max(2, int(math.floor(tail_fraction * len(source) + 0.5))))
     order = np.argsort(-distances, kind="stable")
     tail = source[order[:count]]
-    rng = np.random.default_rng(derive_seed(seed, _TAG_EDGE, 3))
+    rng = np.random.default_rng(seed_for(seed, Stream.EDGE_CASE, 3))
     shuffled = rng.permutation(tail)
     n_test = min(count - 1, max(1, int(math.floor(test_fraction * count + 0.5))))
     split = EdgeCaseSplit(

@@ -30,9 +30,10 @@ from omegaconf import DictConfig
 
 from fedmed.data import ClientShare, client_share, dataset_from_config
 from fedmed.job import job_from_config
+from fedmed.seeds import Stream, seed_for
 from fedmed.site_data import default_site_name, examples_per_class
 from fedmed.site_shift import SiteShift, apply_site_shift
-from fedmed.train import derive_seed, gather_batch
+from fedmed.train import gather_batch
 
 MANIFEST = "manifest.json"
 BAKE_CHUNK = 1024  # images shifted at a time: bounds the float copy at large image sizes
@@ -113,7 +114,9 @@ def site_arrays(share: ClientShare, seed: int, partition_id: int) -> dict[str, n
     for split, indices in (("train", share.train_indices), ("val", share.val_indices)):
         images = share.images[indices]
         if share.site_shift is not None:
-            images = bake_site_shift(images, share.site_shift, derive_seed(seed, 12, partition_id, int(split == "val")))
+            images = bake_site_shift(
+                images, share.site_shift, seed_for(seed, Stream.SITE_FILES, partition_id, int(split == "val"))
+            )
         arrays[f"{split}_images"] = images[..., 0] if images.shape[-1] == 1 else images
         arrays[f"{split}_labels"] = share.labels[indices].astype(np.uint8).reshape(-1, 1)
     return arrays

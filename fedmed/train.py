@@ -17,6 +17,7 @@ from torch import nn
 
 from fedmed.metrics import classification_metrics
 from fedmed.precision import Precision
+from fedmed.seeds import Stream, seed_for
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 # One training step's gradients: takes (model, x, y), leaves the gradients in the parameters'
@@ -39,11 +40,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but torch sees no CUDA device; use device=cpu or auto")
     return torch.device(device)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from the run seed and integers such as round and partition id."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def gather_batch(images: np.ndarray, indices: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -117,8 +113,9 @@ def train_local(
     """
     if len(indices) < 2:
         raise ValueError(f"a client needs at least 2 training images, got {len(indices)}")
-    generator = torch.Generator().manual_seed(seed)
-    device_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+    batch_seed = seed_for(seed, Stream.BATCH_ORDER)
+    generator = torch.Generator().manual_seed(batch_seed)
+    device_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(batch_seed)
     precision = precision or Precision(device=device)
     precision.prepare_model(model.to(device)).train()
     label_tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64))

@@ -22,9 +22,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedmed.logs import log
+from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import array_from_numpy, array_view
 from fedmed.shared_arrays import SharedArrays
-from fedmed.train import derive_seed
 from strategies.aggregators.base import Aggregator, TooFewReplies
 from strategies.replies import reply_partition_id
 from strategies.strategy import FedMedStrategy
@@ -197,7 +197,7 @@ def apply_update(
 
 def round_generator(seed: int, server_round: int) -> torch.Generator:
     """The round's generator for the aggregator's noise, derived from ``seed`` and the round."""
-    return torch.Generator().manual_seed(derive_seed(seed, server_round))
+    return torch.Generator().manual_seed(seed_for(seed, Stream.AGGREGATOR_NOISE, server_round))
 
 
 class RobustAggregation(FedMedStrategy):

@@ -26,8 +26,9 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedmed.dataset import Split
+from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import load_arrays, model_to_arrays
-from fedmed.train import derive_seed, make_optimizer, train_local
+from fedmed.train import make_optimizer, train_local
 from strategies.robust_aggregation import flat_update
 
 
@@ -77,7 +78,7 @@ def make_root_update(
     ``num_examples`` of its replies and ``client.epochs``), each on a random root batch."""
     if iterations is not None and iterations < 1:
         raise ValueError(f"strategy.root_iterations={iterations} must be >= 1, or null to match the clients")
-    indices = root_indices(len(root.labels), root_samples, derive_seed(seed, 11))
+    indices = root_indices(len(root.labels), root_samples, seed_for(seed, Stream.ROOT_DATA))
     batch_size = int(client["batch_size"])
     calls = Counter()  # fresh batches each round; a checkpoint keeps the count
 
@@ -86,7 +87,7 @@ def make_root_update(
             iterations if iterations is not None else client_iterations(num_examples, int(client["epochs"]), batch_size)
         )
         calls.value += 1
-        round_seed = derive_seed(seed, 12, calls.value)
+        round_seed = seed_for(seed, Stream.ROOT_TRAINING, calls.value)
         batches = random_batches(indices, steps, batch_size, torch.Generator().manual_seed(round_seed))
         local = copy.deepcopy(model)
         load_arrays(local, global_arrays)

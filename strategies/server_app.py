@@ -44,10 +44,11 @@ from fedmed.report import (
     round_line,
     write_summary,
 )
+from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import load_arrays, model_to_arrays, save_model
 from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.stopping import StopControl, release_client_actors
-from fedmed.train import derive_seed, evaluate, resolve_device
+from fedmed.train import evaluate, resolve_device
 from strategies.aggregators import make_aggregator
 from strategies.global_assessment import global_robustness, is_assessment_round, weakest_client
 from strategies.nodes import Federation, discover
@@ -59,10 +60,13 @@ from strategies.strategy import FedMedStrategy
 
 
 def seed_everything(seed: int) -> None:
-    # Flower samples with Python's `random`; our strategy has its own seeded generator too.
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """The server's global generators, from the run's MODEL_INIT stream: torch's draws the
+    global model's initial weights. Flower samples with Python's `random`; our strategy has its
+    own seeded generator."""
+    init_seed = seed_for(seed, Stream.MODEL_INIT)
+    random.seed(init_seed)
+    np.random.seed(init_seed % 2**32)
+    torch.manual_seed(init_seed)
 
 
 def build_strategy(
@@ -237,7 +241,7 @@ def run_federation(
                     max_samples=cfg.eval.max_samples,
                     batch_size=int(cfg.eval.batch_size),
                     device=device,
-                    seed=derive_seed(seed, 7),
+                    seed=seed_for(seed, Stream.ASSESSMENT),
                 )
             )
         if backdoor_set is not None:

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmed.job import ASSESS_KEY
 from fedmed.logs import log
+from fedmed.seeds import Stream, seed_for
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
 from strategies.nodes import Federation, online_partitions
 from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
@@ -94,7 +95,7 @@ class FedMedStrategy(FedAvg):
         self.assess_max_clients = assess_max_clients
         self.partition_of_node = dict(partition_of_node)
         self.clients_per_round = clients_per_round
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed_for(seed, Stream.CLIENT_SAMPLING))
         self.shared_arrays = shared_arrays
         self._global_arrays: ArrayRecord | None = None
         # per round: the replies' own metrics, the rejected ones, the local evaluations

@@ -11,7 +11,7 @@ from torch import nn
 
 from clients.client_app import train
 from clients.malicious import PoolImages, ProjectedStep, float_parameters, malicious_round, poisoned_data, update_norm
-from fedmed.data import ClientShare, client_share, load_dataset
+from fedmed.data import ClientShare, client_share, dataset_from_config, load_dataset
 from fedmed.dataset import ArrayDataset, Split
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
@@ -453,7 +453,7 @@ def test_train_handler_runs_an_edge_case_pgd_attack(one_thread):
     assert 0 < norm <= 0.5 + 1e-5
     assert np.isfinite(metrics["train_loss"])
     # the attacker reports its clean share, which lacks the tail like everyone's
-    data = load_dataset(**job["dataset"], seed=0)
+    data = dataset_from_config(job["dataset"], 0)
     split = edge_case_split(data.train.images, data.train.labels, 1, 0.3, 0.5, seed=0)
     share = client_share(job, 0, 2)
     assert metrics["num-examples"] == len(share.train_indices)

@@ -38,8 +38,8 @@ def test_bad_values_name_the_key():
         Precision("fp16", False, CPU)
 
 
-def run(precision: Precision) -> tuple[dict, dict, dict]:
-    data = make_synthetic(num_classes=2, channels=1, size=28, n_train=48, n_val=0, n_test=24, seed=0)
+def run(precision: Precision, n_train: int = 48) -> tuple[dict, dict, dict]:
+    data = make_synthetic(num_classes=2, channels=1, size=28, n_train=n_train, n_val=0, n_test=24, seed=0)
     torch.manual_seed(0)
     model = build_model("resnet18", 2, 1, norm="batch")
     initial = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -48,7 +48,7 @@ def run(precision: Precision) -> tuple[dict, dict, dict]:
         model,
         data.train.images,
         data.train.labels,
-        np.arange(48),
+        np.arange(n_train),
         epochs=1,
         batch_size=16,
         optimizer=optimizer,
@@ -73,9 +73,13 @@ def test_local_training_and_evaluation_are_finite(amp, channels_last):
     changed = any(not torch.equal(w, reference[2][k]) for k, w in weights.items() if w.is_floating_point())
     if amp == "bf16":  # autocast really ran: bfloat16 arithmetic gives other weights than float32
         assert changed and trained["loss"] != reference[0]["loss"]
-    else:  # only the memory layout changed: the same training, up to the convolutions' rounding
-        assert trained["loss"] == pytest.approx(reference[0]["loss"], rel=1e-3)
-        assert torch.nn.functional.cosine_similarity(update, reference[3], dim=0) > 0.99
+    else:  # only the memory layout changed: the same training step, up to the convolutions' rounding
+        # (one step: over several, a randomly initialised ResNet with BatchNorm on batches of 16
+        # amplifies that rounding, to an update cosine of 0.77 after 3 steps for some batch orders)
+        first, _, _, first_update = run(Precision(device=CPU), n_train=16)
+        step, _, _, step_update = run(Precision(amp, channels_last, CPU), n_train=16)
+        assert step["loss"] == pytest.approx(first["loss"], rel=1e-4)
+        assert torch.nn.functional.cosine_similarity(step_update, first_update, dim=0) > 0.999
     if channels_last:
         conv = next(w for w in weights.values() if w.ndim == 4)
         assert conv.is_contiguous(memory_format=torch.channels_last)

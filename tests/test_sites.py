@@ -14,6 +14,7 @@ import torch
 
 from fedmed.data import client_share, dataset_from_config, site_share
 from fedmed.job import job_from_config
+from fedmed.seeds import Stream, seed_for
 from fedmed.site_shift import apply_site_shift, site_shifts
 from fedmed.sites import compose, main, write_sites
 from fedmed.train import gather_batch
@@ -81,7 +82,7 @@ def test_site_partition_bakes_each_sites_scanner_into_its_images(tmp_path):
     manifest = json.loads((tmp_path / "shifted" / "manifest.json").read_text())
     job = job_from_config(compose(overrides))
     assert manifest["site_shift_baked"]
-    shifts = site_shifts(2, 1, 1.0)
+    shifts = site_shifts(2, seed_for(1, Stream.SITE_SHIFT), 1.0)  # the run's (seed=1) site-shift stream
     for i in range(2):
         simulated = client_share(job, i, 2)
         assert manifest["sites"][f"site-{i}"]["site_shift"] == json.loads(json.dumps(dataclasses.asdict(shifts[i])))

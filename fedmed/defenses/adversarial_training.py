@@ -59,7 +59,7 @@ def adversarial_step(
     import torch
 
     from fedmed.defenses.steps import AdversarialTraining, round_eps
-    from fedmed.train import derive_seed
+    from fedmed.seeds import Stream, seed_for
 
     return AdversarialTraining(
         method,
@@ -67,7 +67,7 @@ def adversarial_step(
         alpha=config.alpha,
         steps=config.attack_steps(),
         clean_weight=config.clean_weight,
-        generator=torch.Generator(local_round.device).manual_seed(derive_seed(local_round.seed, 3)),
+        generator=torch.Generator(local_round.device).manual_seed(seed_for(local_round.seed, Stream.ADVERSARIAL_START)),
         attack_context=attack_context,
     )
 

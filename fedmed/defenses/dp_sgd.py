@@ -67,7 +67,7 @@ class DpSgdConfig(AdversarialTrainingConfig):
 
 def train_privately(config: DpSgdConfig, local_round: LocalRound) -> dict[str, float]:
     from fedmed.defenses.privacy import PrivateRound  # Opacus, imported only by DP-SGD clients
-    from fedmed.train import derive_seed
+    from fedmed.seeds import Stream, seed_for
 
     if local_round.rounds is None:
         raise ValueError("defense=dp_sgd: the client's job has no `rounds` (federation.rounds), over which it accounts")
@@ -83,7 +83,7 @@ def train_privately(config: DpSgdConfig, local_round: LocalRound) -> dict[str, f
         max_grad_norm=config.max_grad_norm,
         total_epochs=local_round.rounds * local_round.epochs,
         state=local_round.state,
-        seed=derive_seed(local_round.seed, 4),
+        seed=seed_for(local_round.seed, Stream.PRIVACY_NOISE),
     ) as private:
         step = None
         if config.adversarial is not None:

@@ -30,7 +30,8 @@ from torch import nn
 from fedmed.attacks import eval_mode, make_attack
 from fedmed.defenses.base import LocalData
 from fedmed.logs import log
-from fedmed.train import derive_seed, gather_batch
+from fedmed.seeds import Stream, seed_for
+from fedmed.train import gather_batch
 
 CHECK_KEY = "fedmed-robust-check"
 CHECK_SAMPLES = 64
@@ -186,7 +187,7 @@ def robust_check(
     accuracy stays high while PGD accuracy collapses within an epoch. A fall of PGD accuracy by
     more than 0.2 from the client's previous round is logged as a warning.
     """
-    rng = np.random.default_rng(derive_seed(seed, 5))
+    rng = np.random.default_rng(seed_for(seed, Stream.OVERFITTING_CHECK, 1))
     count = min(CHECK_SAMPLES, len(data.indices))
     batch = np.sort(rng.choice(data.indices, size=count, replace=False))
     x = gather_batch(data.images, batch, device)
@@ -195,7 +196,7 @@ def robust_check(
     y = torch.from_numpy(np.asarray(data.labels)[batch].astype(np.int64)).to(device)
     scores = {}
     for name in ("fgsm", "pgd"):
-        x_adv = make_attack(name, eps, seed=derive_seed(seed, 6))(model, x, y)
+        x_adv = make_attack(name, eps, seed=seed_for(seed, Stream.OVERFITTING_CHECK, 2))(model, x, y)
         with torch.no_grad(), eval_mode(model):
             scores[name] = float((model(x_adv).argmax(1) == y).float().mean())
     previous = state[CHECK_KEY]["pgd"] if CHECK_KEY in state else None
