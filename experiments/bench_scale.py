@@ -7,7 +7,11 @@ subprocess while a background thread samples, every `--interval` s, the resident
 over that process and all its descendants (Ray's GCS server, raylet and workers are started by
 the driver): the peak of that sum is the figure. RSS counts shared pages (the torch libraries,
 the memory-mapped images) once per process, so the sum overstates what the machine gives; the
-proportional set size (PSS, shared pages divided among their users) is printed beside it.
+proportional set size (PSS, shared pages divided among their users) is printed beside it. Each
+sample also adds the bytes of the run's files in shared memory (`/dev/shm/fedmed-arrays-<pid>-*`,
+``fedmed.shared_arrays.shared_directory``: the global model and the clients' replies waiting for
+the server): tmpfs pages are RAM but belong to no process's RSS, and nothing in fedmed maps those
+files, so they are counted once, here. Where the peak was, process by process, is printed too.
 
 A round's time is the mean over the rounds after the first (metrics.jsonl `time_s`; the first
 pays the Ray workers' start). With the whole training split, 1000 clients hold 4-5 images
@@ -21,7 +25,7 @@ images in both runs, and the two rounds differ only in the size of the federatio
     python -m experiments.bench_scale [--root ../shared/data/medmnist] [--rounds 4]
         [--clients 10,1000] [--no-same-work] [--interval 0.2]
 
-Last line: scale_1000_peak_gib=<peak RSS sum, 1000 clients, GiB>
+Last line: scale_1000_peak_gib=<peak of RSS sum + shared-memory files, 1000 clients, GiB>
 scale_round_ratio=<1000-client round / 10-client round>.
 """
 
@@ -51,11 +55,27 @@ HERE = Path(__file__).resolve().parent
 from experiments.bench_overhead import steady_round_s  # noqa: E402
 
 GIB = 2**30
+SHARED_MEMORY = Path("/dev/shm")
+SHARED_PREFIX = "fedmed-arrays-"  # fedmed.shared_arrays._PREFIX
 CLIENTS_PER_ROUND = 10
 
 
+def shared_memory_bytes(pids: list[int]) -> int:
+    """Bytes that the files of these processes' fedmed directories in shared memory occupy."""
+    total = 0
+    for pid in pids:
+        for directory in SHARED_MEMORY.glob(f"{SHARED_PREFIX}{pid}-*"):
+            for file in directory.iterdir() if directory.is_dir() else ():
+                try:  # a reply file may be deleted between the listing and the reading
+                    total += file.stat().st_blocks * 512
+                except FileNotFoundError:
+                    continue
+    return total
+
+
 class TreeMemory:
-    """Samples the summed RSS (and PSS) of a process and its descendants in a thread."""
+    """Samples, in a thread, the summed RSS (and PSS) of a process and its descendants plus the
+    bytes of their files in shared memory (``shared_memory_bytes``)."""
 
     def __init__(self, pid: int, interval: float) -> None:
         self.root = psutil.Process(pid)
@@ -63,6 +83,8 @@ class TreeMemory:
         self.peak_rss = 0
         self.peak_pss = 0
         self.most_processes = 0
+        # at the peak of the RSS sum: (RSS by process, shared-memory bytes)
+        self.at_peak: tuple[list[tuple[str, int]], int] = ([], 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
@@ -84,17 +106,33 @@ class TreeMemory:
             processes = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        rss = pss = 0
+        shm = shared_memory_bytes([p.pid for p in processes])
+        rss = pss = shm
+        each = []
         for process in processes:
             try:  # a process may end between the listing and the reading
                 info = process.memory_full_info()
+                each.append((_label(process), info.rss))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
-        self.peak_rss = max(self.peak_rss, rss)
+        if rss > self.peak_rss:
+            self.peak_rss, self.at_peak = rss, (each, shm)
         self.peak_pss = max(self.peak_pss, pss)
         self.most_processes = max(self.most_processes, len(processes))
+
+
+def _label(process) -> str:
+    """A short name: the module a Python process runs, or Ray's name for its worker."""
+    try:
+        command = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "?"
+    if "-m" in command[:-1]:
+        return command[command.index("-m") + 1]
+    name = process.name()
+    return name if not command or name.startswith("ray::") else Path(command[0]).name
 
 
 def same_work_root(root: str, folder: Path, num_clients: int, many: int, seed: int) -> Path:
@@ -149,6 +187,7 @@ def run_fedmed(root: Path, num_clients: int, rounds: int, out: Path, interval: f
         "peak_rss_gib": memory.peak_rss / GIB,
         "peak_pss_gib": memory.peak_pss / GIB,
         "processes": memory.most_processes,
+        "at_peak": memory.at_peak,
         "examples_per_client": rows[-1]["clients"][0]["num-examples"] if rows[-1].get("clients") else None,
     }
 
@@ -191,6 +230,10 @@ def main() -> None:
             f"| command {r['total_s']:.1f} s | peak RSS sum {r['peak_rss_gib']:.2f} GiB, PSS sum "
             f"{r['peak_pss_gib']:.2f} GiB over at most {r['processes']} processes"
         )
+    for r in results:
+        each, shm = r["at_peak"]
+        parts = ", ".join(f"{name} {rss / GIB:.2f}" for name, rss in sorted(each, key=lambda item: -item[1]))
+        print(f"{r['clients']:5d} clients at the peak (GiB): shared-memory files {shm / GIB:.2f}, {parts}")
     small, large = results[0], results[-1]
     print(
         f"scale_{large['clients']}_peak_gib={large['peak_rss_gib']:.2f} "

@@ -7,8 +7,10 @@ one ``ray.put`` and ``ray.get``, against 25 ms to write the model to ``/dev/shm`
 to read it back). So when server and clients share a machine, ``fedmed-sim`` writes the round's
 global ArrayRecord once to a file in a private directory of shared memory and sends only its path
 (in the message's ConfigRecord, ``ARRAYS_FILE_KEY``); each client writes its reply's ArrayRecord
-to a file beside it and replies with that path. The server reads each reply file back into an
-ArrayRecord before the usual validation, then deletes it. On whole rounds
+to a file beside it and replies with that path. FedAvg's server checks each reply file as it
+comes in and then sums the files one Array at a time, freeing them as it reads
+(``strategies.streamed``); robust rules read each back into an ArrayRecord (``collect``). The
+round's model file goes once its training replies are in. On whole rounds
 (``python -m experiments.bench_overhead --transport auto,message --repeats 3``) fedmed-sim took 1.022x
 the bare PyTorch loop this way and 1.111x with the model in the messages. Deployed clients never
 take this path: a client only accepts a file reference when it is a simulated partition.
@@ -26,6 +28,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -50,27 +53,81 @@ def write_arrays(arrays: ArrayRecord, path: Path) -> Path:
     return path
 
 
+class ArraysFile:
+    """A file ``write_arrays`` wrote, read one Array at a time: its header (each Array's key,
+    dtype and shape) on opening, the Arrays themselves by ``arrays``, as often as wanted.
+
+    ValueError: on opening when the file is not a fedmed arrays file, from ``arrays`` when it is
+    truncated or holds bytes after its last array (found when reading gets there). OSError when
+    it cannot be read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as file:
+            length = file.seek(0, os.SEEK_END)
+            file.seek(0)
+            try:
+                size = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(size)) if 0 < size < length else None
+                if not isinstance(header, dict) or header.get("format") != _FORMAT:
+                    raise ValueError
+                entries = [
+                    (str(key), str(dtype), tuple(int(s) for s in shape), str(stype), int(nbytes))
+                    for key, dtype, shape, stype, nbytes in header["arrays"]
+                ]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{self.path} is not a fedmed arrays file") from None
+        self.entries = entries
+        self._start = 8 + size
+
+    def layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(key, dtype, shape) of each Array, in the file's order."""
+        return [(key, dtype, shape) for key, dtype, shape, _, _ in self.entries]
+
+    def arrays(self) -> Iterator[tuple[str, Array]]:
+        """(key, Array) in the file's order, each read when asked for: one Array in memory at a
+        time, its bytes read straight into it (one copy from the page cache, none more)."""
+        with open(self.path, "rb") as file:
+            file.seek(self._start)
+            for key, dtype, shape, stype, nbytes in self.entries:
+                data = file.read(nbytes)
+                if len(data) != nbytes:
+                    raise ValueError(f"{self.path} is truncated at array '{key}' ({len(data)} of {nbytes} bytes)")
+                yield key, Array(dtype=dtype, shape=shape, stype=stype, data=data)
+            position = file.tell()
+            end = file.seek(0, os.SEEK_END)
+            if end != position:
+                raise ValueError(f"{self.path} has {end - position} bytes after its last array")
+
+    def consume(self) -> Iterator[tuple[str, Array]]:
+        """(key, Array) from the last to the first, the file cut short behind each Array read:
+        in shared memory its pages are freed as the reader's copy is made, so reading the file
+        costs no memory (but reads it once only)."""
+        ends = [self._start]
+        for *_, nbytes in self.entries:
+            ends.append(ends[-1] + nbytes)
+        with open(self.path, "r+b") as file:
+            length = file.seek(0, os.SEEK_END)
+            if length < ends[-1]:
+                raise ValueError(f"{self.path} is truncated ({length} of {ends[-1]} bytes)")
+            if length > ends[-1]:
+                raise ValueError(f"{self.path} has {length - ends[-1]} bytes after its last array")
+            for (key, dtype, shape, stype, nbytes), start in zip(reversed(self.entries), reversed(ends[:-1])):
+                file.seek(start)
+                data = file.read(nbytes)
+                if len(data) != nbytes:
+                    raise ValueError(f"{self.path} is truncated at array '{key}' ({len(data)} of {nbytes} bytes)")
+                file.truncate(start)
+                yield key, Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+
 def read_arrays(path: Path) -> ArrayRecord:
     """The ArrayRecord ``write_arrays`` wrote to ``path``, keys in the same order. Each Array's
     bytes are read straight into it: one copy from the page cache, none more."""
-    with open(path, "rb") as file:
-        length = file.seek(0, os.SEEK_END)
-        file.seek(0)
-        try:
-            size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(size)) if 0 < size < length else None
-            if not isinstance(header, dict) or header.get("format") != _FORMAT:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{path} is not a fedmed arrays file") from None
-        record = ArrayRecord()
-        for key, dtype, shape, stype, nbytes in header["arrays"]:
-            data = file.read(nbytes)
-            if len(data) != nbytes:
-                raise ValueError(f"{path} is truncated at array '{key}' ({len(data)} of {nbytes} bytes)")
-            record[key] = Array(dtype=dtype, shape=tuple(int(s) for s in shape), stype=stype, data=data)
-        if file.tell() != length:
-            raise ValueError(f"{path} has {length - file.tell()} bytes after its last array")
+    record = ArrayRecord()
+    for key, array in ArraysFile(path).arrays():
+        record[key] = array
     return record
 
 
@@ -147,18 +204,37 @@ class SharedArrays:
         self._published = (arrays, path)
         return path
 
+    def unpublish(self) -> None:
+        """Remove the published model's file now (the next ``publish`` writes one again): once a
+        round's training replies are in, its clients are done with it, and its shared memory is
+        better free while the server sums the replies (a client that missed the round's deadline
+        and reads it only now fails, as it would have anyway)."""
+        if self._published is not None:
+            self._published[1].unlink(missing_ok=True)
+            self._published = None
+
+    def reply_files(self, msg: Message) -> list[tuple[str, Path]]:
+        """(ConfigRecord name, path) of each arrays file a reply points to; none for a failed
+        reply or one that carries its arrays itself."""
+        if msg.has_error():
+            return []
+        found = ((name, arrays_file(config)) for name, config in msg.content.config_records.items())
+        return [(name, path) for name, path in found if path is not None]
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is in the run's directory (only such files are read and deleted)."""
+        return path.parent.resolve() == self.directory.resolve()
+
+    def outside_problem(self, path: Path) -> str:
+        return f"its arrays file {path} is outside the run's directory {self.directory}"
+
     def collect(self, msg: Message) -> str | None:
         """Put the arrays of a reply that points to a file back into the reply, as the ArrayRecord
         ``"arrays"``, and delete the file. Returns why it could not, or None (also for replies that
         carry their arrays themselves, and for failed ones)."""
-        if msg.has_error():
-            return None
-        for name, config in list(msg.content.config_records.items()):
-            path = arrays_file(config)
-            if path is None:
-                continue
-            if path.parent.resolve() != self.directory.resolve():
-                return f"its arrays file {path} is outside the run's directory {self.directory}"
+        for name, path in self.reply_files(msg):
+            if not self.owns(path):
+                return self.outside_problem(path)
             try:
                 record = read_arrays(path)
             except (OSError, ValueError, KeyError) as error:

@@ -10,10 +10,11 @@ other replies (``outlying_counts``). Rejected replies are never aggregated.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from fedmed.serialization import array_view
 
@@ -47,34 +48,84 @@ def reply_partition_id(msg: Message, partition_of_node: dict[int, int]) -> int |
 
 def training_reply_problem(msg: Message, global_arrays: ArrayRecord) -> str | None:
     """Why this training reply cannot be aggregated, or None when it can."""
+    problem = content_problem(msg, len(msg.content.array_records) if not msg.has_error() else 1)
+    if problem is not None:
+        return problem
+    arrays = next(iter(msg.content.array_records.values()))
+    problem = keys_problem(arrays.keys(), global_arrays)
+    if problem is not None:
+        return problem
+    for key, reference in global_arrays.items():
+        value = arrays[key]
+        problem = layout_entry_problem(key, value.dtype, value.shape, reference) or array_problem(key, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def content_problem(msg: Message, array_sources: int) -> str | None:
+    """Why this training reply cannot be aggregated, judged without its arrays: the client
+    failed, it has not one source of arrays (``array_sources``: its ArrayRecords, or the files
+    it points to) and one MetricRecord, or its example count is not a whole number >= 1."""
     if msg.has_error():
         return f"client failed: {msg.error.reason}"
     content = msg.content
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
+    if array_sources != 1:
+        return f"expected one ArrayRecord, got {array_sources}"
     if len(content.metric_records) != 1:
         return f"expected one MetricRecord, got {len(content.metric_records)}"
     metrics = next(iter(content.metric_records.values()))
     weight = metrics.get(WEIGHT_KEY)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 1 or weight != int(weight):
         return f"'{WEIGHT_KEY}' missing or not a whole number >= 1: {weight!r}"
-    arrays = next(iter(content.array_records.values()))
-    missing = set(global_arrays.keys()) - set(arrays.keys())
-    extra = set(arrays.keys()) - set(global_arrays.keys())
+    return None
+
+
+def keys_problem(keys: Iterable[str], global_arrays: ArrayRecord) -> str | None:
+    """Why a reply with these array keys cannot be aggregated (keys differ from the model's)."""
+    keys = set(keys)
+    missing = set(global_arrays.keys()) - keys
+    extra = keys - set(global_arrays.keys())
     if missing or extra:
         return f"array keys differ from the global model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})"
-    for key, reference in global_arrays.items():
-        value = arrays[key]
-        if tuple(value.shape) != tuple(reference.shape):
-            return f"array '{key}' has shape {tuple(value.shape)}, the global model {tuple(reference.shape)}"
-        if value.dtype != reference.dtype and _floating(value.dtype) and _floating(reference.dtype):
-            # only between floating-point dtypes: Flower's FedAvg hands BatchNorm's integer
-            # counters back as float64, and clients send them as int64
-            return f"array '{key}' has dtype {value.dtype}, the global model {reference.dtype}"
-        problem = values_problem(array_view(value))
-        if problem is not None:
-            return f"array '{key}' {problem}"
     return None
+
+
+def layout_problem(layout: list[tuple[str, str, tuple[int, ...]]], global_arrays: ArrayRecord) -> str | None:
+    """Why a reply whose arrays have this (key, dtype, shape) layout cannot be aggregated: keys,
+    shapes or floating-point dtypes differ from the global model's. Values are not looked at."""
+    problem = keys_problem((key for key, _, _ in layout), global_arrays)
+    if problem is not None:
+        return problem
+    if len(layout) != len(global_arrays):
+        return f"array keys repeat: {len(layout)} arrays for the global model's {len(global_arrays)}"
+    entries = {key: (dtype, shape) for key, dtype, shape in layout}
+    for key, reference in global_arrays.items():
+        problem = layout_entry_problem(key, *entries[key], reference)
+        if problem is not None:
+            return problem
+    return None
+
+
+def layout_entry_problem(key: str, dtype: str, shape: Iterable[int], reference: Array) -> str | None:
+    if tuple(shape) != tuple(reference.shape):
+        return f"array '{key}' has shape {tuple(shape)}, the global model {tuple(reference.shape)}"
+    if dtype != reference.dtype and _floating(dtype) and _floating(reference.dtype):
+        # only between floating-point dtypes: Flower's FedAvg hands BatchNorm's integer
+        # counters back as float64, and clients send them as int64
+        return f"array '{key}' has dtype {dtype}, the global model {reference.dtype}"
+    return None
+
+
+def array_problem(key: str, array: Array) -> str | None:
+    """Why this Array's values cannot be aggregated (``values_problem``, or fewer or more of
+    them than its shape says), or None."""
+    values = array_view(array)
+    expected = math.prod(array.shape)
+    if values.size != expected:
+        return f"array '{key}' holds {values.size} values, not the {expected} of its shape {tuple(array.shape)}"
+    problem = values_problem(values)
+    return None if problem is None else f"array '{key}' {problem}"
 
 
 def _floating(dtype: str) -> bool:

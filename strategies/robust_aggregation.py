@@ -254,6 +254,8 @@ class RobustAggregation(FedMedStrategy):
         self.reference_update = reference_update
         self._update_rows = UpdateRows()
 
+    checks_on_arrival = False  # every reply is loaded whole (``accepted_replies``)
+
     def _client_id(self, msg: Message) -> int:
         pid = reply_partition_id(msg, self.partition_of_node)
         return int(pid) if pid is not None else int(msg.metadata.src_node_id)

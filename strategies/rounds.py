@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from fedmed.client_state import STATE_RECORD, record_from, records_of
 from fedmed.logs import log
+from fedmed.memory import return_free_memory
 from fedmed.serialization import array_view
 from strategies.strategy import FedMedStrategy
 
@@ -64,12 +65,16 @@ def error_message(reason: str) -> str:
 
 
 def exchange(
-    grid: Grid, messages: Iterable[Message], timeout: float, stop: threading.Event | None = None
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    stop: threading.Event | None = None,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> tuple[list[tuple[int, Message]], list[int]]:
     """Send ``messages`` and collect the replies until all are in or ``timeout`` seconds pass.
     Returns (node the message went to, its reply) pairs and the node ids that did not reply in
     time. The node comes from the message replied to: Flower itself (node id 1) answers for a
-    node it has lost."""
+    node it has lost. ``on_reply(reply)`` runs on each reply as it comes in."""
     messages = list(messages)
     if not messages:
         return [], []
@@ -83,6 +88,8 @@ def exchange(
         for reply in grid.pull_messages(waiting):
             waiting.discard(reply.metadata.reply_to_message_id)
             replies.append((node_of[reply.metadata.reply_to_message_id], reply))
+            if on_reply is not None and not reply.has_error():
+                on_reply(reply)
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(POLL_S)
@@ -146,7 +153,8 @@ class RoundLoop:
 
     def _replies(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
         """The round's replies that carry content; failed and missing clients recorded."""
-        replies, missing = exchange(self.grid, messages, self.timeout, self.stop)
+        on_reply = getattr(self.strategy, "reply_arrived", None) if phase == "train" else None
+        replies, missing = exchange(self.grid, messages, self.timeout, self.stop, on_reply)
         failures = self.failures.setdefault(server_round, [])
         online = set(self.grid.get_node_ids()) if missing else set()
         for node in missing:
@@ -198,10 +206,12 @@ class RoundLoop:
         evaluates round 0 itself (a resumed run has it already)."""
         strategy = self.strategy
         for server_round in range(first_round, num_rounds + 1):
+            return_free_memory()  # what the last evaluation and checkpoint freed
             messages = self._with_states(strategy.configure_train(server_round, arrays, train_config, self.grid))
             replies = self._replies(server_round, "train", messages)
             self._collect_states(replies)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            return_free_memory()  # what the sum freed
             valid = len(strategy.client_train_metrics.get(server_round, []))
             if valid < self.min_replies:
                 raise NotEnoughReplies(

@@ -1,7 +1,9 @@
 """FedAvg with what a real server needs around it.
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
-AISTATS 2017 — aggregation is Flower's own ``FedAvg``. On top of it this class
+AISTATS 2017 — the aggregate is Flower's ``FedAvg`` bit for bit, computed one reply at a time
+(``strategies.streamed``: in simulation the server holds one Array of one reply at a time, not
+the round's replies). This class also
 
 * samples clients by partition id with a seeded ``random.Random``, so the same seed picks the same
   clients (Flower samples node ids, which are random per run);
@@ -24,14 +26,16 @@ from collections.abc import Callable, Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, validate_message_reply_consistency
 
 from fedmed.job import ASSESS_KEY
 from fedmed.logs import log
 from fedmed.seeds import Stream, seed_for
+from fedmed.serialization import array_from_numpy
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
 from strategies.nodes import Federation, online_partitions
 from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
+from strategies.streamed import Candidate, open_reply, values_problem_of, weighted_sum
 
 
 def _metrics_of(msg: Message) -> dict:
@@ -61,6 +65,9 @@ class FedMedStrategy(FedAvg):
         At most this many nodes (a seeded sample of those online) take part in an assessment
         round (``eval.max_clients``); None: every node.
     """
+
+    # ``reply_arrived`` checks reply files as they come in (robust rules load them all anyway)
+    checks_on_arrival = True
 
     def __init__(
         self,
@@ -112,6 +119,8 @@ class FedMedStrategy(FedAvg):
         # deployed step's overhead is measured against (experiments/bench_deployment.py)
         self.train_step_time_s: dict[int, float] = {}
         self._sent_at = 0.0
+        # message id -> why its values cannot be aggregated, or None: checked as replies arrive
+        self._checked_on_arrival: dict[str, str | None] = {}
 
     def online(self) -> list[int]:
         """Partitions that can be sampled now: those whose node is online (all without a grid)."""
@@ -143,6 +152,7 @@ class FedMedStrategy(FedAvg):
     ) -> Iterable[Message]:
         self._global_arrays = arrays
         self._grid = grid
+        self._checked_on_arrival.clear()
         available = self.online()
         if len(available) < self.clients_per_round:
             log.warning(
@@ -174,8 +184,7 @@ class FedMedStrategy(FedAvg):
 
     def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Valid replies in partition order; the others are logged and recorded as rejected."""
-        assert self._global_arrays is not None, "configure_train must run before aggregate_train"
-        self.train_step_time_s[server_round] = time.monotonic() - self._sent_at
+        self._training_done(server_round)
         accepted, rejected = [], []
         for msg in replies:
             pid = reply_partition_id(msg, self.partition_of_node)
@@ -191,6 +200,13 @@ class FedMedStrategy(FedAvg):
         self.rejections[server_round] = rejected
         self.client_train_metrics[server_round] = [self.client_metrics(pid, msg) for pid, msg in accepted]
         return [msg for _, msg in accepted]
+
+    def _training_done(self, server_round: int) -> None:
+        """The round's training replies are in: time the step, drop the model's file."""
+        assert self._global_arrays is not None, "configure_train must run before aggregate_train"
+        self.train_step_time_s[server_round] = time.monotonic() - self._sent_at
+        if self.shared_arrays is not None:
+            self.shared_arrays.unpublish()
 
     def client_metrics(self, pid: int | None, msg: Message) -> dict:
         """A reply's own metrics under the server's partition id, and its site's name if deployed."""
@@ -213,16 +229,119 @@ class FedMedStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.accepted_replies(server_round, replies)
+        """Flower's FedAvg over the valid replies, bit for bit, reading, checking and adding one
+        reply's Arrays at a time instead of holding them all (``strategies.streamed``)."""
+        self._training_done(server_round)
+        rejected: list[Rejection] = []
+        candidates: list[Candidate] = []
+        try:
+            for msg in replies:
+                pid = reply_partition_id(msg, self.partition_of_node)
+                source, problem, files = open_reply(msg, self.shared_arrays, self._global_arrays)
+                candidate = Candidate(pid, msg, source, files)
+                if problem is None and msg.metadata.message_id and msg.metadata.message_id in self._checked_on_arrival:
+                    problem = self._checked_on_arrival[msg.metadata.message_id]
+                    candidate.checked = problem is None
+                if problem is None:
+                    candidates.append(candidate)
+                else:
+                    self._reject(server_round, rejected, candidate, problem)
+            candidates.sort(key=lambda c: (c.pid is None, c.pid))
+            accepted, summed = self._streamed_average(server_round, candidates, rejected)
+        finally:
+            self._checked_on_arrival.clear()
+            for candidate in candidates:
+                candidate.release()
+        self.rejections[server_round] = rejected
+        self.client_train_metrics[server_round] = [self.client_metrics(c.pid, c.msg) for c in accepted]
         if not accepted:
             log.warning("round %d: no valid reply; the global model stays as it was", server_round)
             self.detection[server_round] = {"scores": {}, "flagged": []}
             return None, None
-        self.detection[server_round] = {
-            "scores": {reply_partition_id(m, self.partition_of_node): 0.0 for m in accepted},
-            "flagged": [],
-        }
-        return super().aggregate_train(server_round, accepted)
+        self.detection[server_round] = {"scores": {c.pid: 0.0 for c in accepted}, "flagged": []}
+        contents = [c.msg.content for c in accepted]
+        # what Flower's FedAvg.aggregate_train checks besides the arrays (raises as it did)
+        validate_message_reply_consistency(contents, self.weighted_by_key, check_arrayrecord=False)
+        arrays = ArrayRecord()
+        for key in list(summed):  # one Array serialised at a time, its sum dropped
+            arrays[key] = array_from_numpy(summed.pop(key))
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def _reject(self, server_round: int, rejected: list[Rejection], candidate: Candidate, problem: str) -> None:
+        log.warning("round %d: rejected reply of partition %s: %s", server_round, candidate.pid, problem)
+        rejected.append(Rejection(candidate.msg.metadata.src_node_id, candidate.pid, problem))
+        candidate.release()
+
+    def _streamed_average(
+        self, server_round: int, candidates: list[Candidate], rejected: list[Rejection]
+    ) -> tuple[list[Candidate], dict | None]:
+        """The accepted candidates (partition order) and their FedAvg sum; the others rejected.
+
+        As in ``accepted_replies``, a reply is first judged on its own (values included) and the
+        example counts then compared among those that pass (``outlying_counts``). Every pass
+        assumes that the values of replies not yet read are fine; when one is not, it is
+        rejected, and the counts are compared and the sum computed again (``strategies.streamed``
+        says why the sum cannot be patched instead).
+        """
+        pending = list(candidates)
+        check_first = False  # after a reply failed mid-sum: check every reply before summing
+        while True:
+            counts = [float(_metrics_of(c.msg)[WEIGHT_KEY]) for c in pending]
+            problems = outlying_counts(counts)
+            kept = [c for c, problem in zip(pending, problems) if problem is None]
+            outlying = [(c, problem) for c, problem in zip(pending, problems) if problem is not None]
+            # a reply's own values are judged before its count (the reason recorded is theirs)
+            unchecked = [c for c, _ in outlying] + (kept if check_first else [])
+            failed = [(c, problem) for c in unchecked if not c.checked and (problem := values_problem_of(c))]
+            if not failed and kept:
+                weights = [_metrics_of(c.msg)[self.weighted_by_key] for c in kept]  # as Flower reads them
+                total_weight = sum(weights)
+                # every reply checked already (on arrival, ``reply_arrived``): no sum again, so
+                # the files are freed as they are read, and the sum takes no memory of its own
+                consume = all(c.checked for c in kept)
+                summed, failure = weighted_sum(kept, [w / total_weight for w in weights], consume)
+                if failure is None:
+                    break
+                if consume:  # a file went missing or changed since it was checked
+                    return self._unsummable(server_round, kept, outlying, failure, rejected)
+                failed, check_first = [failure], True
+            for c, problem in failed:
+                self._reject(server_round, rejected, c, problem)
+                pending.remove(c)
+            if not failed:  # nothing kept: nothing to sum
+                summed = None
+                break
+        for c, problem in outlying:
+            self._reject(server_round, rejected, c, problem)
+        return kept, summed
+
+    def _unsummable(
+        self, server_round: int, kept: list[Candidate], outlying: list, failure: tuple, rejected: list[Rejection]
+    ) -> tuple[list[Candidate], None]:
+        """A reply failed while the files were consumed: the others cannot be read again, so
+        the round has no aggregate (never seen: a file would have to change after its check)."""
+        broken, problem = failure
+        for c in kept:
+            reason = problem if c is broken else f"its files were consumed by a sum that partition {broken.pid} broke"
+            self._reject(server_round, rejected, c, reason)
+        for c, reason in outlying:
+            self._reject(server_round, rejected, c, reason)
+        return [], None
+
+    def reply_arrived(self, msg: Message) -> None:
+        """A training reply has come in while others are still training: check its arrays file
+        now (keys, shapes, dtypes, values; read one Array at a time), so that ``aggregate_train``
+        finds every reply checked and reads each file once more only, freeing it as it goes.
+        Replies that carry their arrays themselves are checked in ``aggregate_train``."""
+        if not self.checks_on_arrival or self.shared_arrays is None or self._global_arrays is None:
+            return
+        if not msg.metadata.message_id:  # a message never sent (tests): nothing to key it by
+            return
+        if not self.shared_arrays.reply_files(msg):
+            return
+        source, problem, files = open_reply(msg, self.shared_arrays, self._global_arrays)
+        if problem is None:
+            self._checked_on_arrival[msg.metadata.message_id] = values_problem_of(Candidate(None, msg, source, files))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
