@@ -20,6 +20,7 @@ from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_t
 from fedmed.defenses import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
 from fedmed.logs import through_flower_handlers
+from fedmed.memory import return_free_memory
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now, check_attack
 from fedmed.precision import Precision
@@ -173,6 +174,9 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({**_arrays_reply(model_to_arrays(model), msg), "metrics": metrics})
     if is_simulated(context.node_config):
         reply[STATE_RECORD] = state_to_record(context.state)
+    # a simulated worker plays client after client: what this round's training freed (autograd's
+    # buffers, the optimizer's state) goes back to the OS instead of staying in its heap
+    return_free_memory()
     return Message(reply, reply_to=msg)
 
 
