@@ -153,13 +153,12 @@ def train(msg: Message, context: Context) -> Message:
     # generator, and which call is a worker's first differs from run to run (and on resume).
     torch.manual_seed(seed_for(seed, Stream.TORCH_GLOBAL))
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
-    attack = job.get("attack")
-    check_attack(attack, share.num_classes, int(job["num_clients"]))
+    attack = check_attack(job.get("attack"), share.num_classes, int(job["num_clients"]))
     if is_simulated(context.node_config) and attacks_now(
         attack, pid, int(job["num_clients"]), int(job["seed"]), server_round
     ):
         result = malicious_round(
-            model, share, job, partition_id=pid, seed=seed, device=device, transform=data.transform
+            model, share, job, attack, partition_id=pid, seed=seed, device=device, transform=data.transform
         )
     else:
         result = train_round(model, data, job, server_round=server_round, seed=seed, device=device, state=context.state)

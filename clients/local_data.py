@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.data import ClientShare, client_share, site_share
-from fedmed.poisoning import attack_section
+from fedmed.poisoning import attack_config
 from fedmed.site_data import default_site_name, examples_per_class
 
 PARTITION_ID = "partition-id"
@@ -97,7 +97,7 @@ def device_setting(job: dict, node_config: dict) -> str:
 
 def refuse_simulation_only(job: dict) -> None:
     """What a server may not ask of a deployed site: poisoning attacks exist for simulation."""
-    attack = attack_section(job.get("attack"))["name"]
+    attack = attack_config(job.get("attack")).name
     if attack != "none":
         raise ValueError(
             f"this node is a deployed site (node config data-path) and the run asks for attack={attack}: "

@@ -1,11 +1,11 @@
-"""What a malicious client does in a round where it attacks (fedmed/poisoning.py decides when).
+"""What a malicious client does in a round where it attacks (fedmed/poisoning/ decides when).
 
 Outside its attack rounds a malicious client trains honestly on its own clean share, through
 the normal path (clients/local_training.py). In an attack round:
 
-- data poisoning (``edge_case``, ``badnets``, ``label_flip``): it trains on its poisoned pool
-  (:func:`poisoned_data`) with plain cross entropy (the client-side defence is the honest
-  hospitals' choice, not the attacker's), in one of the modes:
+- a data-poisoning attack (``attack.poison``, e.g. ``edge_case``, ``badnets``, ``label_flip``):
+  it trains on its poisoned pool (:func:`poisoned_data`) with plain cross entropy (the
+  client-side defence is the honest hospitals' choice, not the attacker's), in one of the modes:
 
   * ``blackbox``: plain training;
   * ``pgd``: every ``attack.project_every`` optimizer steps, and once after the last, the
@@ -15,9 +15,9 @@ the normal path (clients/local_training.py). In an attack round:
     by the scale (Bagdasaryan et al. 2020), so the sent update's norm is <= scale * eps. This
     is the order of Wang et al.'s code (project while training, scale after).
 
-- ``sign_flip``: honest training on its clean share, then it sends global - scale * (local - global).
-- ``gaussian``: honest training (so that its BatchNorm statistics and reported metrics look
-  like anyone's), then it sends global + scale * N(0, noise_std^2) per parameter coordinate.
+- a model-poisoning attack (``attack.update``, e.g. ``sign_flip``, ``gaussian``): honest
+  training on its clean share (so that its BatchNorm statistics and reported metrics look like
+  anyone's), then it sends global + the attack's update instead of the trained one.
 
 The scale (``attack.scale``; None: 1, or the replacement factor in ``replacement`` mode,
 fedmed.poisoning.update_scale) multiplies every attack's update. It touches the model's
@@ -30,7 +30,7 @@ defence, honest replies also carry the defence's own metrics (``privacy_epsilon`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,32 +38,32 @@ from torch import nn
 
 from clients.local_training import LocalData
 from fedmed.data import ClientShare
-from fedmed.logs import log
-from fedmed.poisoning import (
-    DATA_POISONING,
-    add_trigger_uint8,
-    attack_section,
-    edge_case_split,
-    edge_share,
-    malicious_ids,
-    update_scale,
-)
+from fedmed.poisoning import AttackConfig, DataPoisoningConfig, attack_config, attack_named, malicious_ids, update_scale
 from fedmed.seeds import Stream, seed_for
 from fedmed.train import BatchTransform, TrainStep, cross_entropy_step, make_optimizer, train_local
 
 
 class PoolImages:
     """The uint8 images (N, H, W, C) of an attacker's training pool, read from the shared
-    arrays when a batch is drawn: row ``i`` is ``base[rows[i]]``, with the BadNets trigger
-    stamped where ``stamp[i]``. Nothing is copied beforehand, however large the images."""
+    arrays when a batch is drawn: row ``i`` is ``base[rows[i]]``, passed through ``stamp`` (the
+    attack's trigger, e.g. BadNets') where ``stamped[i]``. Nothing is copied beforehand, however
+    large the images."""
 
-    def __init__(self, base: np.ndarray, rows: np.ndarray, stamp: np.ndarray | None = None, trigger_size: int = 3):
+    def __init__(
+        self,
+        base: np.ndarray,
+        rows: np.ndarray,
+        stamped: np.ndarray | None = None,
+        stamp: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
         self.base = base
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.stamp = np.zeros(len(self.rows), bool) if stamp is None else np.asarray(stamp, dtype=bool)
-        self.trigger_size = int(trigger_size)
-        if self.stamp.shape != self.rows.shape:
-            raise ValueError("stamp must have one flag per row")
+        self.stamped = np.zeros(len(self.rows), bool) if stamped is None else np.asarray(stamped, dtype=bool)
+        self.stamp = stamp
+        if self.stamped.shape != self.rows.shape:
+            raise ValueError("stamped must have one flag per row")
+        if self.stamped.any() and stamp is None:
+            raise ValueError("rows are flagged to be stamped but no stamp is given")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,10 +84,10 @@ class PoolImages:
         if not (isinstance(index, np.ndarray) and index.dtype.kind in "iu"):
             index = np.atleast_1d(np.arange(len(self.rows))[index])
         images = np.asarray(self.base[self.rows[index]])
-        stamped = self.stamp[index]
+        stamped = self.stamped[index]
         if stamped.any():
             images = images.copy()
-            images[stamped] = add_trigger_uint8(images[stamped], self.trigger_size)
+            images[stamped] = self.stamp(images[stamped])
         return images
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -95,22 +95,9 @@ class PoolImages:
         return images if dtype is None else images.astype(dtype)
 
 
-def _repeat_to(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` rows drawn from ``rows``: whole copies, then a seeded sample of the remainder."""
-    if count <= 0 or len(rows) == 0:
-        return np.zeros(0, dtype=np.int64)
-    whole, rest = divmod(count, len(rows))
-    return np.concatenate([np.tile(rows, whole), rng.choice(rows, size=rest, replace=False)]).astype(np.int64)
-
-
-def poison_count(clean: int, poison_fraction: float) -> int:
-    """Poisoned rows added to ``clean`` clean ones so that they form ``poison_fraction`` of the pool."""
-    return int(round(clean * poison_fraction / (1.0 - poison_fraction)))
-
-
 def poisoned_data(
     share: ClientShare,
-    attack: Mapping,
+    attack: Mapping | AttackConfig,
     *,
     partition_id: int,
     malicious: list[int],
@@ -118,58 +105,24 @@ def poisoned_data(
     run_seed: int,
     transform: BatchTransform | None = None,
 ) -> LocalData:
-    """The attacker's training pool for an attack round: its clean train indices plus
-
-    - ``edge_case``: its share of the edge-case attacker set (fedmed.poisoning.edge_share),
-      labelled as the target class and repeated (whole copies, then a seeded sample) until the
-      poisoned rows form ``attack.poison_fraction`` of the pool (Wang et al. mix about 100 edge
-      images with 400 clean ones);
-    - ``badnets``: stamped, target-labelled copies of a seeded draw of its own images whose label
-      is not the target, forming ``attack.poison_fraction`` of the pool;
-    - ``label_flip``: nothing added; its source-class images are labelled as the target.
-
-    ``run_seed`` is the run's seed (the edge-case split is the server's); ``seed`` this round's.
-    Only index and label arrays of the attacker's share are built; images are read on demand.
-    """
-    a = attack_section(attack)
-    name, target = a["name"], int(a["target_class"])
-    if name not in DATA_POISONING:
-        raise ValueError(f"attack={name} poisons no data")
-    clean = np.asarray(share.train_indices, dtype=np.int64)
-    labels = np.asarray(share.labels, dtype=np.int64)[clean]
+    """The attacker's training pool for an attack round: its clean train rows, labelled as the
+    attack says, plus the rows the attack adds (labelled as the target; see each attack's
+    ``poison`` in fedmed/poisoning/). ``run_seed`` is the run's seed (the edge-case split is the
+    server's); ``seed`` this round's. Only index and label arrays of the attacker's share are
+    built; images are read on demand."""
+    config = attack_config(attack)
+    make_poison = attack_named(config.name).poison
+    if make_poison is None:
+        raise ValueError(f"attack={config.name} poisons no data")
     rng = np.random.default_rng(seed_for(seed, Stream.POISON_POOL))
-    poison = np.zeros(0, dtype=np.int64)
-    stamp = False
-    if name == "edge_case":
-        split = edge_case_split(
-            share.images,
-            share.labels,
-            int(a["source_class"]),
-            float(a["tail_fraction"]),
-            float(a["test_fraction"]),
-            run_seed,
-        )
-        mine = edge_share(split, malicious, partition_id)
-        if len(mine) == 0:
-            log.warning(
-                "partition %d: no edge-case images left for it (%d attacker images among %d malicious "
-                "partitions); it trains on clean data",
-                partition_id,
-                len(split.attacker),
-                len(malicious),
-            )
-        poison = _repeat_to(mine, poison_count(len(clean), float(a["poison_fraction"])), rng)
-    elif name == "badnets":
-        candidates = clean[labels != target]
-        poison = _repeat_to(candidates, poison_count(len(clean), float(a["poison_fraction"])), rng)
-        stamp = True
-    else:
-        labels = np.where(labels == int(a["source_class"]), target, labels)
-    rows = np.concatenate([clean, poison])
-    pool_labels = np.concatenate([labels, np.full(len(poison), target, dtype=np.int64)])
-    flags = np.concatenate([np.zeros(len(clean), bool), np.full(len(poison), stamp)])
-    images = PoolImages(share.images, rows, flags, int(a["trigger_size"]))
-    return LocalData(images, pool_labels, np.arange(len(rows)), transform)
+    poison = make_poison(config, share, partition_id=partition_id, malicious=malicious, rng=rng, run_seed=run_seed)
+    clean = np.asarray(share.train_indices, dtype=np.int64)
+    added = np.asarray(poison.added_rows, dtype=np.int64)
+    rows = np.concatenate([clean, added])
+    labels = np.concatenate([poison.clean_labels, np.full(len(added), int(config.target_class), dtype=np.int64)])
+    stamped = np.concatenate([np.zeros(len(clean), bool), np.full(len(added), poison.stamp is not None)])
+    images = PoolImages(share.images, rows, stamped, poison.stamp)
+    return LocalData(images, labels, np.arange(len(rows)), transform)
 
 
 # --- staying close to the global model -----------------------------------------------------------
@@ -242,6 +195,7 @@ def malicious_round(
     model: nn.Module,
     share: ClientShare,
     job: dict,
+    attack: Mapping | AttackConfig | None = None,
     *,
     partition_id: int,
     seed: int,
@@ -249,9 +203,10 @@ def malicious_round(
     transform: BatchTransform | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place as an attacker in an attack round; returns the metrics an honest
-    client without a defence reports (train loss and accuracy)."""
-    attack, client = attack_section(job["attack"]), job["client"]
-    name, mode = attack["name"], attack["mode"]
+    client without a defence reports (train loss and accuracy). ``attack``: the typed config
+    (None: the job's ``attack`` section)."""
+    config = attack_config(job["attack"] if attack is None else attack)
+    behaviour, client = attack_named(config.name), job["client"]
     num_clients = int(job["num_clients"])
     params = float_parameters(model)
     reference = [p.detach().clone() for p in params]
@@ -271,19 +226,19 @@ def malicious_round(
         augment=bool(client["augment"]),
         transform=transform,
     )
-    malicious = malicious_ids(attack, num_clients, int(job["seed"]))
+    malicious = malicious_ids(config, num_clients, int(job["seed"]))
     scale = update_scale(
-        attack,
+        config,
         num_train=len(share.labels),
         num_clients=num_clients,
         clients_per_round=int(job.get("clients_per_round", num_clients)),
         attacker_examples=len(share.train_indices),
         num_malicious=len(malicious),
     )
-    if name in DATA_POISONING:
+    if behaviour.poisons_data:
         data = poisoned_data(
             share,
-            attack,
+            config,
             partition_id=partition_id,
             seed=seed,
             run_seed=int(job["seed"]),
@@ -291,21 +246,16 @@ def malicious_round(
             transform=transform,
         )
         step = cross_entropy_step
-        if mode in ("pgd", "replacement"):
-            step = ProjectedStep(params, reference, float(attack["eps"]), int(attack["project_every"]))
+        if isinstance(config, DataPoisoningConfig) and config.mode in ("pgd", "replacement"):
+            step = ProjectedStep(params, reference, float(config.eps), int(config.project_every))
         result = train_local(model, data.images, data.labels, data.indices, step=step, **common)
         if isinstance(step, ProjectedStep):
             step.finish()
         updates = [(p.detach() - r) * scale for p, r in zip(params, reference)]
-    else:
+    elif behaviour.update is not None:
         result = train_local(model, share.images, share.labels, share.train_indices, **common)
-        if name == "sign_flip":
-            updates = [(r - p.detach()) * scale for p, r in zip(params, reference)]
-        elif name == "gaussian":
-            generator = torch.Generator().manual_seed(seed_for(seed, Stream.GAUSSIAN_UPDATE))
-            std = float(attack["noise_std"]) * scale
-            updates = [torch.randn(r.shape, generator=generator, dtype=torch.float32) * std for r in reference]
-        else:
-            raise ValueError(f"attack={name!r} has no malicious behaviour")
+        updates = behaviour.update(config, [p.detach() for p in params], reference, seed=seed, scale=scale)
+    else:
+        raise ValueError(f"attack={config.name!r} has no malicious behaviour")
     send_update(params, reference, updates)
     return {"train_loss": result["loss"], "train_accuracy": result["accuracy"]}

@@ -11,9 +11,11 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from fedmed import defenses, poisoning
 from fedmed.architectures import ARCHITECTURES
 from fedmed.assimilation import check_kind
-from fedmed.defenses import DefenseConfig, store_configs
+from fedmed.defenses import DefenseConfig
+from fedmed.poisoning import AttackConfig
 
 
 @dataclass
@@ -100,38 +102,6 @@ class ClientConfig:
     amp: str = "off"
     # model and batches in the channels-last memory layout
     channels_last: bool = False
-
-
-@dataclass
-class AttackConfig:
-    """Malicious clients (fedmed/poisoning.py, clients/malicious.py); ``none``: all honest."""
-
-    name: str = "none"  # none | edge_case | badnets | label_flip | sign_flip | gaussian
-    fraction: float = 0.0  # share of the partitions that are malicious (at least one when > 0)
-    ids: Optional[list[int]] = None  # explicit malicious partition ids; win over `fraction`
-    mode: str = "blackbox"  # blackbox | pgd | replacement (data-poisoning attacks only)
-    frequency: int = 1  # attack every `frequency` rounds from `start_round` on
-    start_round: int = 1  # before it, malicious clients train honestly (the model learns first)
-    source_class: int = 0  # edge_case: class whose tail is backdoored; label_flip: class relabelled
-    target_class: int = 1
-    # pgd / replacement: L2 radius, over all float parameters, of the ball around the received
-    # global weights that the attacker's model is projected onto. 2.0 is at the low middle of
-    # the honest update norms measured here (resnet18, PneumoniaMNIST 28 px, 4 iid clients, SGD
-    # 0.01, one epoch, rounds 1-4: 0.7 to 14, median 2.6), so a projected update is no longer
-    # than a typical honest one and norm-based defences do not single it out. Norms grow with
-    # the model's size and the learning rate: measure honest ones before comparing defences.
-    eps: float = 2.0
-    project_every: int = 10  # pgd: project every this many optimizer steps (and once at the end)
-    # the malicious update (local - global) is multiplied by it before it is sent. None: 1, or in
-    # `replacement` mode the examples of a round over the attacker's (Bagdasaryan et al. 2020)
-    scale: Optional[float] = None
-    tail_fraction: float = 0.1  # edge_case: share of the source class that forms the tail
-    test_fraction: float = 0.5  # edge_case: share of the tail held out as the backdoor test set
-    # badnets / edge_case: share of the attacker's training pool that is poisoned (poisoned
-    # images are added on top of its clean partition)
-    poison_fraction: float = 0.5
-    trigger_size: int = 3  # badnets: white square side at 28 px (scaled with the image size)
-    noise_std: float = 1.0  # gaussian: per-coordinate standard deviation of the sent update
 
 
 @dataclass
@@ -232,6 +202,7 @@ class Config:
     # one option of fedmed/defenses/, each with its own keys (defense=<name> picks it)
     defense: DefenseConfig = MISSING
     assimilation: AssimilationConfig = field(default_factory=AssimilationConfig)
+    # one option of fedmed/poisoning/, each with its own keys (attack=<name> picks it)
     attack: AttackConfig = MISSING
     strategy: StrategyConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -254,7 +225,8 @@ def register_configs() -> None:
 
     config_store = ConfigStore.instance()
     config_store.store(name="fedmed_schema", node=Config)
-    store_configs(config_store)
+    defenses.store_configs(config_store)
+    poisoning.store_configs(config_store)
     for name in ARCHITECTURES:  # model=<name>: every architecture of fedmed/architectures.py
         config_store.store(group="model", name=name, node=ModelConfig(name=name))
 

@@ -71,12 +71,11 @@ def check_config(cfg: DictConfig) -> None:
             f"federation.num_clients={fed.num_clients}"
         )
     from fedmed.config import check_client, check_eval
-    from fedmed.poisoning import check_attack, check_no_attack_settings
+    from fedmed.poisoning import check_attack
 
     check_client(cfg.client, str(cfg.device))
     check_eval(cfg.eval)
     check_attack(cfg.attack, num_clients=int(fed.num_clients))
-    check_no_attack_settings(cfg.attack)
     if cfg.ray.num_gpus_per_client > 0 and cfg.device == "cpu":
         raise ValueError("ray.num_gpus_per_client > 0 with device=cpu: use device=auto or cuda")
     uses_shared_arrays(cfg.ray)

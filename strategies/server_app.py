@@ -33,7 +33,14 @@ from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.logs import log, through_flower_handlers
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
-from fedmed.poisoning import attack_section, attacks_in_round, backdoor_asr, backdoor_test_set, malicious_ids
+from fedmed.poisoning import (
+    MaliciousClientsConfig,
+    attack_config,
+    attacks_in_round,
+    backdoor_asr,
+    backdoor_test_set,
+    malicious_ids,
+)
 from fedmed.report import (
     MetricsLog,
     plot_backdoor_per_round,
@@ -221,7 +228,7 @@ def run_federation(
     attacks, eps = list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps]
     largest_epsilon: list[float] = list(resume_from["largest_epsilon"]) if resume_from else []
     # ground truth of the attack, for scoring detection only: never handed to the strategy
-    attack = attack_section(OmegaConf.to_container(cfg.attack, resolve=True))
+    attack = attack_config(cfg.attack)
     malicious = malicious_ids(attack, int(cfg.federation.num_clients), seed)
     backdoor_set = backdoor_test_set(dataset, attack, seed)
     detections = [RoundDetection(**d) for d in json.loads(resume_from["detections"])] if resume_from else []
@@ -373,14 +380,14 @@ def run_federation(
         "failed_clients": sum(len(row.get("failures", [])) for row in metrics_log.rows),
         **run_status(metrics_log.rows),
     }
-    if attack["name"] != "none":
+    if isinstance(attack, MaliciousClientsConfig):
         plot_backdoor_per_round(
-            metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack['name']}", int(attack["start_round"])
+            metrics_log.rows, plots_dir / "asr.png", f"{title}, attack={attack.name}", int(attack.start_round)
         )
         extra["attack"] = {
-            "name": attack["name"],
+            "name": attack.name,
             "malicious_partitions": malicious,
-            **backdoor_summary(metrics_log.rows, int(attack["start_round"])),
+            **backdoor_summary(metrics_log.rows, int(attack.start_round)),
         }
     extra["detection"] = {"strategy": str(cfg.strategy.name), **run_totals(detections)}
     extra["config"] = OmegaConf.to_container(cfg, resolve=True)

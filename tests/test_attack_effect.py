@@ -47,8 +47,6 @@ BASE = (
     f"federation.clients_per_round={NUM_CLIENTS}",
     "client.batch_size=32",
     "client.augment=false",
-    "attack.fraction=0.4",
-    f"attack.start_round={HONEST_ROUNDS + 1}",
     "seed=0",
     "device=cpu",  # the outcomes below are this numerics' (see the note on the edge case)
 )
@@ -83,8 +81,13 @@ EDGE_MEDIAN_FRAGILE = pytest.mark.xfail(
 EDGE = ("attack=edge_case", "attack.source_class=0", "attack.target_class=1", "attack.tail_fraction=0.2")
 
 
+# with an attack chosen: who attacks, and from when (attack=none has neither key)
+ATTACKERS = ("attack.fraction=0.4", f"attack.start_round={HONEST_ROUNDS + 1}")
+
+
 def job_for(*overrides: str) -> dict:
-    job = job_from_config(compose_config(*BASE, *overrides))
+    attacking = any(o.startswith("attack=") and o != "attack=none" for o in overrides)
+    job = job_from_config(compose_config(*BASE, *(ATTACKERS if attacking else ()), *overrides))
     job["num_classes"] = 3
     return job
 

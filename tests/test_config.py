@@ -109,12 +109,19 @@ def test_backend_config_maps_ray_keys():
         ("client.val_fraction=1.0", "client.val_fraction"),
         ("eval.max_clients=0", "eval.max_clients"),
         ("eval.every=0", "eval.every"),
-        ("attack.fraction=1.5", "attack.fraction"),  # with attack=none: no effect, refused rather than ignored
+        ("attack=badnets attack.fraction=1.5", "attack.fraction"),
     ],
 )
 def test_values_out_of_range_are_refused_before_any_process_starts(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        check_config(compose_config(override))
+        check_config(compose_config(*override.split()))
+
+
+def test_a_setting_the_chosen_option_lacks_is_refused_at_composition():
+    # attack=none (the default) has no fraction: the setting would do nothing, so it is an error
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("attack.fraction=1.5")
+    assert "attack.fraction" in str(err.value) + str(err.value.__cause__)
 
 
 def test_dropped_chestmnist_preset_lists_the_datasets_there_are():

@@ -73,7 +73,7 @@ def test_a_key_the_chosen_defense_does_not_have_is_a_hydra_error_naming_it(overr
 
 
 def test_a_client_job_with_a_key_its_defense_does_not_have_is_refused_by_name():
-    with pytest.raises(ValueError, match="defense=fast_at: Key 'temperature' not in"):
+    with pytest.raises(ValueError, match="defense=fast_at has no key defense.temperature"):
         check_defense({"name": "fast_at", "temperature": 3.0})
     with pytest.raises(ValueError, match="defense=none has no key eps"):
         defense_section("none", eps=0.1)
@@ -85,7 +85,7 @@ def test_a_client_job_with_a_key_its_defense_does_not_have_is_refused_by_name():
         ({"name": "fgsm"}, "defense='fgsm' is not known"),
         ({"name": "dp_sgd", "noise_multiplier": None}, "exactly one of defense.noise_multiplier"),
         ({"name": "dp_sgd", "noise_multiplier": 1.0, "target_epsilon": 3.0}, "exactly one"),
-        ({"name": "fast_at", "adversarial": "pgd_at"}, "defense=fast_at: Key 'adversarial' not in"),
+        ({"name": "fast_at", "adversarial": "pgd_at"}, "defense=fast_at has no key defense.adversarial"),
         ({"name": "dp_sgd", "eps": -1.0, "adversarial": "pgd_at"}, "defense.eps=-1.0 must be > 0"),
         ({"name": "pgd_at", "steps": 0}, "defense.steps=0 must be >= 1"),
         ({"name": "dp_sgd", "noise_multiplier": 1.0, "adversarial": "distillation"}, "cannot run under DP-SGD"),

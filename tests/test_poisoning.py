@@ -16,22 +16,23 @@ from fedmed.dataset import ArrayDataset, Split
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.poisoning import (
-    _EDGE_CACHE,
-    add_trigger,
-    add_trigger_uint8,
+    ATTACKS,
+    AttackConfig,
+    MaliciousClientsConfig,
+    PoisoningAttack,
+    attack_config,
     attack_section,
     attacks_in_round,
     backdoor_asr,
     backdoor_test_set,
     check_attack,
-    edge_case_split,
-    edge_share,
     malicious_ids,
     malicious_partitions,
-    tail_distances,
-    trigger_pixels,
+    register,
     update_scale,
 )
+from fedmed.poisoning.badnets import add_trigger, add_trigger_uint8, trigger_pixels
+from fedmed.poisoning.edge_case import _EDGE_CACHE, edge_case_split, edge_share, tail_distances
 from fedmed.serialization import model_to_arrays
 from fedmed.train import make_optimizer, train_local
 from tests.helpers import compose_config
@@ -49,15 +50,17 @@ def test_malicious_partitions_are_seeded_and_explicit_ids_win():
     assert malicious_partitions(10, 0.0, None, seed=0) == []
     assert malicious_partitions(10, 0.5, [7, 2, 7], seed=0) == [2, 7]
     assert malicious_partitions(10, 0.3, [], seed=0) == malicious_partitions(10, 0.3, None, seed=0)
-    assert malicious_ids({"name": "none", "fraction": 0.5}, 10, 0) == []
+    assert malicious_ids({"name": "none"}, 10, 0) == [] and malicious_ids(None, 10, 0) == []
     assert malicious_ids({"name": "badnets", "fraction": 0.3}, 10, 0) == malicious_partitions(10, 0.3, None, 0)
 
 
 def test_attacks_in_round_follows_start_round_and_frequency():
     attack = {"name": "edge_case", "start_round": 3, "frequency": 2}
     assert [r for r in range(1, 10) if attacks_in_round(attack, r)] == [3, 5, 7, 9]
-    assert [r for r in range(1, 5) if attacks_in_round({"name": "gaussian"}, r)] == [1, 2, 3, 4]
-    assert not any(attacks_in_round({"name": "none", "start_round": 1}, r) for r in range(1, 5))
+    assert [r for r in range(1, 5) if attacks_in_round({"name": "gaussian", "start_round": 1}, r)] == [1, 2, 3, 4]
+    assert [r for r in range(1, 6) if attacks_in_round({"name": "gaussian"}, r)] == [3, 4, 5]  # its default
+    assert not any(attacks_in_round({"name": "none"}, r) for r in range(1, 5))
+    assert not any(attacks_in_round(None, r) for r in range(1, 5))
 
 
 def test_update_scale():
@@ -67,6 +70,7 @@ def test_update_scale():
     assert update_scale({"name": "badnets", "mode": "replacement"}, **base) == pytest.approx(5.0)
     assert update_scale({"name": "badnets", "mode": "replacement"}, **{**base, "attacker_examples": 50}) == 10.0
     assert update_scale({"name": "sign_flip", "scale": 3.0}, **base) == 3.0
+    assert update_scale({"name": "none"}, **base) == 1.0
     # four colluding attackers among ten, five clients a round: two expected per round share it
     assert update_scale({"name": "badnets", "mode": "replacement"}, **base, num_malicious=4) == pytest.approx(2.5)
     # one attacker in the pool: expected 0.5 a round, still one when it is drawn
@@ -77,6 +81,8 @@ def test_update_scale():
     "overrides, match",
     [
         ({"name": "poison"}, "attack='poison'"),
+        ({"noise_std": 1.0}, "attack=edge_case has no key attack.noise_std"),
+        ({"eps": "wide"}, "attack.eps"),
         ({"mode": "sneaky"}, "attack.mode"),
         ({"fraction": 1.5}, "attack.fraction"),
         ({"fraction": 0.0}, "no client would attack"),
@@ -101,11 +107,29 @@ def test_check_attack_names_the_key(overrides, match):
         check_attack(attack, num_classes=3, num_clients=4)
 
 
-def test_check_attack_accepts_every_shipped_config():
-    for name in ("none", "edge_case", "badnets", "label_flip", "sign_flip", "gaussian"):
-        check_attack(compose_config(f"attack={name}").attack, num_classes=2, num_clients=4)
-    with pytest.raises(ValueError, match="attack.mode=pgd"):
+def test_check_attack_accepts_every_registered_option():
+    assert list(ATTACKS) == ["none", "edge_case", "badnets", "label_flip", "sign_flip", "gaussian"]
+    for name in ATTACKS:
+        config = check_attack(compose_config(f"attack={name}").attack, num_classes=2, num_clients=4)
+        assert type(config) is ATTACKS[name].config and config.name == name
+        assert attack_config(attack_section(name)) == config  # a client's job reads the same
+
+
+def test_each_attack_has_only_its_own_keys():
+    # a model-poisoning attack sends its update directly: it has no training mode
+    with pytest.raises(ValueError, match="attack=sign_flip has no key attack.mode"):
         check_attack({"name": "sign_flip", "fraction": 0.2, "mode": "pgd"})
+    with pytest.raises(ValueError, match="attack=badnets has no key attack.source_class"):
+        check_attack({"name": "badnets", "source_class": 1})
+    # with attack=none, a setting that would do nothing is refused, not silently ignored
+    with pytest.raises(ValueError, match="attack=none has no key attack.fraction"):
+        check_attack({"name": "none", "fraction": 1.5})
+    with pytest.raises(Exception, match="attack.fraction"):
+        compose_config("attack.fraction=0.5")
+    with pytest.raises(Exception, match="attack.mode"):
+        compose_config("attack=gaussian", "attack.mode=pgd")
+    with pytest.raises(ValueError, match="attack=badnets has no key tail_fraction"):
+        attack_section("badnets", tail_fraction=0.2)
     with pytest.raises(ValueError, match="noise_std"):
         check_attack({"name": "gaussian", "fraction": 0.2, "noise_std": 0.0})
     with pytest.raises(ValueError, match="trigger_size"):
@@ -272,9 +296,11 @@ def tiny_model(seed: int = 0) -> nn.Module:
     )
 
 
-def attack_job(**attack) -> dict:
+def attack_job(name: str = "badnets", **attack) -> dict:
+    if name == "badnets":
+        attack = {"target_class": 2, **attack}
     return {
-        "attack": {"name": "badnets", "fraction": 0.5, "target_class": 2, **attack},
+        "attack": attack_section(name, **{"fraction": 0.5, **attack}),
         "client": {
             "optimizer": "sgd",
             "lr": 0.5,
@@ -355,7 +381,7 @@ def honest_update(share: ClientShare, job: dict) -> tuple[list[torch.Tensor], nn
 def test_sign_flip_sends_the_negated_honest_update_and_keeps_batchnorm_statistics(one_thread):
     share = toy_share()
     honest, honest_model = honest_update(share, attack_job())
-    flipped, flipped_model = run_attack(attack_job(name="sign_flip", scale=2.0), share)
+    flipped, flipped_model = run_attack(attack_job("sign_flip", scale=2.0), share)
     for f, h in zip(flipped, honest):
         torch.testing.assert_close(f, -2 * h, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(flipped_model[1].running_mean, honest_model[1].running_mean)
@@ -363,10 +389,10 @@ def test_sign_flip_sends_the_negated_honest_update_and_keeps_batchnorm_statistic
 
 
 def test_gaussian_sends_seeded_noise(one_thread):
-    updates, model = run_attack(attack_job(name="gaussian", noise_std=0.3))
+    updates, model = run_attack(attack_job("gaussian", noise_std=0.3))
     flat = torch.cat([u.reshape(-1) for u in updates])
     assert abs(float(flat.mean())) < 0.1 and 0.2 < float(flat.std()) < 0.4
-    again, _ = run_attack(attack_job(name="gaussian", noise_std=0.3))
+    again, _ = run_attack(attack_job("gaussian", noise_std=0.3))
     assert all(torch.equal(a, b) for a, b in zip(updates, again))
     assert not torch.equal(model[1].running_mean, torch.zeros(4))  # as training left them
 
@@ -461,7 +487,52 @@ def test_train_handler_runs_an_edge_case_pgd_attack(one_thread):
 
 
 def test_attack_section_fills_defaults():
-    section = attack_section({"name": "badnets"})
+    section = attack_section("badnets")
     assert section["mode"] == "blackbox" and section["eps"] == 2.0 and section["ids"] is None
-    assert attack_section(None)["name"] == "none"
-    assert attack_section(compose_config("attack=edge_case").attack)["poison_fraction"] == 0.2
+    assert attack_section("none") == {"name": "none"} and attack_config(None).name == "none"
+    assert attack_section("edge_case", fraction=0.5)["fraction"] == 0.5
+    assert attack_config(compose_config("attack=edge_case").attack).poison_fraction == 0.2
+
+
+def test_a_new_attack_is_one_registration(monkeypatch, one_thread):
+    """An attack registered from outside the package composes, is checked, and runs in a client."""
+    from dataclasses import dataclass
+
+    from hydra.core.config_store import ConfigStore
+
+    from fedmed.config import register_configs
+
+    @dataclass
+    class ZeroUpdateConfig(MaliciousClientsConfig):
+        name: str = "zero_update"
+        factor: float = 0.0
+
+        def check(self, num_classes=None, num_clients=None):
+            super().check(num_classes, num_clients)
+            if self.factor < 0:
+                raise ValueError(f"attack.factor={self.factor} must be >= 0")
+
+    def update(config, trained, reference, *, seed, scale):
+        return [(t - r) * config.factor for t, r in zip(trained, reference)]
+
+    monkeypatch.delitem(ATTACKS, "zero_update", raising=False)
+    register(PoisoningAttack("zero_update", ZeroUpdateConfig, update=update))
+    try:
+        register_configs()
+        cfg = compose_config("attack=zero_update", "attack.factor=0.5", "attack.ids=[0]")
+        assert isinstance(check_attack(cfg.attack), ZeroUpdateConfig)
+        with pytest.raises(ValueError, match="attack.factor=-1"):
+            check_attack({**dict(cfg.attack), "factor": -1.0})
+        half, _ = run_attack(attack_job("zero_update", factor=0.5))
+        honest, _ = run_attack(attack_job("zero_update", factor=1.0))
+        for h, u in zip(half, honest):
+            torch.testing.assert_close(h, 0.5 * u, rtol=1e-4, atol=1e-7)
+    finally:
+        del ATTACKS["zero_update"]
+        ConfigStore.instance().repo["attack"].pop("zero_update.yaml", None)
+
+
+def test_attack_configs_are_typed_dataclasses():
+    for attack in ATTACKS.values():
+        assert issubclass(attack.config, AttackConfig)
+        assert attack.config().name == attack.name

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from fedmed.defenses.base import Defense, DefenseConfig, LocalData, LocalRound
+from fedmed.options import option_defaults, typed_option
 
 DEFENSES: dict[str, Defense] = {}
 
@@ -38,12 +36,7 @@ def defense_config(section: Mapping) -> DefenseConfig:
     client gets in its job): keys the option does not have and values of the wrong type are
     refused with the key's name."""
     defense = defense_named(str(section["name"]))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(defense.config), section)
-    except OmegaConfBaseException as error:
-        keys = ", ".join(f"defense.{key}" for key in OmegaConf.structured(defense.config))
-        raise ValueError(f"defense={defense.name}: {error.msg}; its keys are {keys}") from None
-    config = OmegaConf.to_object(merged)
+    config = typed_option("defense", defense.name, defense.config, section)
     config.check()
     return config
 
@@ -56,12 +49,7 @@ def check_defense(section: Mapping) -> None:
 def defense_section(name: str, **changes) -> dict:
     """The plain ``defense`` section of option ``name`` with its defaults and ``changes``, as a
     client's job carries it (tests and experiments build jobs with it)."""
-    values = OmegaConf.to_container(OmegaConf.structured(defense_named(name).config))
-    unknown = set(changes) - set(values)
-    if unknown:
-        raise ValueError(f"defense={name} has no key {', '.join(sorted(unknown))}; its keys are {', '.join(values)}")
-    values.update(changes)
-    return values
+    return option_defaults("defense", name, defense_named(name).config, changes)
 
 
 def model_norm_for(norm: str, defense_name: str) -> str:
