@@ -9,7 +9,6 @@ from tests.helpers import compose_config
 
 CONTRACT_KEYS = [
     "dataset.name",
-    "dataset.root",
     "dataset.size",
     "model.name",
     "model.pretrained",
@@ -43,6 +42,9 @@ def test_default_has_every_contract_key():
             assert part in node, key
             node = node[part]
     assert cfg.dataset.name == "synthetic"
+    # each dataset option has its own keys (fedmed/datasets/): root is a MedMNIST and image-folder one
+    for name in ("pneumoniamnist", "imagefolder"):
+        assert "root" in compose_config(f"dataset={name}").dataset
 
 
 @pytest.mark.parametrize(

@@ -12,25 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from fedmed.defenses.base import Defense, DefenseConfig, LocalData, LocalRound
+from fedmed.options import Options, section_of, typed_config
 
-DEFENSES: dict[str, Defense] = {}
+DEFENSES: dict[str, Defense] = Options("defense")
 
 
 def register(defense: Defense) -> Defense:
-    if defense.name in DEFENSES:
-        raise ValueError(f"a defence named {defense.name!r} is registered already")
-    DEFENSES[defense.name] = defense
-    return defense
+    return DEFENSES.register(defense)
 
 
 def defense_named(name: str) -> Defense:
-    if name not in DEFENSES:
-        raise ValueError(f"defense={name!r} is not known; use one of {', '.join(DEFENSES)}")
-    return DEFENSES[name]
+    return DEFENSES.named(name)
 
 
 def defense_config(section: Mapping) -> DefenseConfig:
@@ -38,14 +31,7 @@ def defense_config(section: Mapping) -> DefenseConfig:
     client gets in its job): keys the option does not have and values of the wrong type are
     refused with the key's name."""
     defense = defense_named(str(section["name"]))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(defense.config), section)
-    except OmegaConfBaseException as error:
-        keys = ", ".join(f"defense.{key}" for key in OmegaConf.structured(defense.config))
-        raise ValueError(f"defense={defense.name}: {error.msg}; its keys are {keys}") from None
-    config = OmegaConf.to_object(merged)
-    config.check()
-    return config
+    return typed_config("defense", defense.name, defense.config, section)
 
 
 def check_defense(section: Mapping) -> None:
@@ -56,12 +42,7 @@ def check_defense(section: Mapping) -> None:
 def defense_section(name: str, **changes) -> dict:
     """The plain ``defense`` section of option ``name`` with its defaults and ``changes``, as a
     client's job carries it (tests and experiments build jobs with it)."""
-    values = OmegaConf.to_container(OmegaConf.structured(defense_named(name).config))
-    unknown = set(changes) - set(values)
-    if unknown:
-        raise ValueError(f"defense={name} has no key {', '.join(sorted(unknown))}; its keys are {', '.join(values)}")
-    values.update(changes)
-    return values
+    return section_of("defense", name, defense_named(name).config, changes)
 
 
 def model_norm_for(norm: str, defense_name: str) -> str:
