@@ -29,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
+from fedmed.datasets import own_keys
 from fedmed.serialization import array_from_numpy, array_view
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -195,6 +196,8 @@ def resumed_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Dict
     if not saved_path.is_file():
         raise FileNotFoundError(f"resume={run_dir}: no config.yaml there; give the folder of a fedmed-sim run")
     saved = OmegaConf.load(saved_path)
+    if "dataset" in saved:  # a folder from before each dataset had its own keys
+        saved.dataset = own_keys(saved.dataset)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith("hydra.") or key in RESUME_OVERRIDES:

@@ -210,3 +210,30 @@ def test_a_new_dataset_is_one_config_one_loader_and_its_registration(stripes_dat
         check_dataset({"name": "stripes", "n": 1})
     with pytest.raises(ConfigCompositionException):
         compose_config("dataset=stripes", "dataset.size=28")
+
+
+def test_a_run_folder_from_the_flat_schema_resumes_with_its_options_keys(tmp_path):
+    from fedmed.checkpoint import resumed_config
+
+    flat = {  # every family's keys, as config.yaml held them before the registry
+        "name": "pneumoniamnist",
+        "root": "/data",
+        "size": 28,
+        "verify_md5": True,
+        "channels": 1,
+        "num_classes": 3,
+        "n_train": 2000,
+        "n_val": 300,
+        "n_test": 600,
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,
+    }
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"dataset": flat, "seed": 0}))
+    saved = resumed_config(tmp_path, compose_config(), [])
+    assert OmegaConf.to_container(saved.dataset) == {
+        "name": "pneumoniamnist",
+        "root": "/data",
+        "size": 28,
+        "verify_md5": True,
+    }
+    assert dataset_config(saved.dataset) == MedMNISTConfig(name="pneumoniamnist", root="/data")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from omegaconf import OmegaConf
+
 from fedmed.datasets.base import Dataset, DatasetConfig
 from fedmed.options import Options, section_of, typed_config
 
@@ -46,6 +48,15 @@ def dataset_section(name: str, **changes) -> dict:
     return section_of("dataset", name, dataset_named(name).node(), changes)
 
 
+def own_keys(section: Mapping) -> dict:
+    """``section`` (plain) with only the keys its option has. A run folder written before each
+    dataset had its own keys holds the union of all of them, which the loaders ignored; dropping
+    them resumes such a run unchanged (``fedmed.checkpoint.resumed_config``)."""
+    keys = set(OmegaConf.structured(dataset_named(str(section["name"])).node()))
+    plain = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+    return {key: value for key, value in plain.items() if key in keys}
+
+
 def store_configs(config_store) -> None:
     """Every dataset's config as an option of Hydra's group ``dataset``. An option with
     ``client`` defaults is stored in the global package (what ``# @package _global_`` does in a
@@ -74,6 +85,7 @@ __all__ = [
     "dataset_config",
     "dataset_named",
     "dataset_section",
+    "own_keys",
     "register",
     "store_configs",
 ]
