@@ -48,7 +48,8 @@ def bare_fedavg(
     started = time.monotonic()
     device = torch.device(device)
     precision = Precision(amp=amp, device=device)
-    data = load_dataset(dataset, seed=seed, root=root, size=size)
+    # root: the MedMNIST and image-folder options' key; the synthetic option has none
+    data = load_dataset(dataset, seed=seed, size=size, **({"root": root} if root is not None else {}))
     torch.manual_seed(seed)
     model = build_model(model_name, data.num_classes, data.channels, norm=norm)
     partitions = client_partitions(data.train.labels, num_clients, partition, seed, data.name)

@@ -29,6 +29,10 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
+from fedmed import options
+from fedmed.datasets import own_keys
+from fedmed.defenses import defense_named
+from fedmed.poisoning import attack_named
 from fedmed.serialization import array_from_numpy, array_view
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -195,6 +199,12 @@ def resumed_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Dict
     if not saved_path.is_file():
         raise FileNotFoundError(f"resume={run_dir}: no config.yaml there; give the folder of a fedmed-sim run")
     saved = OmegaConf.load(saved_path)
+    # a folder from before each option had its own keys holds the union of every option's keys
+    if "dataset" in saved:
+        saved.dataset = own_keys(saved.dataset)
+    for group, named in (("defense", defense_named), ("attack", attack_named)):
+        if group in saved:
+            saved[group] = options.own_keys(named(str(saved[group].name)).config, saved[group])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith("hydra.") or key in RESUME_OVERRIDES:

@@ -11,29 +11,14 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from fedmed import defenses, poisoning
 from fedmed.architectures import ARCHITECTURES
 from fedmed.assimilation import check_kind
+from fedmed.datasets import DatasetConfig
+from fedmed.datasets import store_configs as store_datasets
 from fedmed.defenses import DefenseConfig
+from fedmed.defenses import store_configs as store_defenses
 from fedmed.poisoning import AttackConfig
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "synthetic"
-    # MedMNIST: folder with the .npz files (None: $FEDMED_DATA, else ~/.medmnist).
-    # imagefolder: the image folder.
-    root: Optional[str] = None
-    size: int = 28
-    verify_md5: bool = True
-    # synthetic and imagefolder only
-    channels: int = 1
-    num_classes: int = 3
-    n_train: int = 2000
-    n_val: int = 300
-    n_test: int = 600
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
+from fedmed.poisoning import store_configs as store_attacks
 
 
 @dataclass
@@ -90,7 +75,7 @@ class ClientConfig:
     batch_size: int = 32
     # Plain SGD: local momentum, restarted every round, made the global model on PneumoniaMNIST
     # flip between predicting one class and the other; SGD 0.01 without it rose steadily
-    # (README, "Defaults, and why"). configs/dataset/synthetic.yaml picks Adam for its data.
+    # (README, "Defaults, and why"). dataset=synthetic picks Adam for its data (fedmed/datasets/synthetic.py).
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
@@ -194,6 +179,7 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
+    # one option of fedmed/datasets/, each with its own keys (dataset=<name> picks it)
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
     partition: PartitionConfig = MISSING
@@ -225,8 +211,9 @@ def register_configs() -> None:
 
     config_store = ConfigStore.instance()
     config_store.store(name="fedmed_schema", node=Config)
-    defenses.store_configs(config_store)
-    poisoning.store_configs(config_store)
+    store_datasets(config_store)
+    store_defenses(config_store)
+    store_attacks(config_store)
     for name in ARCHITECTURES:  # model=<name>: every architecture of fedmed/architectures.py
         config_store.store(group="model", name=name, node=ModelConfig(name=name))
 

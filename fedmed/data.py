@@ -8,74 +8,47 @@ client then reads only its own slice and never loads flwr-datasets (190 MB in ea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedmed.dataset import ArrayDataset
+from fedmed.datasets import DatasetConfig, dataset_config, dataset_named
 from fedmed.poisoning import held_out_indices
 from fedmed.seeds import Stream, seed_for
 from fedmed.site_data import FederationShape, read_site
 from fedmed.site_shift import SiteShift, site_shift
 
 
+def load_dataset(name: str, *, seed: int, **options) -> ArrayDataset:
+    """Dataset option ``name`` (``synthetic``, ``imagefolder``, a MedMNIST 2D name: the registry
+    in ``fedmed.datasets``) with its config keys ``options`` (``dataset.<key>``; a key the option
+    does not have is refused). ``seed`` fixes what it draws. Cached per process."""
+    return load_config(dataset_config({"name": name, **options}), seed)
+
+
+def load_config(config: DatasetConfig, seed: int) -> ArrayDataset:
+    """The dataset of a typed config (``fedmed.datasets.dataset_config``). Cached per process,
+    keyed by the config's values: a Ray worker playing many clients loads it once."""
+    return _load(config.name, tuple(dataclasses.asdict(config).items()), seed)
+
+
 @functools.lru_cache(maxsize=4)
-def load_dataset(
-    name: str,
-    *,
-    seed: int,
-    root: str | None = None,
-    size: int = 28,
-    verify_md5: bool = True,
-    channels: int = 1,
-    num_classes: int = 3,
-    n_train: int = 2000,
-    n_val: int = 300,
-    n_test: int = 600,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-) -> ArrayDataset:
-    """The dataset named by ``dataset.name``: ``synthetic``, ``imagefolder`` or a MedMNIST 2D name.
-
-    Cached per process: a Ray worker playing many clients loads it once.
-    """
-    if name == "synthetic":
-        from fedmed.synthetic import make_synthetic
-
-        return make_synthetic(
-            num_classes=num_classes,
-            channels=channels,
-            size=size,
-            n_train=n_train,
-            n_val=n_val,
-            n_test=n_test,
-            seed=seed,
-        )
-    if name == "imagefolder":
-        from fedmed.imagefolder import load_imagefolder
-
-        if not root:
-            raise ValueError("dataset=imagefolder needs dataset.root=<folder with one sub-folder per class>")
-        return load_imagefolder(
-            root,
-            size=size,
-            channels=channels,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-        )
-    from fedmed.medmnist import load_medmnist
-
-    return load_medmnist(name, size=size, root=root, verify_md5=verify_md5)
+def _load(name: str, values: tuple[tuple[str, object], ...], seed: int) -> ArrayDataset:
+    dataset = dataset_named(name)
+    return dataset.load(dataset.config(**dict(values)), seed)
 
 
-def dataset_from_config(dataset_cfg: dict, seed: int) -> ArrayDataset:
-    """``load_dataset`` on the ``dataset`` section of the configuration; what it draws
-    (generated images, an image folder's split) comes from the run's ``DATASET`` stream."""
-    return load_dataset(seed=seed_for(seed, Stream.DATASET), **dataset_cfg)
+def dataset_from_config(dataset_cfg: Mapping, seed: int) -> ArrayDataset:
+    """The dataset of the configuration's ``dataset`` section (a DictConfig, or the plain dict a
+    client gets in its job), typed and checked by its option; what it draws (generated images,
+    an image folder's split) comes from the run's ``DATASET`` stream."""
+    return load_config(dataset_config(dataset_cfg), seed_for(seed, Stream.DATASET))
 
 
 @dataclass(frozen=True)

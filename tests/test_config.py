@@ -1,5 +1,8 @@
 """The Hydra configuration: contract keys, typed fields, clear errors for typos."""
 
+import subprocess
+import sys
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -9,7 +12,6 @@ from tests.helpers import compose_config
 
 CONTRACT_KEYS = [
     "dataset.name",
-    "dataset.root",
     "dataset.size",
     "model.name",
     "model.pretrained",
@@ -43,6 +45,9 @@ def test_default_has_every_contract_key():
             assert part in node, key
             node = node[part]
     assert cfg.dataset.name == "synthetic"
+    # each dataset option has its own keys (fedmed/datasets/): root is a MedMNIST and image-folder one
+    for name in ("pneumoniamnist", "imagefolder"):
+        assert "root" in compose_config(f"dataset={name}").dataset
 
 
 @pytest.mark.parametrize(
@@ -137,3 +142,11 @@ def test_zero_rounds_is_a_valid_assessment_only_run():
     cfg = compose_config("federation.rounds=0")
     check_config(cfg)
     prepare_config(cfg)
+
+
+@pytest.mark.parametrize("module", ["fedmed.datasets", "fedmed.defenses", "fedmed.poisoning"])
+def test_the_configuration_imports_without_torch(module):
+    # the registries' options are composed and checked before any model code is needed; their
+    # torch code is imported inside the functions that train or evaluate
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, '{module} imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -90,7 +90,8 @@ def test_the_app_package_holds_the_configs_and_no_tests():
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(Path(__file__).parents[1]))).namelist())
     assert {
         "configs/config.yaml",
-        "configs/dataset/pneumoniamnist.yaml",
+        "configs/partition/iid.yaml",
+        "fedmed/datasets/medmnist.py",
         "configs/strategy/fedavg.yaml",
         "fedmed/medmnist_md5.json",
         "clients/client_app.py",

@@ -536,3 +536,33 @@ def test_attack_configs_are_typed_dataclasses():
     for attack in ATTACKS.values():
         assert issubclass(attack.config, AttackConfig)
         assert attack.config().name == attack.name
+
+
+def test_a_run_folder_from_the_flat_attack_schema_resumes_with_its_attacks_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedmed.checkpoint import resumed_config
+
+    flat = {  # every attack's keys, as config.yaml held them before the registry
+        "name": "badnets",
+        "fraction": 0.2,
+        "ids": None,
+        "mode": "pgd",
+        "frequency": 1,
+        "start_round": 2,
+        "source_class": 0,
+        "target_class": 1,
+        "eps": 2.0,
+        "project_every": 10,
+        "scale": None,
+        "tail_fraction": 0.1,
+        "test_fraction": 0.5,
+        "poison_fraction": 0.5,
+        "trigger_size": 3,
+        "noise_std": 1.0,
+    }
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"attack": flat, "defense": {"name": "none"}, "seed": 0}))
+    saved = resumed_config(tmp_path, compose_config(), [])
+    dropped = {"source_class", "tail_fraction", "test_fraction", "noise_std"}  # badnets never read them
+    assert OmegaConf.to_container(saved.attack) == {k: v for k, v in flat.items() if k not in dropped}
+    assert check_attack(saved.attack).mode == "pgd"

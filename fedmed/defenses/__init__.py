@@ -13,22 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fedmed.defenses.base import Defense, DefenseConfig, LocalData, LocalRound
-from fedmed.options import option_defaults, typed_option
+from fedmed.options import Options, section_of, typed_config
 
-DEFENSES: dict[str, Defense] = {}
+DEFENSES: dict[str, Defense] = Options("defense")
 
 
 def register(defense: Defense) -> Defense:
-    if defense.name in DEFENSES:
-        raise ValueError(f"a defence named {defense.name!r} is registered already")
-    DEFENSES[defense.name] = defense
-    return defense
+    return DEFENSES.register(defense)
 
 
 def defense_named(name: str) -> Defense:
-    if name not in DEFENSES:
-        raise ValueError(f"defense={name!r} is not known; use one of {', '.join(DEFENSES)}")
-    return DEFENSES[name]
+    return DEFENSES.named(name)
 
 
 def defense_config(section: Mapping) -> DefenseConfig:
@@ -36,9 +31,7 @@ def defense_config(section: Mapping) -> DefenseConfig:
     client gets in its job): keys the option does not have and values of the wrong type are
     refused with the key's name."""
     defense = defense_named(str(section["name"]))
-    config = typed_option("defense", defense.name, defense.config, section)
-    config.check()
-    return config
+    return typed_config("defense", defense.name, defense.config, section)
 
 
 def check_defense(section: Mapping) -> None:
@@ -49,7 +42,7 @@ def check_defense(section: Mapping) -> None:
 def defense_section(name: str, **changes) -> dict:
     """The plain ``defense`` section of option ``name`` with its defaults and ``changes``, as a
     client's job carries it (tests and experiments build jobs with it)."""
-    return option_defaults("defense", name, defense_named(name).config, changes)
+    return section_of("defense", name, defense_named(name).config, changes)
 
 
 def model_norm_for(norm: str, defense_name: str) -> str:

@@ -6,23 +6,18 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.options import option_defaults, typed_option
+from fedmed.options import Options, section_of, typed_option
 from fedmed.poisoning.base import AttackConfig, PoisoningAttack
 
-ATTACKS: dict[str, PoisoningAttack] = {}
+ATTACKS: dict[str, PoisoningAttack] = Options("attack")
 
 
 def register(attack: PoisoningAttack) -> PoisoningAttack:
-    if attack.name in ATTACKS:
-        raise ValueError(f"an attack named {attack.name!r} is registered already")
-    ATTACKS[attack.name] = attack
-    return attack
+    return ATTACKS.register(attack)
 
 
 def attack_named(name: str) -> PoisoningAttack:
-    if name not in ATTACKS:
-        raise ValueError(f"attack={name!r} is not known; use one of {', '.join(ATTACKS)}")
-    return ATTACKS[name]
+    return ATTACKS.named(name)
 
 
 def attack_config(section: Mapping | AttackConfig | None) -> AttackConfig:
@@ -54,7 +49,7 @@ def check_attack(
 def attack_section(name: str, **changes) -> dict:
     """The plain ``attack`` section of option ``name`` with its defaults and ``changes``, as a
     client's job carries it (tests and experiments build jobs with it)."""
-    return option_defaults("attack", name, attack_named(name).config, changes)
+    return section_of("attack", name, attack_named(name).config, changes)
 
 
 def store_configs(config_store) -> None:
