@@ -9,8 +9,8 @@ arrays only, flattened in the global ArrayRecord's key order, float32), the upda
 model is the old one plus that update. BatchNorm's running statistics are not weights: they are
 the example-weighted mean over the clients the rule did not flag (``float_keys`` says why).
 Arrays that are not floating point (``num_batches_tracked``) keep the global value. What the
-aggregator flagged is recorded per round in ``self.detection``, by partition id, for the runner
-to score against the ground truth it alone knows.
+aggregator flagged is in the round's findings (``strategies.findings.Detection``), by partition
+id, for the server app to score against the ground truth it alone knows.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import array_from_numpy, array_view
 from fedmed.shared_arrays import SharedArrays
 from strategies.aggregators.base import Aggregator, TooFewReplies
+from strategies.findings import Detection
 from strategies.replies import reply_partition_id
 from strategies.strategy import FedMedStrategy
 
@@ -216,8 +217,8 @@ class RobustAggregation(FedMedStrategy):
         from the round's global model on its root dataset (FLTrust, which requires it), given the
         accepted replies' example counts to match its number of iterations to the clients'.
 
-    ``self.detection[server_round]`` = ``{"scores": {partition id: suspicion}, "flagged":
-    [partition ids]}``. Client ids given to the aggregator (FoolsGold's history) are the
+    The round's ``Detection`` (``strategies.findings``) holds the aggregator's suspicion score
+    per partition and the partitions it flagged. Client ids given to the aggregator (FoolsGold's history) are the
     partition ids the replies report (else the node's partition, else its node id).
     """
 
@@ -262,9 +263,10 @@ class RobustAggregation(FedMedStrategy):
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accepted_replies(server_round, replies)
+        findings = self.findings_of(server_round)
         if not accepted:
             log.warning("round %d: no valid reply; the global model stays as it was", server_round)
-            self.detection[server_round] = {"scores": {}, "flagged": []}
+            findings.detection = Detection()
             return None, None
         assert self._global_arrays is not None
         ids = [self._client_id(msg) for msg in accepted]
@@ -289,14 +291,13 @@ class RobustAggregation(FedMedStrategy):
             )
         except TooFewReplies as error:
             log.warning("round %d: %s; the global model stays as it was", server_round, error)
-            self.detection[server_round] = {"scores": {}, "flagged": []}
+            findings.detection = Detection()
             return None, metrics
         statistics = batchnorm_statistics(records, num_examples, result.flagged)
         flagged = [ids[i] for i in result.flagged]
-        self.detection[server_round] = {
-            "scores": {pid: float(score) for pid, score in zip(ids, result.scores.tolist())},
-            "flagged": sorted(flagged),
-        }
+        findings.detection = Detection(
+            {pid: float(score) for pid, score in zip(ids, result.scores.tolist())}, sorted(flagged)
+        )
         if flagged:
             log.info("round %d: %s flagged partitions %s", server_round, self.aggregator.name, sorted(flagged))
         return apply_update(self._global_arrays, result.update, result.noise, statistics), metrics

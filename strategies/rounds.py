@@ -15,6 +15,8 @@ Differences from ``Strategy.start``:
 * it keeps the simulated clients' persistent state per partition (``client_states``,
   ``fedmed.client_state``): collected from their training replies, sent back with their next
   training message, saved in checkpoints;
+* ``evaluate_fn(server_round, arrays, findings)`` gets the round's findings
+  (``strategies.findings.RoundFindings``: the strategy's, with the round's failures and skip);
 * ``end_of_round(server_round, arrays)`` runs after each round's evaluation (checkpoints).
 """
 
@@ -32,6 +34,7 @@ from fedmed.client_state import STATE_RECORD, record_from, records_of
 from fedmed.logs import log
 from fedmed.memory import return_free_memory
 from fedmed.serialization import array_view
+from strategies.findings import RoundFindings
 from strategies.strategy import FedMedStrategy
 
 POLL_S = 0.1
@@ -199,7 +202,7 @@ class RoundLoop:
         num_rounds: int,
         train_config: ConfigRecord,
         evaluate_config: ConfigRecord,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+        evaluate_fn: Callable[[int, ArrayRecord, RoundFindings], MetricRecord | None],
         end_of_round: Callable[[int, ArrayRecord], None] | None = None,
     ) -> ArrayRecord:
         """Rounds ``first_round``..``num_rounds``; returns the final global model. The caller
@@ -212,12 +215,12 @@ class RoundLoop:
             self._collect_states(replies)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             return_free_memory()  # what the sum freed
-            valid = len(strategy.client_train_metrics.get(server_round, []))
-            if valid < self.min_replies:
+            trained = strategy.findings_of(server_round)
+            if len(trained.clients) < self.min_replies:
                 raise NotEnoughReplies(
-                    f"round {server_round}: {valid} valid training replies, fewer than federation.min_replies="
-                    f"{self.min_replies} ({len(self.failures.get(server_round, []))} clients failed, "
-                    f"{len(strategy.rejections.get(server_round, []))} replies rejected; see the log above)"
+                    f"round {server_round}: {len(trained.clients)} valid training replies, fewer than "
+                    f"federation.min_replies={self.min_replies} ({len(self.failures.get(server_round, []))} "
+                    f"clients failed, {len(trained.rejected)} replies rejected; see the log above)"
                 )
             if new_arrays is not None:
                 bad = non_finite_keys(new_arrays)
@@ -235,7 +238,10 @@ class RoundLoop:
                 server_round, "evaluate", strategy.configure_evaluate(server_round, arrays, evaluate_config, self.grid)
             )
             strategy.aggregate_evaluate(server_round, replies)
-            evaluate_fn(server_round, arrays)
+            findings = strategy.take_findings(server_round)
+            findings.failures = self.failures.get(server_round, [])
+            findings.skipped = self.skipped.get(server_round)
+            evaluate_fn(server_round, arrays, findings)
             if end_of_round is not None:
                 end_of_round(server_round, arrays)
         return arrays

@@ -12,7 +12,8 @@ the round's replies). This class also
   (``strategies.replies``);
 * aggregates in partition-id order, so the floating-point sum is the same in every run;
 * keeps each client's own metrics per round instead of only their average (with the site's name
-  when deployed);
+  when deployed), in the round's findings (``strategies.findings``), which the round loop takes
+  from it when the round is over (``take_findings``);
 * samples only nodes the SuperLink counts as online, so a lost site is not sampled until it
   has reconnected (``strategies.nodes``).
 """
@@ -33,6 +34,7 @@ from fedmed.logs import log
 from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import array_from_numpy
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
+from strategies.findings import Detection, RoundFindings
 from strategies.nodes import Federation, online_partitions
 from strategies.replies import WEIGHT_KEY, Rejection, outlying_counts, reply_partition_id, training_reply_problem
 from strategies.streamed import Candidate, open_reply, values_problem_of, weighted_sum
@@ -105,22 +107,26 @@ class FedMedStrategy(FedAvg):
         self.rng = random.Random(seed_for(seed, Stream.CLIENT_SAMPLING))
         self.shared_arrays = shared_arrays
         self._global_arrays: ArrayRecord | None = None
-        # per round: the replies' own metrics, the rejected ones, the local evaluations
-        self.client_train_metrics: dict[int, list[dict]] = {}
-        self.rejections: dict[int, list[Rejection]] = {}
-        self.client_eval_metrics: dict[int, list[dict]] = {}
-        # per round: {"scores": {partition id: suspicion}, "flagged": [partition ids]}; FedAvg
-        # suspects nobody (strategies/robust_aggregation.py fills it from its aggregator)
-        self.detection: dict[int, dict] = {}
+        # what the rounds not yet taken by the round loop found (``take_findings``)
+        self._findings: dict[int, RoundFindings] = {}
         # deployed sites' names (set by the server app)
         self.federation: Federation | None = None
         self._grid: Grid | None = None
-        # per round: seconds from sending the training messages to having the replies, which a
-        # deployed step's overhead is measured against (experiments/bench_deployment.py)
-        self.train_step_time_s: dict[int, float] = {}
         self._sent_at = 0.0
         # message id -> why its values cannot be aggregated, or None: checked as replies arrive
         self._checked_on_arrival: dict[str, str | None] = {}
+
+    def findings_of(self, server_round: int) -> RoundFindings:
+        """What round ``server_round`` has found so far (filled as Flower calls the strategy)."""
+        if server_round not in self._findings:
+            self._findings[server_round] = RoundFindings(server_round)
+        return self._findings[server_round]
+
+    def take_findings(self, server_round: int) -> RoundFindings:
+        """The findings of a finished round, handed over: the strategy keeps nothing of it."""
+        findings = self.findings_of(server_round)
+        del self._findings[server_round]
+        return findings
 
     def online(self) -> list[int]:
         """Partitions that can be sampled now: those whose node is online (all without a grid)."""
@@ -197,14 +203,15 @@ class FedMedStrategy(FedAvg):
                 rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
         accepted.sort(key=lambda item: (item[0] is None, item[0]))
         accepted = self._without_outlying_counts(server_round, accepted, rejected)
-        self.rejections[server_round] = rejected
-        self.client_train_metrics[server_round] = [self.client_metrics(pid, msg) for pid, msg in accepted]
+        findings = self.findings_of(server_round)
+        findings.rejected = rejected
+        findings.clients = [self.client_metrics(pid, msg) for pid, msg in accepted]
         return [msg for _, msg in accepted]
 
     def _training_done(self, server_round: int) -> None:
         """The round's training replies are in: time the step, drop the model's file."""
         assert self._global_arrays is not None, "configure_train must run before aggregate_train"
-        self.train_step_time_s[server_round] = time.monotonic() - self._sent_at
+        self.findings_of(server_round).train_step_time_s = time.monotonic() - self._sent_at
         if self.shared_arrays is not None:
             self.shared_arrays.unpublish()
 
@@ -252,13 +259,14 @@ class FedMedStrategy(FedAvg):
             self._checked_on_arrival.clear()
             for candidate in candidates:
                 candidate.release()
-        self.rejections[server_round] = rejected
-        self.client_train_metrics[server_round] = [self.client_metrics(c.pid, c.msg) for c in accepted]
+        findings = self.findings_of(server_round)
+        findings.rejected = rejected
+        findings.clients = [self.client_metrics(c.pid, c.msg) for c in accepted]
         if not accepted:
             log.warning("round %d: no valid reply; the global model stays as it was", server_round)
-            self.detection[server_round] = {"scores": {}, "flagged": []}
+            findings.detection = Detection()
             return None, None
-        self.detection[server_round] = {"scores": {c.pid: 0.0 for c in accepted}, "flagged": []}
+        findings.detection = Detection({c.pid: 0.0 for c in accepted})
         contents = [c.msg.content for c in accepted]
         # what Flower's FedAvg.aggregate_train checks besides the arrays (raises as it did)
         validate_message_reply_consistency(contents, self.weighted_by_key, check_arrayrecord=False)
@@ -356,7 +364,7 @@ class FedMedStrategy(FedAvg):
                 continue
             results.append(self.client_metrics(reply_partition_id(msg, self.partition_of_node), msg))
         results.sort(key=lambda m: m.get("partition-id", -1))
-        self.client_eval_metrics[server_round] = results
+        self.findings_of(server_round).client_eval = results
         return None
 
 

@@ -121,7 +121,7 @@ class TestSameAsFlower:
         picked, _ = record_flower_selection
         for seed in range(3):
             flower, ours, s = both("krum", FlowerKrum(num_malicious_nodes=3), seed=seed, num_malicious=3)
-            (chosen,) = set(range(13)) - set(s.detection[1]["flagged"])
+            (chosen,) = set(range(13)) - set(s.findings_of(1).detection.flagged)
             assert picked[-1] == [chosen]
             np.testing.assert_allclose(ours, flower, rtol=0, atol=2e-7)
 
@@ -130,7 +130,7 @@ class TestSameAsFlower:
         flower, ours, s = both(
             "multikrum", FlowerMultiKrum(num_malicious_nodes=2, num_nodes_to_select=6), num_malicious=2, num_to_keep=6
         )
-        kept = sorted(set(range(13)) - set(s.detection[1]["flagged"]))
+        kept = sorted(set(range(13)) - set(s.findings_of(1).detection.flagged))
         assert picked[-1] == kept and len(kept) == 6
         np.testing.assert_allclose(ours, flower, rtol=0, atol=3e-7)
 
@@ -143,7 +143,7 @@ class TestSameAsFlower:
             theta = n - 2 * f
             dropped = sorted(set(range(n)) - set(picked[-1]))
             assert len(picked[-1]) == theta
-            assert [pid for pid, score in s.detection[1]["scores"].items() if score == 1.0] == dropped
+            assert [pid for pid, score in s.findings_of(1).detection.scores.items() if score == 1.0] == dropped
             np.testing.assert_allclose(ours, flower, rtol=0, atol=3e-7)
 
     def test_bulyan_refuses_fewer_than_4f_plus_3_like_flower(self):
@@ -179,9 +179,9 @@ def test_krum_on_large_weights_picks_what_exact_float64_distances_pick():
 
         ours = robust(make_aggregator("krum", num_malicious=f), split(g), n)
         out, _ = ours.aggregate_train(1, [reply(i, split(w), c) for i, (w, c) in enumerate(zip(weights, counts))])
-        assert set(range(n)) - set(ours.detection[1]["flagged"]) == {expected}
+        assert set(range(n)) - set(ours.findings_of(1).detection.flagged) == {expected}
         np.testing.assert_array_equal(joined(out), weights[expected])
-        our_scores = torch.tensor([ours.detection[1]["scores"][i] for i in range(n)])
+        our_scores = torch.tensor([ours.findings_of(1).detection.scores[i] for i in range(n)])
         np.testing.assert_allclose(our_scores.numpy(), exact_scores, rtol=1e-4)
 
 
@@ -504,8 +504,8 @@ def test_robust_aggregation_end_to_end(caplog):
     s = robust(make_aggregator("multikrum", num_malicious=2), GLOBAL, 9)
     with caplog.at_level(logging.WARNING):
         out, metrics = s.aggregate_train(1, list(reversed(replies)))
-    assert [r.partition_id for r in s.rejections[1]] == [7] and "NaN" in s.rejections[1][0].reason
-    detection = s.detection[1]
+    assert [r.partition_id for r in s.findings_of(1).rejected] == [7] and "NaN" in s.findings_of(1).rejected[0].reason
+    detection = vars(s.findings_of(1).detection)
     assert sorted(detection["scores"]) == [0, 1, 2, 3, 4, 5, 6, 8]
     assert 8 in detection["flagged"] and 7 not in detection["flagged"]
     kept = [p for p in range(7) if p not in detection["flagged"]]
@@ -518,7 +518,7 @@ def test_robust_aggregation_end_to_end(caplog):
     assert list(out.keys()) == list(GLOBAL.keys())
     assert out["num_batches_tracked"].numpy() == 7 and out["num_batches_tracked"].numpy().dtype == np.int64
     assert "partition-id" not in metrics and metrics["train_loss"] > 0
-    assert [m["partition-id"] for m in s.client_train_metrics[1]] == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert [m["partition-id"] for m in s.findings_of(1).clients] == [0, 1, 2, 3, 4, 5, 6, 8]
 
 
 def joined_wb(msg: Message) -> np.ndarray:
@@ -543,7 +543,7 @@ def test_robust_fedavg_matches_fedmedavg_and_both_report_detection():
     a, _ = plain.aggregate_train(1, replies())
     b, _ = robust(make_aggregator("fedavg"), GLOBAL, 4).aggregate_train(1, replies())
     np.testing.assert_allclose(b["w"].numpy(), a["w"].numpy(), atol=1e-6)
-    assert plain.detection[1] == {"scores": {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, "flagged": []}
+    assert vars(plain.findings_of(1).detection) == {"scores": {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, "flagged": []}
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -553,7 +553,7 @@ def test_round_with_too_few_replies_keeps_the_global_model(caplog):
     with caplog.at_level(logging.WARNING):
         out, metrics = s.aggregate_train(1, replies)
     assert out is None and metrics is not None and "Bulyan needs n >= 4f + 3" in caplog.text
-    assert s.detection[1] == {"scores": {}, "flagged": []}
+    assert vars(s.findings_of(1).detection) == {"scores": {}, "flagged": []}
     with pytest.raises(ValueError, match=r"federation.clients_per_round=6"):
         RobustAggregation(
             {100 + i: i for i in range(8)},
@@ -573,7 +573,7 @@ def test_fltrust_strategy_uses_the_reference_and_noise_is_seeded():
         for p, sign in enumerate((1.0, 0.5, -1.0))
     ]
     out, _ = s.aggregate_train(1, replies)
-    assert s.detection[1]["flagged"] == [2]
+    assert s.findings_of(1).detection.flagged == [2]
     np.testing.assert_allclose(joined_wb_from(out) - joined_wb_global(), direction, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reference_update"):
         robust(make_aggregator("fltrust"), GLOBAL, 3)
@@ -763,7 +763,7 @@ def test_batchnorm_statistics_are_averaged_over_the_clients_the_rule_kept():
     for name, expected_rows in (("multikrum", [0, 1, 2, 3]), ("krum", None)):
         s = robust(make_aggregator(name, num_malicious=1), BN_GLOBAL, 5)
         out, _ = s.aggregate_train(1, [reply(p, r, c) for p, (r, c) in enumerate(zip(records, counts))])
-        kept = [p for p in range(5) if p not in s.detection[1]["flagged"]]
+        kept = [p for p in range(5) if p not in s.findings_of(1).detection.flagged]
         assert 4 not in kept
         if expected_rows is not None:
             assert kept == expected_rows

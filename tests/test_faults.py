@@ -14,6 +14,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.faults import GARBAGE, HUGE, check_faults, garbage_reply
+from strategies.findings import RoundFindings
 from strategies.replies import MAX_ABS_VALUE, outlying_counts, training_reply_problem, values_problem
 from strategies.rounds import NotEnoughReplies, RoundLoop, RunStopped, exchange
 from tests.helpers import compose_config
@@ -118,7 +119,13 @@ class FakeStrategy:
     def __init__(self, make_aggregate):
         self.partition_of_node = {11: 0, 12: 1}
         self.make_aggregate = make_aggregate
-        self.client_train_metrics, self.rejections = {}, {}
+        self.findings: dict[int, RoundFindings] = {}
+
+    def findings_of(self, server_round):
+        return self.findings.setdefault(server_round, RoundFindings(server_round))
+
+    def take_findings(self, server_round):
+        return self.findings.pop(server_round, RoundFindings(server_round))
 
     def configure_train(self, server_round, arrays, config, grid):
         return [
@@ -130,7 +137,7 @@ class FakeStrategy:
         return []
 
     def aggregate_train(self, server_round, replies):
-        self.client_train_metrics[server_round] = [{} for _ in replies]
+        self.findings_of(server_round).clients = [{} for _ in replies]
         return self.make_aggregate(), None
 
     def aggregate_evaluate(self, server_round, replies):
@@ -152,10 +159,12 @@ def test_non_finite_aggregate_is_never_installed(task_identity, caplog):
         num_rounds=2,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=lambda r, a: evaluated.setdefault(r, a),
+        evaluate_fn=lambda r, a, findings: evaluated.setdefault(r, (a, findings)),
     )
-    assert final is start and evaluated == {1: start, 2: start}
+    assert final is start and {r: a for r, (a, _) in evaluated.items()} == {1: start, 2: start}
     assert "NaN or Inf in 1 arrays (first: w)" in loop.skipped[1]
+    # the server app gets the skip with the round's findings
+    assert evaluated[1][1].skipped == loop.skipped[1] and evaluated[1][1].server_round == 1
     assert "the round is skipped and the previous global model kept" in caplog.text
 
 
@@ -163,15 +172,17 @@ def test_missing_replies_are_failures_and_too_few_stop_the_run(task_identity):
     # node 12 never answers: a failure by timeout; with min_replies=2 the round cannot complete
     grid = FakeGrid(lambda m: answer_all(m) if m.metadata.dst_node_id == 11 else None)
     loop = RoundLoop(FakeStrategy(model_arrays), grid, timeout=0.3, min_replies=1)
+    evaluated = {}
     loop.run(
         model_arrays(),
         first_round=1,
         num_rounds=1,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=lambda r, a: None,
+        evaluate_fn=lambda r, a, findings: evaluated.setdefault(r, findings),
     )
     assert [(f["partition_id"], f["phase"]) for f in loop.failures[1]] == [(1, "train")]
+    assert evaluated[1].failures == loop.failures[1]
     assert "no reply within federation.round_timeout_s=0.3" in loop.failures[1][0]["reason"] and loop.timed_out
     loop = RoundLoop(FakeStrategy(model_arrays), grid, timeout=0.3, min_replies=2)
     with pytest.raises(NotEnoughReplies, match="1 valid training replies, fewer than federation.min_replies=2"):
@@ -181,7 +192,7 @@ def test_missing_replies_are_failures_and_too_few_stop_the_run(task_identity):
             num_rounds=1,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
-            evaluate_fn=lambda r, a: None,
+            evaluate_fn=lambda r, a, findings: None,
         )
 
 

@@ -208,7 +208,7 @@ def test_missing_or_foreign_reply_files_are_rejected(tmp_path, caplog):
     outside = file_reply(messages[1], record(1.0), 1, tmp_path)
     out, _ = s.aggregate_train(1, [gone, outside])
     assert out is None
-    reasons = {r.partition_id: r.reason for r in s.rejections[1]}
+    reasons = {r.partition_id: r.reason for r in s.findings_of(1).rejected}
     assert "could not be read" in reasons[0] and "outside the run's directory" in reasons[1]
     assert outside.content["arrays-file"][ARRAYS_FILE_KEY] and (tmp_path / "reply-1.safetensors").exists()
 

@@ -48,7 +48,19 @@ def test_weighted_average_of_valid_replies():
     agg, metrics = s.aggregate_train(1, [reply(101, good(1.0), 10), reply(202, good(4.0), 30)])
     np.testing.assert_allclose(agg["w0"].numpy(), np.full((2, 3), 3.25))
     assert "partition-id" not in metrics
-    assert [c["partition-id"] for c in s.client_train_metrics[1]] == [0, 1]
+    assert [c["partition-id"] for c in s.findings_of(1).clients] == [0, 1]
+
+
+def test_a_rounds_findings_are_handed_over_and_not_kept():
+    s = strategy()
+    s.aggregate_train(1, [reply(101, good(1.0), 10), reply(202, good(np.nan), 30)])
+    s.aggregate_evaluate(1, [])
+    findings = s.take_findings(1)
+    assert findings.server_round == 1 and [c["partition-id"] for c in findings.clients] == [0]
+    assert [r.partition_id for r in findings.rejected] == [1] and "NaN" in findings.rejected[0].reason
+    assert vars(findings.detection) == {"scores": {0: 0.0}, "flagged": []}
+    assert findings.train_step_time_s >= 0 and findings.client_eval == []
+    assert s.findings_of(1).clients == []  # nothing of round 1 stayed in the strategy
 
 
 @pytest.mark.parametrize(
@@ -65,7 +77,7 @@ def test_bad_replies_are_rejected_and_never_aggregated(bad, reason):
     agg, _ = s.aggregate_train(1, [reply(101, good(1.0)), reply(202, bad), reply(303, good(3.0))])
     np.testing.assert_allclose(agg["w0"].numpy(), np.full((2, 3), 2.0))
     assert np.isfinite(agg["w1"].numpy()).all()
-    (rejection,) = s.rejections[1]
+    (rejection,) = s.findings_of(1).rejected
     assert rejection.partition_id == 1 and reason in rejection.reason
 
 
@@ -73,14 +85,14 @@ def test_zero_examples_and_failed_clients_do_not_stop_the_round():
     s = strategy()
     agg, _ = s.aggregate_train(1, [failed(404), reply(101, good(2.0)), reply(202, good(9.0), num_examples=0)])
     np.testing.assert_allclose(agg["w1"].numpy(), np.full(4, 2.0))
-    reasons = {r.partition_id: r.reason for r in s.rejections[1]}
+    reasons = {r.partition_id: r.reason for r in s.findings_of(1).rejected}
     assert "CUDA out of memory" in reasons[3] and "num-examples" in reasons[1]
 
 
 def test_round_with_only_bad_replies_keeps_the_global_model():
     s = strategy()
     agg, metrics = s.aggregate_train(1, [failed(101), failed(202)])
-    assert agg is None and metrics is None and len(s.rejections[1]) == 2
+    assert agg is None and metrics is None and len(s.findings_of(1).rejected) == 2
 
 
 def test_aggregation_does_not_depend_on_reply_order():

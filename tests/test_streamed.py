@@ -105,10 +105,10 @@ def test_a_reply_rejected_for_nan_in_the_middle_leaves_flowers_fedavg_of_the_oth
     got, _ = s.aggregate_train(1, replies)
     accepted = {p: b for p, b in bodies.items() if p != 2}
     assert_bit_equal(got, flower(accepted))
-    (rejection,) = s.rejections[1]
+    (rejection,) = s.findings_of(1).rejected
     assert rejection.partition_id == 2 and "NaN or Inf" in rejection.reason
-    assert [m["partition-id"] for m in s.client_train_metrics[1]] == [0, 1, 3, 4, 5]
-    assert s.detection[1] == {"scores": {p: 0.0 for p in accepted}, "flagged": []}
+    assert [m["partition-id"] for m in s.findings_of(1).clients] == [0, 1, 3, 4, 5]
+    assert vars(s.findings_of(1).detection) == {"scores": {p: 0.0 for p in accepted}, "flagged": []}
     if in_files:
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith("reply-")] == []
 
@@ -129,7 +129,7 @@ def test_after_a_failed_sum_every_reply_is_checked_before_the_next(tmp_path, mon
     got, _ = s.aggregate_train(1, [file_reply(p, bodies[p], tmp_path) for p in sorted(bodies)])
     assert_bit_equal(got, flower({p: b for p, b in bodies.items() if p not in (1, 4)}))
     assert sums == [6, 4]  # the second sum already without both
-    assert sorted(r.partition_id for r in s.rejections[1]) == [1, 4]
+    assert sorted(r.partition_id for r in s.findings_of(1).rejected) == [1, 4]
 
 
 def test_an_outlying_count_is_judged_among_replies_that_passed_their_own_checks():
@@ -141,7 +141,7 @@ def test_an_outlying_count_is_judged_among_replies_that_passed_their_own_checks(
     s = ours()
     got, _ = s.aggregate_train(1, [reply(p, bodies[p]) for p in sorted(bodies)])
     assert_bit_equal(got, flower({1: bodies[1], 2: bodies[2]}))
-    (rejection,) = s.rejections[1]
+    (rejection,) = s.findings_of(1).rejected
     assert rejection.partition_id == 0 and "NaN" in rejection.reason
 
 
@@ -152,7 +152,7 @@ def test_an_outlier_with_nan_is_rejected_for_its_values():
     s = ours()
     got, _ = s.aggregate_train(1, [reply(p, bodies[p]) for p in sorted(bodies)])
     assert_bit_equal(got, flower({0: bodies[0], 2: bodies[2]}))
-    (rejection,) = s.rejections[1]
+    (rejection,) = s.findings_of(1).rejected
     assert rejection.partition_id == 1 and "NaN or Inf" in rejection.reason
 
 
@@ -165,7 +165,7 @@ def test_a_file_cut_short_is_rejected_and_deleted(tmp_path):
     cut.write_bytes(cut.read_bytes()[:-3])
     got, _ = s.aggregate_train(1, replies)
     assert_bit_equal(got, flower({0: bodies[0], 2: bodies[2]}))
-    (rejection,) = s.rejections[1]
+    (rejection,) = s.findings_of(1).rejected
     assert rejection.partition_id == 1 and "truncated at array 'fc.bias'" in rejection.reason
     assert not cut.exists()
 
@@ -189,7 +189,7 @@ def test_replies_checked_on_arrival_are_summed_reading_each_file_once_and_freein
     got, _ = s.aggregate_train(1, replies)
     assert_bit_equal(got, flower({p: b for p, b in bodies.items() if p != 3}))
     assert sums == [True]  # one sum, consuming the files
-    (rejection,) = s.rejections[1]
+    (rejection,) = s.findings_of(1).rejected
     assert rejection.partition_id == 3 and "NaN or Inf" in rejection.reason
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("reply-")] == []
 
