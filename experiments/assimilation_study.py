@@ -66,8 +66,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from experiments.study_runs import overrides, report, run_once, study_parser  # noqa: E402
 from fedmed.adversarial_eval import fixed_subset  # noqa: E402
-from fedmed.attacks import bim, eval_mode, fgsm, mifgsm, pgd  # noqa: E402
 from fedmed.data import load_dataset  # noqa: E402
+from fedmed.evasion import eval_mode  # noqa: E402
+from fedmed.evasion.bim import bim  # noqa: E402
+from fedmed.evasion.fgsm import fgsm  # noqa: E402
+from fedmed.evasion.mifgsm import mifgsm  # noqa: E402
+from fedmed.evasion.pgd import pgd  # noqa: E402
 from fedmed.metrics import classification_metrics  # noqa: E402
 from fedmed.models import build_model  # noqa: E402
 from fedmed.serialization import load_model_file  # noqa: E402

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmed.attacks import attack_each_eps, eval_mode, make_attack
+from fedmed.evasion import attack_each_eps, eval_mode, make_attack
 from fedmed.metrics import classification_metrics
 from fedmed.seeds import derive_seed
 from fedmed.train import BatchTransform, gather_batch

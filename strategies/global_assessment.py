@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedmed.adversarial_eval import assess_robustness, eps_key, fixed_subset
-from fedmed.attacks import make_attack
+from fedmed.evasion import check_attack_names
 
 VAL_PREFIX = "val_"
 
@@ -26,8 +26,7 @@ def is_assessment_round(server_round: int, every: int, total_rounds: int, attack
 
 def check_eval_config(attacks: list[str], eps: list[float], max_samples: int | None) -> None:
     """Unknown attack names and bad epsilons fail before the run starts."""
-    for name in attacks:
-        make_attack(name, 0.0)
+    check_attack_names(attacks)
     for value in eps:
         if not 0 < value <= 1:
             raise ValueError(f"eval.eps contains {value}; epsilons are in pixel scale (0, 1], e.g. 8/255 = 0.0314")

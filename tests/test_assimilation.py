@@ -15,9 +15,9 @@ from skimage.feature import graycomatrix, graycoprops
 from clients.assimilation import TextureStep, backbone_frozen
 from clients.local_training import LocalData, train_round
 from fedmed.assimilation import FEATURES, glcm_features, glcm_offsets, soft_glcm, texture_loss
-from fedmed.attacks import make_attack
 from fedmed.config import AssimilationConfig, ClientConfig, check_assimilation
 from fedmed.defenses import defense_section
+from fedmed.evasion import make_attack
 from fedmed.models import ARCHITECTURES, build_model
 from fedmed.synthetic import make_synthetic
 from tests.helpers import compose_config

@@ -1,9 +1,11 @@
-"""Tests for fedmed.attacks and fedmed.adversarial_eval: bounds, strength, agreement with torchattacks,
+"""Tests for fedmed.evasion and fedmed.adversarial_eval: bounds, strength, agreement with torchattacks,
 targeted mode, side effects on the model, seeding, names, and the robustness assessment."""
 
 from __future__ import annotations
 
 import copy
+import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,12 +14,17 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from fedmed import attacks
+import fedmed.evasion as attacks
 from fedmed.adversarial_eval import assess_robustness, eps_key, fixed_subset
-from fedmed.attacks import ATTACK_NAMES, bim, fgsm, make_attack, mifgsm, pgd
+from fedmed.evasion import ATTACK_NAMES, ATTACKS, EvasionAttack, make_attack, register
+from fedmed.evasion.bim import bim
+from fedmed.evasion.fgsm import fgsm
+from fedmed.evasion.mifgsm import mifgsm
+from fedmed.evasion.pgd import pgd
 from fedmed.models import build_model
 from fedmed.synthetic import make_synthetic
 from fedmed.train import evaluate, gather_batch
+from strategies.global_assessment import check_eval_config
 
 CPU = torch.device("cpu")
 EPS = 8 / 255
@@ -543,3 +550,83 @@ def test_assess_robustness_rejects_unknown_attacks_and_repeated_names(trained, d
             device=CPU,
             seed=0,
         )
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+
+def _noise(model, x, y, *, eps, generator):
+    """A test attack that ignores the model: ``x + eps * sign(uniform noise)`` from ``generator``."""
+    noise = torch.empty_like(x).uniform_(-1, 1, generator=generator)
+    return torch.clamp(x.detach() + eps * noise.sign(), 0.0, 1.0)
+
+
+def _noise_each_eps(model, copies):
+    noise = torch.cat([torch.empty_like(copies.x).uniform_(-1, 1, generator=g) for g in copies.generators()])
+    return torch.clamp(copies.xs + copies.eps * noise.sign(), 0.0, 1.0)
+
+
+@pytest.fixture
+def noise_attack():
+    """An attack registered from a test, with a random start and every radius in one batch."""
+    record = register(EvasionAttack("noise", _noise, random_start=True, each_eps=_noise_each_eps))
+    yield record
+    del ATTACKS["noise"]
+
+
+def test_a_registered_attack_is_taken_by_the_config_check_make_attack_and_every_radius(
+    noise_attack, trained, data, batch, monkeypatch
+):
+    x, y = batch
+    check_eval_config(["fgsm", "noise", "pgd20"], [EPS], None)
+    attack = make_attack("noise", EPS, seed=4)
+    x_adv = attack(trained, x, y)
+    assert not torch.equal(x_adv, x) and float((x_adv - x).abs().max()) <= EPS + 1e-6
+    assert torch.equal(make_attack("noise", EPS, seed=4)(trained, x, y), x_adv)  # seeded
+    assert not torch.equal(make_attack("noise", EPS, seed=5)(trained, x, y), x_adv)
+    assert torch.equal(pickle.loads(pickle.dumps(attack))(trained, x, y), x_adv)  # as Ray workers get it
+
+    eps, seeds = [0.0, 2 / 255, EPS], [1, 2, 3]
+    alone = [make_attack("noise", e, seed=s)(trained, x, y) for e, s in zip(eps, seeds)]
+    calls = []
+    monkeypatch.setitem(
+        ATTACKS, "noise", replace(noise_attack, each_eps=lambda *args: calls.append(1) or _noise_each_eps(*args))
+    )
+    together = attacks.attack_each_eps("noise", eps, seeds, trained, x, y)
+    assert calls == [1]  # every radius in one batch
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    monkeypatch.setitem(ATTACKS, "noise", replace(noise_attack, each_eps=None))  # one radius after the other
+    assert all(torch.equal(a, b) for a, b in zip(attacks.attack_each_eps("noise", eps, seeds, trained, x, y), alone))
+
+    result = assess_robustness(
+        trained,
+        data.test.images,
+        data.test.labels,
+        np.arange(8),
+        attacks=["noise"],
+        eps=[EPS],
+        batch_size=8,
+        device=CPU,
+        seed=0,
+    )
+    assert f"adv/noise/{eps_key(EPS)}/accuracy" in result
+
+
+def test_registry_refuses_unknown_names_listing_the_known_ones_and_a_second_registration(noise_attack):
+    with pytest.raises(ValueError) as info:
+        check_eval_config(["fgsm", "deepfool"], [EPS], None)
+    message = str(info.value)
+    assert "'deepfool'" in message and "pgd<k>" in message
+    for known in (*ATTACK_NAMES, "noise"):
+        assert known in message
+    with pytest.raises(ValueError, match="registered already"):
+        register(EvasionAttack("fgsm", _noise))
+
+
+def test_registered_attacks_and_the_pgd_k_family():
+    assert tuple(ATTACKS) == ATTACK_NAMES  # no test's registration left behind
+    assert attacks.attack_named("pgd") is ATTACKS["pgd"]
+    pgd7 = attacks.attack_named("pgd7")
+    assert pgd7.name == "pgd7" and pgd7.random_start and pgd7.each_eps is not None
+    assert ATTACKS["pgd_l2"].each_eps is None  # one radius after the other
+    assert not ATTACKS["fgsm"].random_start

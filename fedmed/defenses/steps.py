@@ -13,7 +13,7 @@ when a defence trains; the options themselves are the other modules of this pack
   (``fedmed/defenses/distillation.py``).
 
 Training-time attacks run with the model in training mode, as Wong et al. and Madry et al. do;
-the server's assessment (``fedmed/attacks.py``) attacks in eval mode.
+the server's assessment (``fedmed/evasion/``) attacks in eval mode.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from fedmed.attacks import eval_mode, make_attack
 from fedmed.defenses.base import LocalData
+from fedmed.evasion import eval_mode, make_attack
 from fedmed.logs import log
 from fedmed.seeds import Stream, seed_for
 from fedmed.train import gather_batch
