@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed import options
 from fedmed.datasets import own_keys
-from fedmed.defenses import defense_named
-from fedmed.poisoning import attack_named
 from fedmed.serialization import array_from_numpy, array_view
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -202,9 +201,10 @@ def resumed_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Dict
     # a folder from before each option had its own keys holds the union of every option's keys
     if "dataset" in saved:
         saved.dataset = own_keys(saved.dataset)
-    for group, named in (("defense", defense_named), ("attack", attack_named)):
-        if group in saved:
-            saved[group] = options.own_keys(named(str(saved[group].name)).config, saved[group])
+    for group in ("defense", "attack", "strategy"):  # as Hydra's ConfigStore holds their options
+        option = ConfigStore.instance().repo.get(group, {}).get(f"{saved.get(group, {}).get('name')}.yaml")
+        if option is not None:
+            saved[group] = options.own_keys(option.node, saved[group])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith("hydra.") or key in RESUME_OVERRIDES:

@@ -91,36 +91,10 @@ class ClientConfig:
 
 @dataclass
 class StrategyConfig:
-    """Server-side aggregation (strategies/aggregators/; each rule's docstring cites its paper).
+    """Base of every aggregation rule's structured config (one per rule, in its module of
+    strategies/aggregators/, which cites its paper); ``strategy=<name>`` picks the option."""
 
-    A key a rule does not use must stay at its default (strategies.aggregators.make_aggregator).
-    """
-
-    name: str = "fedavg"
-    # f, the number of malicious clients the rule guards against (krum, multikrum, bulyan).
-    # None: the largest f the rule allows for the replies of the round: (n - 3) // 2 for krum and
-    # multikrum (n > 2f + 2), (n - 3) // 4 for bulyan (n >= 4f + 3)
-    num_malicious: Optional[int] = None
-    # multikrum: how many lowest-score updates are averaged (None: n - f)
-    num_to_keep: Optional[int] = None
-    # bulyan: its per-coordinate stage as one kernel compiled by torch.compile (null: on the CPU
-    # when the selected updates hold >= 2^24 values; compiling takes 4-15 s once per process)
-    compile_stage: Optional[bool] = None
-    # trimmed_mean: share trimmed from each end of every coordinate, in [0, 0.5) (Flower's default)
-    beta: float = 0.2
-    # norm_clip, weak_dp: the update-norm bound M (None: the median update norm of the round)
-    clip_norm: Optional[float] = None
-    # weak_dp: standard deviation of the Gaussian noise added to each coordinate of the aggregate
-    noise_std: float = 0.002
-    # flame: noise standard deviation = noise_lambda * (median update norm)
-    noise_lambda: float = 0.001
-    # rfa: smoothed Weiszfeld iterations at most
-    max_iter: int = 10
-    # fltrust: examples of the server's root dataset, on which it computes its reference update
-    root_samples: int = 100
-    # fltrust: SGD iterations of the server's update, each on a random root batch (None: as many
-    # as the round's median client takes, as in the paper)
-    root_iterations: Optional[int] = None
+    name: str = MISSING
 
 
 @dataclass

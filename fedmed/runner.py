@@ -18,11 +18,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.config import register_configs
+import configs
 from fedmed.logs import LOGGER_NAME
 from fedmed.stopping import RunInterrupted, StopControl, exit_leaving_stuck_threads
 
-register_configs()
+# every registry's options, strategies' included: configs/ is the application's configuration
+configs.register()
 
 
 def backend_config(ray_cfg: DictConfig) -> dict:

@@ -41,14 +41,9 @@ BAKE_CHUNK = 1024  # images shifted at a time: bounds the float copy at large im
 
 def compose(overrides: list[str]) -> DictConfig:
     """The configuration `fedmed-sim` would compose from ``overrides``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    import configs  # the application's configuration, above fedmed/ and strategies/
 
-    from fedmed.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="configs", version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return configs.compose(overrides)
 
 
 def write_sites(cfg: DictConfig, output_dir: Path) -> dict:

@@ -13,7 +13,7 @@ from fedmed.data import client_partitions
 from fedmed.datasets import dataset_config
 from fedmed.defenses import check_defense, model_norm_for
 from fedmed.logs import log
-from strategies.aggregators import TooFewReplies, make_aggregator
+from strategies.aggregators import TooFewReplies, aggregator_from_config
 from strategies.global_assessment import check_eval_config
 
 
@@ -30,8 +30,7 @@ def prepare_config(cfg: DictConfig) -> None:
         image_size=getattr(dataset, "size", None),
         rounds=int(cfg.federation.rounds),
     )
-    strategy_params = OmegaConf.to_container(cfg.strategy, resolve=True)
-    aggregator = make_aggregator(strategy_params.pop("name"), **strategy_params)  # fails before Ray starts
+    aggregator = aggregator_from_config(cfg.strategy)  # its values checked before Ray starts
     try:
         aggregator.check_replies(int(cfg.federation.clients_per_round))
     except TooFewReplies as error:

@@ -248,8 +248,10 @@ class RobustAggregation(FedMedStrategy):
             aggregator.check_replies(clients_per_round)
         except TooFewReplies as error:
             raise ValueError(f"{error} (federation.clients_per_round={clients_per_round} replies per round)") from None
-        if aggregator.name == "fltrust" and reference_update is None:
-            raise ValueError("strategy=fltrust needs reference_update: the server's update on its root dataset")
+        if aggregator.needs_root_update and reference_update is None:
+            raise ValueError(
+                f"strategy={aggregator.name} needs reference_update: the server's update on its root dataset"
+            )
         self.aggregator = aggregator
         self.seed = seed
         self.reference_update = reference_update

@@ -41,7 +41,7 @@ from fedmed.serialization import model_to_arrays, save_model
 from fedmed.shared_arrays import SharedArrays, shared_directory
 from fedmed.stopping import StopControl, release_client_actors
 from fedmed.train import resolve_device
-from strategies.aggregators import make_aggregator
+from strategies.aggregators import Aggregator, aggregator_from_config
 from strategies.findings import RoundFindings
 from strategies.global_assessment import is_assessment_round
 from strategies.global_evaluation import GlobalEvaluation
@@ -68,11 +68,13 @@ def seed_everything(seed: int) -> None:
 def build_strategy(
     cfg: DictConfig,
     partition_of_node: dict[int, int],
+    aggregator: Aggregator,
     reference_update: Callable[[ArrayRecord, torch.Tensor], torch.Tensor] | None = None,
     shared_arrays: SharedArrays | None = None,
 ) -> FedMedStrategy:
     """``strategy=fedavg``: Flower's FedAvg (``FedMedStrategy``); any other: ``RobustAggregation``
-    with that rule. Nothing here knows which clients are malicious."""
+    with that rule, and the server's ``reference_update`` if the rule needs one. Nothing here
+    knows which clients are malicious."""
     assess_clients = bool(cfg.eval.clients)
     common = dict(
         clients_per_round=int(cfg.federation.clients_per_round),
@@ -83,16 +85,13 @@ def build_strategy(
         shared_arrays=shared_arrays,
         assess_max_clients=None if cfg.eval.max_clients is None else int(cfg.eval.max_clients),
     )
-    params = OmegaConf.to_container(cfg.strategy, resolve=True)
-    name = params.pop("name")
-    aggregator = make_aggregator(name, **params)  # refuses unknown names and misplaced keys
-    if name == "fedavg":
+    if aggregator.streamed:  # Flower's own FedAvg, one reply at a time (strategies.strategy)
         return FedMedStrategy(partition_of_node, **common)
     return RobustAggregation(
         partition_of_node,
         **common,
         aggregator=aggregator,
-        reference_update=reference_update if name == "fltrust" else None,
+        reference_update=reference_update if aggregator.needs_root_update else None,
     )
 
 
@@ -195,23 +194,24 @@ def run_federation(
     log_partitions(cfg, dataset, federation, output_dir / "plots", console)
     device = resolve_device(str(cfg.device))
     model = global_model(cfg, dataset)
+    aggregator = aggregator_from_config(cfg.strategy)
     reference_update = None
-    if cfg.strategy.name == "fltrust":
+    if aggregator.needs_root_update:  # the rule's server-side input (FLTrust's root update)
         reference_update = make_root_update(
             model,
             dataset.val,
-            int(cfg.strategy.root_samples),
+            aggregator.root_samples,
             OmegaConf.to_container(cfg.client, resolve=True),
             device=device,
             seed=seed,
-            iterations=cfg.strategy.root_iterations,
+            iterations=aggregator.root_iterations,
         )
     initial_arrays = model_to_arrays(model)
     shared_arrays = None
     if share_arrays:
         model_bytes = sum(len(array.data) for array in initial_arrays.values())
         shared_arrays = SharedArrays(shared_directory(model_bytes * (int(cfg.federation.clients_per_round) + 2)))
-    strategy = build_strategy(cfg, federation.partition_of_node, reference_update, shared_arrays)
+    strategy = build_strategy(cfg, federation.partition_of_node, aggregator, reference_update, shared_arrays)
     strategy.federation = federation
     total_rounds = int(cfg.federation.rounds)
     loop = RoundLoop(
@@ -330,14 +330,9 @@ def run_federation(
 
 def config_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     """`flwr run .`: compose the Hydra config from the run config's ``overrides`` string."""
-    from hydra import compose, initialize_config_module
+    import configs
 
-    from fedmed.config import register_configs
-
-    register_configs()
-    overrides = str(run_config.get("overrides", "")).split()
-    with initialize_config_module(config_module="configs", version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = configs.compose(str(run_config.get("overrides", "")).split())
     # relative to the SuperLink's working directory: the server app runs where the SuperLink does
     output_dir = Path(cfg.output_dir or f"outputs/flwr-run-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg, output_dir.expanduser().resolve()

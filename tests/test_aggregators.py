@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Krum as FlowerKrum
 from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 
 from fedmed.serialization import array_view
-from strategies.aggregators import AGGREGATORS, TooFewReplies, make_aggregator
+from strategies.aggregators import AGGREGATORS, TooFewReplies, aggregator_from_config, make_aggregator
 from strategies.aggregators.foolsgold import FoolsGold
 from strategies.aggregators.ops import (
     batcher_runs,
@@ -337,8 +337,10 @@ def test_ties_are_broken_by_client_id_not_by_position():
         ("weak_dp", {"noise_std": -1.0}, "strategy.noise_std=-1.0 must be a finite number >= 0"),
         ("flame", {"noise_lambda": float("nan")}, "strategy.noise_lambda=nan"),
         ("rfa", {"max_iter": 0}, "strategy.max_iter=0 must be an integer >= 1"),
-        ("fedmedian", {"num_malicious": 2}, "strategy.num_malicious=2 has no effect with strategy=fedmedian"),
-        ("krum", {"colour": 1}, "strategy.colour is not a parameter of strategy=krum"),
+        ("fedmedian", {"num_malicious": 2}, "strategy=fedmedian has no key strategy.num_malicious"),
+        ("krum", {"colour": 1}, "strategy=krum has no key strategy.colour; its keys are strategy.name, "),
+        ("krum", {"num_malicious": "two"}, "strategy=krum: .*strategy.num_malicious"),
+        ("fltrust", {"root_samples": 0}, "strategy.root_samples=0 must be an integer >= 1"),
         ("median", {}, "strategy='median' is not known; use one of fedavg, fedmedian"),
     ],
 )
@@ -347,19 +349,16 @@ def test_bad_parameters_name_the_key(name, params, message):
         make_aggregator(name, **params)
 
 
-def test_whole_strategy_section_with_defaults_is_accepted():
-    defaults = dict(
-        num_malicious=None,
-        num_to_keep=None,
-        beta=0.2,
-        clip_norm=None,
-        noise_std=0.002,
-        noise_lambda=0.001,
-        max_iter=10,
-        root_samples=100,
-    )
-    for name in AGGREGATORS:
-        assert make_aggregator(name, **defaults).name == name
+def test_every_rule_is_a_config_option_with_only_its_own_keys():
+    from tests.helpers import compose_config
+
+    for name, rule in AGGREGATORS.items():
+        cfg = compose_config(f"strategy={name}")
+        assert cfg.strategy.name == name and set(cfg.strategy) == {"name", *rule.params()}
+        assert type(aggregator_from_config(cfg.strategy)) is rule
+    with pytest.raises(Exception, match="strategy.num_malicious"):
+        compose_config("strategy=fedmedian", "strategy.num_malicious=1")
+    assert make_aggregator("fltrust").needs_root_update and not make_aggregator("krum").needs_root_update
 
 
 @pytest.mark.parametrize(
@@ -789,3 +788,28 @@ def test_array_view_reads_the_serialised_values_in_place():
         view = array_view(array)
         np.testing.assert_array_equal(view, array.numpy().reshape(-1))
         assert view.dtype == array.numpy().dtype
+
+
+def test_a_run_folder_from_the_flat_strategy_schema_resumes_with_its_rules_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedmed.checkpoint import resumed_config
+    from tests.helpers import compose_config
+
+    flat = {  # every rule's keys, as config.yaml held them before each rule had its own
+        "name": "multikrum",
+        "num_malicious": 1,
+        "num_to_keep": None,
+        "compile_stage": None,
+        "beta": 0.2,
+        "clip_norm": None,
+        "noise_std": 0.002,
+        "noise_lambda": 0.001,
+        "max_iter": 10,
+        "root_samples": 100,
+        "root_iterations": None,
+    }
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"strategy": flat, "seed": 0}))
+    saved = resumed_config(tmp_path, compose_config(), [])
+    assert OmegaConf.to_container(saved.strategy) == {"name": "multikrum", "num_malicious": 1, "num_to_keep": None}
+    assert aggregator_from_config(saved.strategy).num_malicious == 1

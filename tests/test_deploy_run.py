@@ -91,8 +91,9 @@ def test_the_app_package_holds_the_configs_and_no_tests():
     assert {
         "configs/config.yaml",
         "configs/partition/iid.yaml",
+        "configs/__init__.py",
         "fedmed/datasets/medmnist.py",
-        "configs/strategy/fedavg.yaml",
+        "strategies/aggregators/fedavg.py",
         "fedmed/medmnist_md5.json",
         "clients/client_app.py",
         "strategies/server_app.py",

@@ -1,15 +1,20 @@
 """Robust aggregators on stacked client updates, one module per rule (see ``base`` for the contract).
 
-``make_aggregator(name, **params)`` builds one from the ``strategy`` configuration section
-(fedmed/config.py, ``StrategyConfig``); ``AGGREGATORS`` lists the names, as the README's configuration table.
+A rule is one module: its structured config (a subclass of ``fedmed.config.StrategyConfig`` with
+its keys and defaults) and its ``Aggregator`` subclass, which checks the values and cites its
+paper. To add one: the module and its class in the registration below; ``strategy=<name>``
+(Hydra's ConfigStore, ``store_configs``), the checks before Ray starts and the server's strategy
+all follow. ``AGGREGATORS`` lists the rules, in the README's order.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import fields
+from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.options import Options, typed_option
 from strategies.aggregators.base import Aggregate, Aggregator, TooFewReplies
 from strategies.aggregators.bulyan import Bulyan
 from strategies.aggregators.fedavg import FedAvg
@@ -24,63 +29,35 @@ from strategies.aggregators.rfa import RFA
 from strategies.aggregators.trimmed_mean import TrimmedMean
 from strategies.aggregators.weak_dp import WeakDP
 
-_CLASSES: dict[str, type[Aggregator]] = {
-    cls.name: cls
-    for cls in (
-        FedAvg,
-        FedMedian,
-        TrimmedMean,
-        Krum,
-        MultiKrum,
-        Bulyan,
-        RFA,
-        NormClip,
-        WeakDP,
-        Flame,
-        FoolsGold,
-        FLTrust,
-    )
-}
-AGGREGATORS: tuple[str, ...] = tuple(_CLASSES)
+AGGREGATORS: dict[str, type[Aggregator]] = Options("strategy")
+for _cls in (FedAvg, FedMedian, TrimmedMean, Krum, MultiKrum, Bulyan, RFA, NormClip, WeakDP, Flame, FoolsGold, FLTrust):
+    AGGREGATORS.register(_cls)
 
-# strategy keys used by the server rather than by an aggregator
-_SERVER_KEYS = ("root_samples", "root_iterations")
+
+def aggregator_config(section: Mapping):
+    """The typed config of a ``strategy`` section (a DictConfig or a plain dict): a key the rule
+    does not have, or a value of the wrong type, is refused naming ``strategy.<key>``."""
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    rule = AGGREGATORS.named(str(section["name"]))
+    return typed_option("strategy", rule.name, rule.config, section)
+
+
+def aggregator_from_config(section: Mapping) -> Aggregator:
+    """The rule a ``strategy`` section describes, its values checked by the rule."""
+    config = aggregator_config(section)
+    return AGGREGATORS.named(config.name).from_config(config)
 
 
 def make_aggregator(name: str, **params: Any) -> Aggregator:
-    """The aggregator ``name`` with its parameters.
+    """The aggregator ``name`` with its parameters (``strategy.<key>`` values)."""
+    return aggregator_from_config({"name": name, **params})
 
-    ``params`` may be the whole ``strategy`` section without ``name``: a key the rule does not
-    take is dropped when it holds ``StrategyConfig``'s default, and refused otherwise (setting
-    ``strategy.num_malicious`` for ``fedmedian`` would silently do nothing). Keys that are not
-    ``StrategyConfig`` fields at all are refused, unless the rule takes them (e.g. ``nu`` for rfa).
-    """
-    from fedmed.config import StrategyConfig
 
-    if name not in _CLASSES:
-        raise ValueError(f"strategy={name!r} is not known; use one of {', '.join(AGGREGATORS)}")
-    cls = _CLASSES[name]
-    defaults = {f.name: f.default for f in fields(StrategyConfig)}
-    taken = set(cls.params)
-    extra_ok = set(inspect.signature(cls).parameters) - taken
-    kwargs = {}
-    for key, value in params.items():
-        if key == "name":
-            continue
-        if key in taken or (key in extra_ok and key not in defaults):
-            kwargs[key] = value
-        elif key in defaults:
-            if key not in _SERVER_KEYS and value != defaults[key]:
-                uses = ", ".join(f"strategy.{p}" for p in cls.params) or "none"
-                raise ValueError(
-                    f"strategy.{key}={value!r} has no effect with strategy={name} (its parameters: {uses})"
-                )
-        else:
-            raise ValueError(
-                f"strategy.{key} is not a parameter of strategy={name} "
-                f"(its parameters: {', '.join(sorted(taken | extra_ok)) or 'none'})"
-            )
-    return cls(**kwargs)
+def store_configs(config_store) -> None:
+    """Every rule's config as an option of Hydra's group ``strategy``."""
+    for rule in AGGREGATORS.values():
+        config_store.store(group="strategy", name=rule.name, node=rule.config)
 
 
 __all__ = [
@@ -88,6 +65,9 @@ __all__ = [
     "Aggregate",
     "Aggregator",
     "TooFewReplies",
+    "aggregator_config",
+    "aggregator_from_config",
     "make_aggregator",
-    *(c.__name__ for c in _CLASSES.values()),
+    "store_configs",
+    *(c.__name__ for c in AGGREGATORS.values()),
 ]

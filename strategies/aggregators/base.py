@@ -18,7 +18,7 @@ Contract, tested in tests/test_aggregators.py:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -52,11 +52,27 @@ class TooFewReplies(ValueError):
 
 
 class Aggregator:
-    """Base class: subclasses set ``name`` and ``params`` and implement ``_aggregate``."""
+    """Base class: subclasses set ``name`` and ``config`` (their structured config, a dataclass
+    whose keys are the constructor's parameters) and implement ``_aggregate``. A rule that needs
+    the server's own update on a root dataset each round (FLTrust) sets ``needs_root_update``
+    and takes ``root_samples`` and ``root_iterations``; the server app builds that input for it."""
 
     name: ClassVar[str] = ""
-    # the `strategy.*` configuration keys this rule takes (fedmed/config.py, StrategyConfig)
-    params: ClassVar[tuple[str, ...]] = ()
+    config: ClassVar[type] = type(None)
+    needs_root_update: ClassVar[bool] = False
+    # the example-weighted mean itself: the server sums it one reply at a time (FedMedStrategy)
+    # instead of stacking every update
+    streamed: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config) -> Aggregator:
+        """The rule with the typed ``config``'s values (every key but ``name``)."""
+        return cls(**{key: value for key, value in vars(config).items() if key != "name"})
+
+    @classmethod
+    def params(cls) -> tuple[str, ...]:
+        """The ``strategy.*`` keys this rule takes."""
+        return tuple(f.name for f in fields(cls.config) if f.name != "name")
 
     def aggregate(
         self,
@@ -117,7 +133,7 @@ class Aggregator:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params)
+        args = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params())
         return f"{type(self).__name__}({args})"
 
 

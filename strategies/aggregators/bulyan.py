@@ -6,8 +6,12 @@ ICML 2018.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
+from fedmed.config import StrategyConfig
 from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, above_expected
 from strategies.aggregators.fused import FUSE_AUTO_VALUES, bulyan_stage, compiled_bulyan_stage, fused_blocks
@@ -21,6 +25,16 @@ from strategies.aggregators.ops import (
     middle,
     sorted_column_blocks,
 )
+
+
+@dataclass
+class BulyanConfig(StrategyConfig):
+    name: str = "bulyan"
+    # f (None: the largest f with n >= 4f + 3, (n - 3) // 4)
+    num_malicious: Optional[int] = None
+    # its per-coordinate stage as one kernel compiled by torch.compile (None: on the CPU when the
+    # selected updates hold >= 2^24 values; compiling takes seconds once per process)
+    compile_stage: Optional[bool] = None
 
 
 class Bulyan(Krum):
@@ -49,7 +63,7 @@ class Bulyan(Krum):
     """
 
     name = "bulyan"
-    params = ("num_malicious", "compile_stage")
+    config = BulyanConfig
     rule = "Bulyan needs n >= 4f + 3"
 
     def __init__(self, num_malicious: int | None = None, compile_stage: bool | None = None) -> None:

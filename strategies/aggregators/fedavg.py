@@ -6,8 +6,16 @@ AISTATS 2017.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, Aggregator, data_weights, none_flagged
 from strategies.aggregators.ops import weighted_sum
+
+
+@dataclass
+class FedAvgConfig(StrategyConfig):
+    name: str = "fedavg"
 
 
 class FedAvg(Aggregator):
@@ -17,6 +25,8 @@ class FedAvg(Aggregator):
     """
 
     name = "fedavg"
+    config = FedAvgConfig
+    streamed = True
 
     def _aggregate(self, updates, num_examples, *, client_ids, generator, reference) -> Aggregate:
         scores, flagged = none_flagged(updates.shape[0])

@@ -6,10 +6,18 @@ Statistical Rates", ICML 2018.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, Aggregator, above_expected
 from strategies.aggregators.ops import Scratch, count_extremes, middle, sorted_column_blocks
+
+
+@dataclass
+class FedMedianConfig(StrategyConfig):
+    name: str = "fedmedian"
 
 
 class FedMedian(Aggregator):
@@ -27,6 +35,7 @@ class FedMedian(Aggregator):
     """
 
     name = "fedmedian"
+    config = FedMedianConfig
 
     def _aggregate(self, updates, num_examples, *, client_ids, generator, reference) -> Aggregate:
         n, d = updates.shape

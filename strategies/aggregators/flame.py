@@ -8,10 +8,12 @@ Koushanfar, Sadeghi, Schneider, "FLAME: Taming Backdoors in Federated Learning",
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedmed.config import StrategyConfig
 from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, Aggregator, check_positive
 from strategies.aggregators.ops import cosines, gram, median, noise_like, weighted_sum
@@ -34,6 +36,12 @@ def largest_cluster(cosine_distances: np.ndarray) -> np.ndarray:
         return np.array([], dtype=np.int64)
     # min_cluster_size > n / 2 leaves room for one cluster only; the bincount settles it anyway
     return np.flatnonzero(labels == np.bincount(clusters).argmax())
+
+
+@dataclass
+class FlameConfig(StrategyConfig):
+    name: str = "flame"
+    noise_lambda: float = 0.001  # noise standard deviation = noise_lambda * (median update norm)
 
 
 class Flame(Aggregator):
@@ -66,7 +74,7 @@ class Flame(Aggregator):
     """
 
     name = "flame"
-    params = ("noise_lambda",)
+    config = FlameConfig
 
     def __init__(self, noise_lambda: float = 0.001) -> None:
         self.noise_lambda = check_positive("noise_lambda", noise_lambda, allow_zero=True)

@@ -6,11 +6,26 @@ NDSS 2021.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
+from fedmed.config import StrategyConfig
 from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, Aggregator
 from strategies.aggregators.ops import weighted_sum
+
+
+@dataclass
+class FLTrustConfig(StrategyConfig):
+    name: str = "fltrust"
+    # examples of the server's root dataset (from the validation split), on which it computes its
+    # reference update each round
+    root_samples: int = 100
+    # SGD iterations of the server's update, each on a random root batch (None: as many as the
+    # round's median client takes, as in the paper)
+    root_iterations: Optional[int] = None
 
 
 class FLTrust(Aggregator):
@@ -25,6 +40,19 @@ class FLTrust(Aggregator):
     """
 
     name = "fltrust"
+    config = FLTrustConfig
+    # the server computes its own update on a root dataset each round (strategies/root_update.py)
+    needs_root_update = True
+
+    def __init__(self, root_samples: int = 100, root_iterations: int | None = None) -> None:
+        if isinstance(root_samples, bool) or not isinstance(root_samples, int) or root_samples < 1:
+            raise ValueError(f"strategy.root_samples={root_samples!r} must be an integer >= 1")
+        if root_iterations is not None and (
+            isinstance(root_iterations, bool) or not isinstance(root_iterations, int) or root_iterations < 1
+        ):
+            raise ValueError(f"strategy.root_iterations={root_iterations!r} must be an integer >= 1, or null")
+        self.root_samples = root_samples
+        self.root_iterations = root_iterations
 
     def _aggregate(self, updates, num_examples, *, client_ids, generator, reference) -> Aggregate:
         n, d = updates.shape

@@ -5,8 +5,11 @@ Fung, Yoon, Beschastnikh, "The Limitations of Federated Learning in Sybil Settin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fedmed.config import StrategyConfig
 from fedmed.logs import log
 from strategies.aggregators.base import Aggregate, Aggregator
 from strategies.aggregators.ops import cosines, gram, weighted_sum
@@ -35,6 +38,12 @@ def foolsgold_weights(cos: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
     return torch.nan_to_num(w, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
 
 
+@dataclass
+class FoolsGoldConfig(StrategyConfig):
+    name: str = "foolsgold"
+    kappa: float = 1.0  # confidence of the logit that turns similarities into weights
+
+
 class FoolsGold(Aggregator):
     """FoolsGold, Algorithm 1 of the paper, with confidence kappa = 1.
 
@@ -54,6 +63,7 @@ class FoolsGold(Aggregator):
     """
 
     name = "foolsgold"
+    config = FoolsGoldConfig
 
     def __init__(self, kappa: float = 1.0) -> None:
         if not kappa > 0:

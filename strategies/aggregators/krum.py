@@ -6,8 +6,12 @@ Gradient Descent", NeurIPS 2017.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, Aggregator, TooFewReplies, check_optional_count
 from strategies.aggregators.ops import gram, lowest, sq_distances
 
@@ -29,6 +33,14 @@ def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     return torch.topk(off, min(k, n - 1), dim=1, largest=False).values.sum(1)
 
 
+@dataclass
+class KrumConfig(StrategyConfig):
+    name: str = "krum"
+    # f, the number of malicious clients the rule guards against. None: the largest f the rule
+    # allows for the replies of the round, (n - 3) // 2 (n > 2f + 2)
+    num_malicious: Optional[int] = None
+
+
 class Krum(Aggregator):
     """The one update with the smallest Krum score, ``num_malicious`` = f.
 
@@ -40,7 +52,7 @@ class Krum(Aggregator):
     """
 
     name = "krum"
-    params = ("num_malicious",)
+    config = KrumConfig
     rule = "Krum needs n > 2f + 2"
 
     def __init__(self, num_malicious: int | None = None) -> None:

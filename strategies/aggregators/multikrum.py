@@ -6,9 +6,21 @@ ICML 2018 (Multi-Krum was introduced by Blanchard et al., NeurIPS 2017).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, TooFewReplies, check_optional_count
 from strategies.aggregators.krum import Krum
 from strategies.aggregators.ops import lowest, weighted_sum
+
+
+@dataclass
+class MultiKrumConfig(StrategyConfig):
+    name: str = "multikrum"
+    # f, as Krum's (None: the largest f with n > 2f + 2)
+    num_malicious: Optional[int] = None
+    num_to_keep: Optional[int] = None  # how many lowest-score updates are averaged (None: n - f)
 
 
 class MultiKrum(Krum):
@@ -23,7 +35,7 @@ class MultiKrum(Krum):
     """
 
     name = "multikrum"
-    params = ("num_malicious", "num_to_keep")
+    config = MultiKrumConfig
 
     def __init__(self, num_malicious: int | None = None, num_to_keep: int | None = None) -> None:
         super().__init__(num_malicious)

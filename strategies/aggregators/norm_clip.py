@@ -6,10 +6,20 @@ Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?", ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, Aggregator, check_positive, data_weights
 from strategies.aggregators.ops import median, weighted_sum
+
+
+@dataclass
+class NormClipConfig(StrategyConfig):
+    name: str = "norm_clip"
+    clip_norm: Optional[float] = None  # the update-norm bound M (None: the median update norm of the round)
 
 
 class NormClip(Aggregator):
@@ -24,7 +34,7 @@ class NormClip(Aggregator):
     """
 
     name = "norm_clip"
-    params = ("clip_norm",)
+    config = NormClipConfig
 
     def __init__(self, clip_norm: float | None = None) -> None:
         self.clip_norm = check_positive("clip_norm", clip_norm, allow_none=True)

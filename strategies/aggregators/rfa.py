@@ -6,10 +6,21 @@ Signal Processing 70, 2022.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, Aggregator, check_positive, data_weights
 from strategies.aggregators.ops import gram, median, weighted_sum
+
+
+@dataclass
+class RFAConfig(StrategyConfig):
+    name: str = "rfa"
+    max_iter: int = 10  # smoothed Weiszfeld iterations at most
+    nu: float = 1e-6  # smoothing of the Weiszfeld weights
+    tol: float = 1e-5  # stop when the objective improves by less than this (relative)
 
 
 class RFA(Aggregator):
@@ -29,7 +40,7 @@ class RFA(Aggregator):
     """
 
     name = "rfa"
-    params = ("max_iter",)
+    config = RFAConfig
 
     def __init__(self, max_iter: int = 10, nu: float = 1e-6, tol: float = 1e-5) -> None:
         if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:

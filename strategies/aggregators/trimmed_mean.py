@@ -6,10 +6,19 @@ Statistical Rates", ICML 2018.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, Aggregator, above_expected
 from strategies.aggregators.ops import Scratch, count_outside, sorted_column_blocks
+
+
+@dataclass
+class TrimmedMeanConfig(StrategyConfig):
+    name: str = "trimmed_mean"
+    beta: float = 0.2  # share trimmed from each end of every coordinate, in [0, 0.5) (Flower's default)
 
 
 class TrimmedMean(Aggregator):
@@ -24,7 +33,7 @@ class TrimmedMean(Aggregator):
     """
 
     name = "trimmed_mean"
-    params = ("beta",)
+    config = TrimmedMeanConfig
 
     def __init__(self, beta: float = 0.2) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 0.5:

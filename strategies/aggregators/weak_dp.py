@@ -6,9 +6,20 @@ Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?", ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+from fedmed.config import StrategyConfig
 from strategies.aggregators.base import Aggregate, check_positive
 from strategies.aggregators.norm_clip import NormClip
 from strategies.aggregators.ops import noise_like
+
+
+@dataclass
+class WeakDPConfig(StrategyConfig):
+    name: str = "weak_dp"
+    clip_norm: Optional[float] = None  # the update-norm bound M (None: the median update norm of the round)
+    noise_std: float = 0.002  # standard deviation of the Gaussian noise added to each coordinate
 
 
 class WeakDP(NormClip):
@@ -22,7 +33,7 @@ class WeakDP(NormClip):
     """
 
     name = "weak_dp"
-    params = ("clip_norm", "noise_std")
+    config = WeakDPConfig
 
     def __init__(self, clip_norm: float | None = None, noise_std: float = 0.002) -> None:
         super().__init__(clip_norm)
