@@ -15,7 +15,7 @@ from fedmed.architectures import ARCHITECTURES
 from fedmed.assimilation import check_kind
 from fedmed.datasets import DatasetConfig
 from fedmed.datasets import store_configs as store_datasets
-from fedmed.defenses import DefenseConfig
+from fedmed.defenses import DefenseConfig, defense_named
 from fedmed.defenses import store_configs as store_defenses
 from fedmed.poisoning import AttackConfig
 from fedmed.poisoning import store_configs as store_attacks
@@ -268,9 +268,10 @@ def check_assimilation(
             f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
             "backbone would never train; use model.freeze_backbone=true for that"
         )
-    if kind != "none" and weight > 0 and defense["name"] == "dp_sgd" and defense.get("adversarial") is not None:
+    clips_each_example = defense_named(str(defense["name"])).per_example_gradients
+    if kind != "none" and weight > 0 and clips_each_example and defense.get("adversarial") is not None:
         raise ValueError(
-            f"assimilation.texture_weight={weight} with defense=dp_sgd and defense.adversarial: the texture "
+            f"assimilation.texture_weight={weight} with defense={defense['name']} and defense.adversarial: the texture "
             "loss on the clean image needs a second backward pass, which Opacus's per-example clipping "
             "refuses; set assimilation.texture_weight=0 or drop defense.adversarial"
         )

@@ -199,8 +199,7 @@ class FedMedStrategy(FedAvg):
             if problem is None:
                 accepted.append((pid, msg))
             else:
-                log.warning("round %d: rejected reply of partition %s: %s", server_round, pid, problem)
-                rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
+                _reject(server_round, rejected, pid, msg, problem)
         accepted.sort(key=lambda item: (item[0] is None, item[0]))
         accepted = self._without_outlying_counts(server_round, accepted, rejected)
         findings = self.findings_of(server_round)
@@ -229,8 +228,7 @@ class FedMedStrategy(FedAvg):
             if problem is None:
                 kept.append((pid, msg))
             else:
-                log.warning("round %d: rejected reply of partition %s: %s", server_round, pid, problem)
-                rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
+                _reject(server_round, rejected, pid, msg, problem)
         return kept
 
     def aggregate_train(
@@ -276,8 +274,7 @@ class FedMedStrategy(FedAvg):
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def _reject(self, server_round: int, rejected: list[Rejection], candidate: Candidate, problem: str) -> None:
-        log.warning("round %d: rejected reply of partition %s: %s", server_round, candidate.pid, problem)
-        rejected.append(Rejection(candidate.msg.metadata.src_node_id, candidate.pid, problem))
+        _reject(server_round, rejected, candidate.pid, candidate.msg, problem)
         candidate.release()
 
     def _streamed_average(
@@ -366,6 +363,12 @@ class FedMedStrategy(FedAvg):
         results.sort(key=lambda m: m.get("partition-id", -1))
         self.findings_of(server_round).client_eval = results
         return None
+
+
+def _reject(server_round: int, rejected: list[Rejection], pid: int | None, msg: Message, problem: str) -> None:
+    """Record (and log) that the reply ``msg`` of partition ``pid`` is not aggregated, and why."""
+    log.warning("round %d: rejected reply of partition %s: %s", server_round, pid, problem)
+    rejected.append(Rejection(msg.metadata.src_node_id, pid, problem))
 
 
 def _average_without_ids(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
