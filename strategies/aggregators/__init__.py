@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed.options import Options, typed_option
 from strategies.aggregators.base import Aggregate, Aggregator, TooFewReplies
 from strategies.aggregators.bulyan import Bulyan
-from strategies.aggregators.fedavg import FedAvg
+from strategies.aggregators.fedavg import WeightedMean
 from strategies.aggregators.fedmedian import FedMedian
 from strategies.aggregators.flame import Flame
 from strategies.aggregators.fltrust import FLTrust
@@ -30,7 +30,21 @@ from strategies.aggregators.trimmed_mean import TrimmedMean
 from strategies.aggregators.weak_dp import WeakDP
 
 AGGREGATORS: dict[str, type[Aggregator]] = Options("strategy")
-for _cls in (FedAvg, FedMedian, TrimmedMean, Krum, MultiKrum, Bulyan, RFA, NormClip, WeakDP, Flame, FoolsGold, FLTrust):
+# the rules, in the README's order
+for _cls in (
+    WeightedMean,
+    FedMedian,
+    TrimmedMean,
+    Krum,
+    MultiKrum,
+    Bulyan,
+    RFA,
+    NormClip,
+    WeakDP,
+    Flame,
+    FoolsGold,
+    FLTrust,
+):
     AGGREGATORS.register(_cls)
 
 

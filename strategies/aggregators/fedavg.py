@@ -18,8 +18,10 @@ class FedAvgConfig(StrategyConfig):
     name: str = "fedavg"
 
 
-class FedAvg(Aggregator):
-    """Mean of the updates weighted by example count, as Flower's ``FedAvg``.
+class WeightedMean(Aggregator):
+    """``strategy=fedavg``'s rule: the mean of the updates weighted by example count, as Flower's
+    ``FedAvg`` (the one class of that name in the project; ``FedMedStrategy`` derives from it and
+    sums this mean one reply at a time, ``streamed``).
 
     Scores: 0 for everyone. Flagged: nobody.
     """
