@@ -73,7 +73,7 @@ def test_flame_flags_gaussian_noise_updates(tmp_path):
     assert summary["detection"]["recall"] == 1.0
 
 
-def test_fltrust_with_badnets_uses_the_servers_root_data(tmp_path):
+def test_fltrust_scores_every_client_against_the_servers_own_update(tmp_path):
     summary, rows = federation(
         tmp_path,
         "attack=badnets",
@@ -84,8 +84,17 @@ def test_fltrust_with_badnets_uses_the_servers_root_data(tmp_path):
     )
     assert all(0 <= r["backdoor/asr"] <= 1 for r in rows)
     assert all(r["detection/tpr"] is not None for r in rows[1:])
-    assert summary["final"]["accuracy"] is not None
     assert summary["detection"]["strategy"] == "fltrust"
+    # Each score is 1 - ReLU(cos(client update, server update)): FedAvg's are all 0, and these
+    # exist only because the server trained its own update on its root data in every round.
+    # (Measured here: 0.25-0.31, the attacker's the lowest, so FLTrust flags nobody; the model
+    # predicts one class after three rounds on 300 images, accuracy 0.33, and ASR is 0.98 under
+    # FedAvg and FLTrust alike, so this small federation shows no defence effect to assert.)
+    per_round = [r["detection/scores"] for r in rows[1:]]
+    for scores in per_round:
+        assert sorted(scores) == ["0", "1", "2", "3", "4"]
+        assert all(0.0 < v < 1.0 for v in scores.values()) and len(set(scores.values())) == 5
+    assert per_round[0] != per_round[1] != per_round[2]  # a new server update each round
 
 
 def test_bulyan_with_its_compiled_stage_in_a_federation(tmp_path):
