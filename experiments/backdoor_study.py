@@ -19,7 +19,7 @@ the strategy's detection over the run (TPR = recall, FPR, precision, scored by t
 flags the strategy reports).
 
 Strategies: fedavg (no defence), norm_clip, weak_dp, krum, multikrum, rfa, fedmedian,
-trimmed_mean, bulyan, flame, foolsgold, fltrust (each with its configs/strategy/<name>.yaml).
+trimmed_mean, bulyan, flame, foolsgold, fltrust (each one module of strategies/aggregators/ with its own config).
 
 Configurations (CONFIGS below):
 
