@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.local_training import LocalData
+from clients.local_training import LocalData, client_settings
 from fedmed.data import ClientShare
 from fedmed.poisoning import AttackConfig, DataPoisoningConfig, attack_config, attack_named, malicious_ids, update_scale
 from fedmed.seeds import Stream, seed_for
@@ -206,24 +206,18 @@ def malicious_round(
     client without a defence reports (train loss and accuracy). ``attack``: the typed config
     (None: the job's ``attack`` section)."""
     config = attack_config(job["attack"] if attack is None else attack)
-    behaviour, client = attack_named(config.name), job["client"]
+    behaviour, client = attack_named(config.name), client_settings(job["client"])
     num_clients = int(job["num_clients"])
     params = float_parameters(model)
     reference = [p.detach().clone() for p in params]
-    optimizer = make_optimizer(
-        model.parameters(),
-        client["optimizer"],
-        float(client["lr"]),
-        float(client["momentum"]),
-        float(client["weight_decay"]),
-    )
+    optimizer = make_optimizer(model.parameters(), client.optimizer, client.lr, client.momentum, client.weight_decay)
     common = dict(
-        epochs=int(client["epochs"]),
-        batch_size=int(client["batch_size"]),
+        epochs=client.epochs,
+        batch_size=client.batch_size,
         optimizer=optimizer,
         device=device,
         seed=seed,
-        augment=bool(client["augment"]),
+        augment=client.augment,
         transform=transform,
     )
     malicious = malicious_ids(config, num_clients, int(job["seed"]))
