@@ -36,6 +36,11 @@ class Options(dict):
             raise ValueError(f"{self.group}={name!r} is not known; use one of {', '.join(self)}")
         return self[name]
 
+    def store_configs(self, config_store) -> None:
+        """Every option's structured ``config`` as an option of Hydra's group ``group``."""
+        for option in self.values():
+            config_store.store(group=self.group, name=option.name, node=option.config)
+
 
 def typed_option(group: str, name: str, config: type, section: Mapping):
     """``section`` (a DictConfig, or the plain dict a client gets in its job) merged onto the

@@ -20,12 +20,8 @@ from fedmed.options import Options, section_of, typed_config
 DATASETS: dict[str, Dataset] = Options("dataset")
 
 
-def register(dataset: Dataset) -> Dataset:
-    return DATASETS.register(dataset)
-
-
-def dataset_named(name: str) -> Dataset:
-    return DATASETS.named(name)
+register = DATASETS.register
+dataset_named = DATASETS.named
 
 
 def dataset_config(section: Mapping) -> DatasetConfig:

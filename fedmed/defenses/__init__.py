@@ -18,12 +18,9 @@ from fedmed.options import Options, section_of, typed_config
 DEFENSES: dict[str, Defense] = Options("defense")
 
 
-def register(defense: Defense) -> Defense:
-    return DEFENSES.register(defense)
-
-
-def defense_named(name: str) -> Defense:
-    return DEFENSES.named(name)
+register = DEFENSES.register
+defense_named = DEFENSES.named
+store_configs = DEFENSES.store_configs  # Hydra's group ``defense``
 
 
 def defense_config(section: Mapping) -> DefenseConfig:
@@ -51,12 +48,6 @@ def model_norm_for(norm: str, defense_name: str) -> str:
     if norm == "batch" and defense_named(defense_name).per_example_gradients:
         return "group"
     return norm
-
-
-def store_configs(config_store) -> None:
-    """Every defence's config as an option of Hydra's group ``defense``."""
-    for defense in DEFENSES.values():
-        config_store.store(group="defense", name=defense.name, node=defense.config)
 
 
 # the defences, in the order the README lists them

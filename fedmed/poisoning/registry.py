@@ -12,12 +12,9 @@ from fedmed.poisoning.base import AttackConfig, PoisoningAttack
 ATTACKS: dict[str, PoisoningAttack] = Options("attack")
 
 
-def register(attack: PoisoningAttack) -> PoisoningAttack:
-    return ATTACKS.register(attack)
-
-
-def attack_named(name: str) -> PoisoningAttack:
-    return ATTACKS.named(name)
+register = ATTACKS.register
+attack_named = ATTACKS.named
+store_configs = ATTACKS.store_configs  # Hydra's group ``attack``
 
 
 def attack_config(section: Mapping | AttackConfig | None) -> AttackConfig:
@@ -50,9 +47,3 @@ def attack_section(name: str, **changes) -> dict:
     """The plain ``attack`` section of option ``name`` with its defaults and ``changes``, as a
     client's job carries it (tests and experiments build jobs with it)."""
     return section_of("attack", name, attack_named(name).config, changes)
-
-
-def store_configs(config_store) -> None:
-    """Every attack's config as an option of Hydra's group ``attack``."""
-    for attack in ATTACKS.values():
-        config_store.store(group="attack", name=attack.name, node=attack.config)

@@ -68,10 +68,7 @@ def make_aggregator(name: str, **params: Any) -> Aggregator:
     return aggregator_from_config({"name": name, **params})
 
 
-def store_configs(config_store) -> None:
-    """Every rule's config as an option of Hydra's group ``strategy``."""
-    for rule in AGGREGATORS.values():
-        config_store.store(group="strategy", name=rule.name, node=rule.config)
+store_configs = AGGREGATORS.store_configs  # Hydra's group ``strategy``
 
 
 __all__ = [
