@@ -10,19 +10,11 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from fedmed.assimilation import glcm_offsets, texture_loss
 from fedmed.config import AssimilationConfig
 from fedmed.train import TrainStep, cross_entropy_step
-
-
-def assimilation_settings(job: dict) -> dict:
-    """The job's ``assimilation`` section, or the defaults for jobs built without one."""
-    if job.get("assimilation") is not None:
-        return job["assimilation"]
-    return OmegaConf.to_container(OmegaConf.structured(AssimilationConfig))
 
 
 def _classifier(model: nn.Module) -> nn.Module:
@@ -68,13 +60,13 @@ class WithTextureLoss(TextureStep):
         return loss + extra.detach(), logits
 
 
-def with_texture_loss(step: TrainStep | None, model: nn.Module, settings: dict) -> TrainStep | None:
+def with_texture_loss(step: TrainStep | None, model: nn.Module, settings: AssimilationConfig) -> TrainStep | None:
     """``step`` (None: plain cross entropy) with the texture loss added when the model has
     modules and ``assimilation.texture_weight`` > 0; ``step`` unchanged otherwise."""
-    weight = float(settings["texture_weight"])
+    weight = float(settings.texture_weight)
     if weight == 0 or not has_modules(model):
         return step
-    levels, distances = int(settings["levels"]), list(settings["distances"])
+    levels, distances = settings.levels, list(settings.distances)
     if step is None or step is cross_entropy_step:
         return TextureStep(weight, levels, distances)
     return WithTextureLoss(step, weight, levels, distances)

@@ -17,12 +17,13 @@ from clients.local_training import LocalData, train_round
 from clients.malicious import malicious_round
 from fedmed.adversarial_eval import assess_robustness, fixed_subset
 from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_to_record
+from fedmed.config import FaultConfig
 from fedmed.defenses import model_norm_for
-from fedmed.job import ASSESS_KEY, JOB_KEY, decode_job, encode_job
+from fedmed.job import ASSESS_KEY, JOB_KEY, Job, decode_job
 from fedmed.logs import through_flower_handlers
 from fedmed.memory import return_free_memory
 from fedmed.models import build_model
-from fedmed.poisoning import attacks_now, check_attack
+from fedmed.poisoning import attacks_now
 from fedmed.precision import Precision
 from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import load_arrays, model_to_arrays
@@ -34,25 +35,27 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(job_text: str, num_classes: int, in_channels: int) -> torch.nn.Module:
+def _cached_model(
+    name: str, freeze_backbone: bool, norm: str, assimilation: str, num_classes: int, in_channels: int
+) -> torch.nn.Module:
     # A Ray worker plays many clients: build the architecture once; every call overwrites all
     # of its weights with the server's arrays. No ImageNet weights needed here for that reason.
-    job = decode_job(job_text)
-    model_cfg = job["model"]
     return build_model(
-        model_cfg["name"],
+        name,
         num_classes,
         in_channels,
         pretrained=False,
-        freeze_backbone=bool(model_cfg["freeze_backbone"]),
-        norm=model_norm_for(model_cfg["norm"], job["defense"]["name"]),
-        assimilation=model_cfg.get("assimilation", "none"),
+        freeze_backbone=freeze_backbone,
+        norm=norm,
+        assimilation=assimilation,
     )
 
 
-def _model_for(job: dict, num_classes: int, in_channels: int, arrays: ArrayRecord) -> torch.nn.Module:
+def _model_for(job: Job, num_classes: int, in_channels: int, arrays: ArrayRecord) -> torch.nn.Module:
+    model_cfg = job.model
+    norm = model_norm_for(model_cfg.norm, job.defense.name)
     model = _cached_model(
-        encode_job({"model": job["model"], "defense": {"name": job["defense"]["name"]}}), num_classes, in_channels
+        model_cfg.name, model_cfg.freeze_backbone, norm, model_cfg.assimilation, num_classes, in_channels
     )
     load_arrays(model, arrays)
     return model
@@ -118,10 +121,10 @@ def _identity(node_config: dict, pid: int) -> dict:
     return {"partition-id": pid} if is_simulated(node_config) else {}
 
 
-def _injected_fault(job: dict, node_config: dict, pid: int, server_round: int, phase: str) -> dict | None:
+def _injected_fault(job: Job, node_config: dict, pid: int, server_round: int, phase: str) -> FaultConfig | None:
     """The ``fault`` acting here now (simulated partitions only): raise and hang act at once (a
     finite hang then carries on as a slow client), garbage is for the caller to reply."""
-    fault = active_fault(job.get("fault", []), pid, server_round, phase) if is_simulated(node_config) else None
+    fault = active_fault(job.fault, pid, server_round, phase) if is_simulated(node_config) else None
     if fault is not None:
         misbehave(fault, pid, server_round)
     return fault
@@ -144,21 +147,19 @@ def train(msg: Message, context: Context) -> Message:
     if STATE_RECORD in msg.content:  # the server's copy of this partition's state (after a resume, the only one)
         restore_state(context.state, records_of(msg.content[STATE_RECORD]))
     fault = _injected_fault(job, context.node_config, pid, server_round, "train")
-    if fault is not None and fault["kind"] == "garbage":
-        return _garbage_train_reply(msg, context.node_config, fault["garbage"], len(share.train_indices), pid)
+    if fault is not None and fault.kind == "garbage":
+        return _garbage_train_reply(msg, context.node_config, fault.garbage, len(share.train_indices), pid)
     device = resolve_device(device_setting(job, context.node_config))
-    seed = seed_for(int(job["seed"]), Stream.CLIENT_ROUND, server_round, pid)
+    seed = seed_for(job.seed, Stream.CLIENT_ROUND, server_round, pid)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
     # Seeded after the model: building it (only on a worker's first call) draws from the same
     # generator, and which call is a worker's first differs from run to run (and on resume).
     torch.manual_seed(seed_for(seed, Stream.TORCH_GLOBAL))
     data = LocalData(share.images, share.labels, share.train_indices, _site_transform(share, seed, device))
-    attack = check_attack(job.get("attack"), share.num_classes, int(job["num_clients"]))
-    if is_simulated(context.node_config) and attacks_now(
-        attack, pid, int(job["num_clients"]), int(job["seed"]), server_round
-    ):
+    job.attack.check(share.num_classes, job.num_clients)
+    if is_simulated(context.node_config) and attacks_now(job.attack, pid, job.num_clients, job.seed, server_round):
         result = malicious_round(
-            model, share, job, attack, partition_id=pid, seed=seed, device=device, transform=data.transform
+            model, share, job, partition_id=pid, seed=seed, device=device, transform=data.transform
         )
     else:
         result = train_round(model, data, job, server_round=server_round, seed=seed, device=device, state=context.state)
@@ -194,21 +195,21 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if len(share.val_indices) == 0:  # client.val_fraction=0: nothing held out to evaluate on
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     model = _model_for(job, share.num_classes, share.images.shape[-1], _received_arrays(msg, context.node_config))
-    seed = seed_for(int(job["seed"]), Stream.CLIENT_EVALUATION, server_round, pid)
-    eval_cfg = job["eval"]
+    seed = seed_for(job.seed, Stream.CLIENT_EVALUATION, server_round, pid)
+    eval_cfg = job.eval
     result = evaluate(
         model,
         share.images,
         share.labels,
         share.val_indices,
-        batch_size=int(eval_cfg["batch_size"]),
+        batch_size=eval_cfg.batch_size,
         device=device,
         transform=_site_transform(share, seed, device),
-        precision=Precision.of(job["client"], device),
+        precision=Precision.of(job.client, device),
     )
     if bool(config.get(ASSESS_KEY, False)):
         indices = share.val_indices[
-            fixed_subset(len(share.val_indices), eval_cfg["max_samples"], seed_for(seed, Stream.EVALUATION_SUBSET))
+            fixed_subset(len(share.val_indices), eval_cfg.max_samples, seed_for(seed, Stream.EVALUATION_SUBSET))
         ]
         result.update(
             assess_robustness(
@@ -216,9 +217,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
                 share.images,
                 share.labels,
                 indices,
-                attacks=list(eval_cfg["attacks"]),
-                eps=[float(e) for e in eval_cfg["eps"]],
-                batch_size=int(eval_cfg["batch_size"]),
+                attacks=list(eval_cfg.attacks),
+                eps=list(eval_cfg.eps),
+                batch_size=eval_cfg.batch_size,
                 device=device,
                 seed=seed,
                 transform=_site_transform(share, seed, device),

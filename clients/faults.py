@@ -16,6 +16,7 @@ import threading
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedmed.config import FaultConfig
 from fedmed.serialization import array_view
 
 KINDS = ("raise", "hang", "garbage")
@@ -29,44 +30,42 @@ class InjectedFault(RuntimeError):
     """Raised by a client that a ``raise`` fault names."""
 
 
-def check_faults(faults: list[dict], num_clients: int) -> None:
+def check_faults(faults: list[FaultConfig], num_clients: int) -> None:
     """Refuse a fault list that cannot act as written, naming the entry and key."""
     for i, fault in enumerate(faults):
         where = f"fault[{i}]"
-        if fault["kind"] not in KINDS:
-            raise ValueError(f"{where}.kind={fault['kind']!r}: choose one of {', '.join(KINDS)}")
-        if fault["phase"] not in PHASES:
-            raise ValueError(f"{where}.phase={fault['phase']!r}: choose train or evaluate")
-        if fault["kind"] == "garbage":
-            if fault["phase"] != "train":
+        if fault.kind not in KINDS:
+            raise ValueError(f"{where}.kind={fault.kind!r}: choose one of {', '.join(KINDS)}")
+        if fault.phase not in PHASES:
+            raise ValueError(f"{where}.phase={fault.phase!r}: choose train or evaluate")
+        if fault.kind == "garbage":
+            if fault.phase != "train":
                 raise ValueError(f"{where}: garbage replaces the weights of a training reply; use phase=train")
-            if fault["garbage"] not in GARBAGE:
-                raise ValueError(f"{where}.garbage={fault['garbage']!r}: choose one of {', '.join(GARBAGE)}")
-        if not fault["partitions"] or not all(0 <= p < num_clients for p in fault["partitions"]):
+            if fault.garbage not in GARBAGE:
+                raise ValueError(f"{where}.garbage={fault.garbage!r}: choose one of {', '.join(GARBAGE)}")
+        if not fault.partitions or not all(0 <= p < num_clients for p in fault.partitions):
             raise ValueError(
-                f"{where}.partitions={list(fault['partitions'])}: give partition ids in "
+                f"{where}.partitions={list(fault.partitions)}: give partition ids in "
                 f"[0, {num_clients - 1}] (federation.num_clients={num_clients})"
             )
-        if fault["start_round"] < 1:
-            raise ValueError(f"{where}.start_round={fault['start_round']} must be >= 1")
+        if fault.start_round < 1:
+            raise ValueError(f"{where}.start_round={fault.start_round} must be >= 1")
 
 
-def active_fault(faults: list[dict], partition_id: int, server_round: int, phase: str) -> dict | None:
+def active_fault(faults: list[FaultConfig], partition_id: int, server_round: int, phase: str) -> FaultConfig | None:
     """The first fault that acts on this partition in this round and phase, or None."""
     for fault in faults:
-        if partition_id in fault["partitions"] and server_round >= fault["start_round"] and fault["phase"] == phase:
+        if partition_id in fault.partitions and server_round >= fault.start_round and fault.phase == phase:
             return fault
     return None
 
 
-def misbehave(fault: dict, partition_id: int, server_round: int) -> None:
+def misbehave(fault: FaultConfig, partition_id: int, server_round: int) -> None:
     """Raise or hang, as the fault says (garbage acts on the reply instead)."""
-    if fault["kind"] == "raise":
-        raise InjectedFault(
-            f"injected fault: partition {partition_id} raises in {fault['phase']}, round {server_round}"
-        )
-    if fault["kind"] == "hang":
-        threading.Event().wait(fault["hang_s"])
+    if fault.kind == "raise":
+        raise InjectedFault(f"injected fault: partition {partition_id} raises in {fault.phase}, round {server_round}")
+    if fault.kind == "hang":
+        threading.Event().wait(fault.hang_s)
 
 
 def garbage_reply(global_arrays: ArrayRecord, num_examples: int, garbage: str) -> tuple[ArrayRecord, int]:

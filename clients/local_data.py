@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.data import ClientShare, client_share, site_share
-from fedmed.poisoning import attack_config
+from fedmed.job import Job
 from fedmed.site_data import default_site_name, examples_per_class
 
 PARTITION_ID = "partition-id"
@@ -84,20 +84,20 @@ def site_class_counts(node_config: dict) -> list[int]:
     return np.bincount(labels.astype(np.int64)).tolist()
 
 
-def device_setting(job: dict, node_config: dict) -> str:
+def device_setting(job: Job, node_config: dict) -> str:
     """A deployed site trains on its own ``device`` (node config; ``auto`` by default); the job's
     device applies to simulated clients only."""
     if DATA_PATH not in node_config:
-        return str(job["device"])
+        return job.device
     device = str(node_config.get(DEVICE, "auto"))
     if device.split(":")[0] not in SITE_DEVICES:
         raise ValueError(f'node config device={device!r}: use "auto", "cpu" or "cuda" ("cuda:N" for one GPU)')
     return device
 
 
-def refuse_simulation_only(job: dict) -> None:
+def refuse_simulation_only(job: Job) -> None:
     """What a server may not ask of a deployed site: poisoning attacks exist for simulation."""
-    attack = attack_config(job.get("attack")).name
+    attack = job.attack.name
     if attack != "none":
         raise ValueError(
             f"this node is a deployed site (node config data-path) and the run asks for attack={attack}: "
@@ -106,7 +106,7 @@ def refuse_simulation_only(job: dict) -> None:
         )
 
 
-def local_share(job: dict, node_config: dict) -> ClientShare:
+def local_share(job: Job, node_config: dict) -> ClientShare:
     """Simulation: ``partition-id``/``num-partitions`` in ``node_config``; deployment: ``data-path``."""
     if DATA_PATH in node_config:
         refuse_simulation_only(job)
@@ -115,5 +115,5 @@ def local_share(job: dict, node_config: dict) -> ClientShare:
         raise KeyError(
             f"node_config has neither 'partition-id' (simulation) nor 'data-path' (deployment); {NODE_CONFIG_HINT}"
         )
-    num_partitions = int(node_config.get(NUM_PARTITIONS, job["num_clients"]))
+    num_partitions = int(node_config.get(NUM_PARTITIONS, job.num_clients))
     return client_share(job, int(node_config[PARTITION_ID]), num_partitions)

@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import torch
 from flwr.app import RecordDict
-from omegaconf import OmegaConf
 from torch import nn
 
-from clients.assimilation import assimilation_settings, backbone_frozen, with_texture_loss
-from fedmed.config import ClientConfig, check_assimilation
-from fedmed.defenses import LocalData, LocalRound, defense_config, defense_named
+from clients.assimilation import backbone_frozen, with_texture_loss
+from fedmed.config import check_assimilation
+from fedmed.defenses import LocalData, LocalRound, defense_named
+from fedmed.job import Job
 from fedmed.precision import Precision
 from fedmed.train import make_optimizer
 
 __all__ = ["LocalData", "train_round"]
 
 
-def client_settings(section: dict) -> ClientConfig:
-    """The job's typed ``client`` section (keys absent in older jobs take their defaults)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClientConfig), section))
-
-
 def train_round(
     model: nn.Module,
     data: LocalData,
-    job: dict,
+    job: Job,
     *,
     server_round: int,
     seed: int,
@@ -37,10 +32,8 @@ def train_round(
 
     With domain-assimilation modules, the texture loss joins the defence's step, and the backbone
     is frozen in the first ``assimilation.freeze_backbone_rounds`` rounds."""
-    defense = defense_config(job["defense"])
-    assimilation = assimilation_settings(job)
-    check_assimilation(assimilation, job.get("model", {}).get("assimilation", "none"), job["defense"])
-    client = client_settings(job["client"])
+    defense, assimilation, client = job.defense, job.assimilation, job.client
+    check_assimilation(assimilation, job.model.assimilation, defense)
 
     def new_optimizer(params) -> torch.optim.Optimizer:
         return make_optimizer(params, client.optimizer, client.lr, client.momentum, client.weight_decay)
@@ -49,15 +42,15 @@ def train_round(
         model=model,
         data=data,
         server_round=server_round,
-        rounds=int(job["rounds"]) if "rounds" in job else None,
+        rounds=job.rounds,
         seed=seed,
         device=device,
         state=state,
         epochs=client.epochs,
         batch_size=client.batch_size,
         new_optimizer=new_optimizer,
-        train_options={"augment": client.augment, "precision": Precision.of(job["client"], device)},
+        train_options={"augment": client.augment, "precision": Precision.of(client, device)},
         with_texture_loss=lambda step: with_texture_loss(step, model, assimilation),
     )
-    with backbone_frozen(model, server_round <= int(assimilation["freeze_backbone_rounds"])):
+    with backbone_frozen(model, server_round <= assimilation.freeze_backbone_rounds):
         return defense_named(defense.name).train(defense, local_round)

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.local_training import LocalData, client_settings
+from clients.local_training import LocalData
 from fedmed.data import ClientShare
+from fedmed.job import Job
 from fedmed.poisoning import AttackConfig, DataPoisoningConfig, attack_config, attack_named, malicious_ids, update_scale
 from fedmed.seeds import Stream, seed_for
 from fedmed.train import BatchTransform, TrainStep, cross_entropy_step, make_optimizer, train_local
@@ -194,8 +195,8 @@ def send_update(params: list[torch.Tensor], reference: list[torch.Tensor], updat
 def malicious_round(
     model: nn.Module,
     share: ClientShare,
-    job: dict,
-    attack: Mapping | AttackConfig | None = None,
+    job: Job,
+    attack: AttackConfig | None = None,
     *,
     partition_id: int,
     seed: int,
@@ -205,9 +206,8 @@ def malicious_round(
     """Train ``model`` in place as an attacker in an attack round; returns the metrics an honest
     client without a defence reports (train loss and accuracy). ``attack``: the typed config
     (None: the job's ``attack`` section)."""
-    config = attack_config(job["attack"] if attack is None else attack)
-    behaviour, client = attack_named(config.name), client_settings(job["client"])
-    num_clients = int(job["num_clients"])
+    config = job.attack if attack is None else attack
+    behaviour, client, num_clients = attack_named(config.name), job.client, job.num_clients
     params = float_parameters(model)
     reference = [p.detach().clone() for p in params]
     optimizer = make_optimizer(model.parameters(), client.optimizer, client.lr, client.momentum, client.weight_decay)
@@ -220,12 +220,12 @@ def malicious_round(
         augment=client.augment,
         transform=transform,
     )
-    malicious = malicious_ids(config, num_clients, int(job["seed"]))
+    malicious = malicious_ids(config, num_clients, job.seed)
     scale = update_scale(
         config,
         num_train=len(share.labels),
         num_clients=num_clients,
-        clients_per_round=int(job.get("clients_per_round", num_clients)),
+        clients_per_round=job.round_size,
         attacker_examples=len(share.train_indices),
         num_malicious=len(malicious),
     )
@@ -235,7 +235,7 @@ def malicious_round(
             config,
             partition_id=partition_id,
             seed=seed,
-            run_seed=int(job["seed"]),
+            run_seed=job.seed,
             malicious=malicious,
             transform=transform,
         )

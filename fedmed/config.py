@@ -195,56 +195,57 @@ def register_configs() -> None:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def check_client(client, device: str = "auto") -> None:
-    """Refuse local-training settings that would fail inside every client, naming the key."""
-    if client["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"client.optimizer={client['optimizer']!r} is not known; use one of {', '.join(OPTIMIZERS)}")
+def check_client(client: ClientConfig, device: str = "auto") -> None:
+    """Refuse local-training settings that would fail inside every client, naming the key.
+    ``client``: the typed section (or its DictConfig)."""
+    if client.optimizer not in OPTIMIZERS:
+        raise ValueError(f"client.optimizer={client.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
     for key in ("epochs", "batch_size"):
-        if int(client[key]) < 1:
-            raise ValueError(f"client.{key}={client[key]} must be >= 1")
-    if not float(client["lr"]) > 0:
-        raise ValueError(f"client.lr={client['lr']} must be > 0 (e.g. 0.01 for SGD, 0.001 for Adam)")
-    if not 0 <= float(client["momentum"]) < 1:
-        raise ValueError(f"client.momentum={client['momentum']} must be in [0, 1)")
-    if float(client["weight_decay"]) < 0:
-        raise ValueError(f"client.weight_decay={client['weight_decay']} must be >= 0")
-    if not 0 <= float(client["val_fraction"]) < 1:
-        raise ValueError(f"client.val_fraction={client['val_fraction']} must be in [0, 1) (share held out locally)")
+        if int(getattr(client, key)) < 1:
+            raise ValueError(f"client.{key}={getattr(client, key)} must be >= 1")
+    if not float(client.lr) > 0:
+        raise ValueError(f"client.lr={client.lr} must be > 0 (e.g. 0.01 for SGD, 0.001 for Adam)")
+    if not 0 <= float(client.momentum) < 1:
+        raise ValueError(f"client.momentum={client.momentum} must be in [0, 1)")
+    if float(client.weight_decay) < 0:
+        raise ValueError(f"client.weight_decay={client.weight_decay} must be >= 0")
+    if not 0 <= float(client.val_fraction) < 1:
+        raise ValueError(f"client.val_fraction={client.val_fraction} must be in [0, 1) (share held out locally)")
     from fedmed.precision import check_precision
 
-    check_precision(client["amp"], client["channels_last"])
-    if client["amp"] == "fp16" and str(device) == "cpu":
+    check_precision(client.amp, client.channels_last)
+    if client.amp == "fp16" and str(device) == "cpu":
         raise ValueError(
             "client.amp=fp16 needs a CUDA device (loss scaling) and device=cpu is set; use client.amp=bf16"
         )
 
 
-def check_eval(eval_cfg) -> None:
+def check_eval(eval_cfg: EvalConfig) -> None:
     """The assessment's schedule and batch size (the attacks and epsilons: strategies/global_assessment.py)."""
-    if int(eval_cfg["every"]) < 1:
-        raise ValueError(f"eval.every={eval_cfg['every']} must be >= 1 (robustness assessed every N rounds)")
-    if int(eval_cfg["batch_size"]) < 1:
-        raise ValueError(f"eval.batch_size={eval_cfg['batch_size']} must be >= 1")
-    max_clients = eval_cfg.get("max_clients")
-    if max_clients is not None and int(max_clients) < 1:
-        raise ValueError(f"eval.max_clients={max_clients} must be >= 1, or null for every client")
+    if int(eval_cfg.every) < 1:
+        raise ValueError(f"eval.every={eval_cfg.every} must be >= 1 (robustness assessed every N rounds)")
+    if int(eval_cfg.batch_size) < 1:
+        raise ValueError(f"eval.batch_size={eval_cfg.batch_size} must be >= 1")
+    if eval_cfg.max_clients is not None and int(eval_cfg.max_clients) < 1:
+        raise ValueError(f"eval.max_clients={eval_cfg.max_clients} must be >= 1, or null for every client")
 
 
 def check_assimilation(
-    assimilation,
+    assimilation: AssimilationConfig,
     kind: str,
-    defense,
+    defense: DefenseConfig,
     *,
     freeze_backbone: bool = False,
     image_size: int | None = None,
     rounds: int | None = None,
 ) -> None:
     """Refuse assimilation settings that cannot work, naming the key. ``assimilation`` is the
-    ``assimilation`` section, ``kind`` is ``model.assimilation``, ``defense`` the ``defense``
-    section; ``image_size`` and ``rounds`` are checked where they are known (the server)."""
+    typed ``assimilation`` section (or its DictConfig), ``kind`` is ``model.assimilation``,
+    ``defense`` the typed ``defense`` section; ``image_size`` and ``rounds`` are checked where
+    they are known (the server)."""
     check_kind(kind)
-    weight, levels = assimilation["texture_weight"], assimilation["levels"]
-    distances, frozen = list(assimilation["distances"]), assimilation["freeze_backbone_rounds"]
+    weight, levels = assimilation.texture_weight, assimilation.levels
+    distances, frozen = list(assimilation.distances), assimilation.freeze_backbone_rounds
     if not weight >= 0 or weight == float("inf"):
         raise ValueError(f"assimilation.texture_weight={weight} must be a finite number >= 0 (0: no texture loss)")
     if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
@@ -268,10 +269,10 @@ def check_assimilation(
             f"assimilation.freeze_backbone_rounds={frozen} >= federation.rounds={rounds}: the "
             "backbone would never train; use model.freeze_backbone=true for that"
         )
-    clips_each_example = defense_named(str(defense["name"])).per_example_gradients
-    if kind != "none" and weight > 0 and clips_each_example and defense.get("adversarial") is not None:
+    clips_each_example = defense_named(defense.name).per_example_gradients
+    if kind != "none" and weight > 0 and clips_each_example and getattr(defense, "adversarial", None) is not None:
         raise ValueError(
-            f"assimilation.texture_weight={weight} with defense={defense['name']} and defense.adversarial: the texture "
+            f"assimilation.texture_weight={weight} with defense={defense.name} and defense.adversarial: the texture "
             "loss on the clean image needs a second backward pass, which Opacus's per-example clipping "
             "refuses; set assimilation.texture_weight=0 or drop defense.adversarial"
         )

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from fedmed.poisoning import held_out_indices
 from fedmed.seeds import Stream, seed_for
 from fedmed.site_data import FederationShape, read_site
 from fedmed.site_shift import SiteShift, site_shift
+
+if TYPE_CHECKING:
+    from fedmed.job import Job
 
 
 def load_dataset(name: str, *, seed: int, **options) -> ArrayDataset:
@@ -101,11 +105,6 @@ def client_partitions(
         ) from None
 
 
-# The job key naming the file of every client's indices (``write_partitions``); simulation on the
-# server's machine only, like the model files beside it.
-PARTITIONS_FILE_KEY = "partitions_file"
-
-
 def write_partitions(partitions: list[np.ndarray], path: Path) -> Path:
     """Every client's indices in one int64 ``.npy``: [count, count + 1 offsets, indices...],
     so that a client memory-maps it and reads its own slice only (``read_partition``)."""
@@ -134,14 +133,13 @@ def _check_partition_id(partition_id: int, count: int) -> None:
         raise ValueError(f"partition-id {partition_id} outside 0..{count - 1}")
 
 
-def partition_of(job: dict, dataset: ArrayDataset, partition_id: int, num_partitions: int) -> np.ndarray:
+def partition_of(job: Job, dataset: ArrayDataset, partition_id: int, num_partitions: int) -> np.ndarray:
     """One client's train-split indices: from the server's file when the job names one, else cut
     here (every partition at once, cached: the partitioners assign all clients together)."""
-    path = job.get(PARTITIONS_FILE_KEY)
-    if path:
-        return read_partition(path, partition_id, num_partitions)
-    seed = int(job["seed"])
-    partitions = client_partitions(dataset.train.labels, num_partitions, job["partition"], seed, dataset.name)
+    if job.partitions_file:
+        return read_partition(job.partitions_file, partition_id, num_partitions)
+    partition = dataclasses.asdict(job.partition)
+    partitions = client_partitions(dataset.train.labels, num_partitions, partition, job.seed, dataset.name)
     _check_partition_id(partition_id, len(partitions))
     return partitions[partition_id]
 
@@ -156,34 +154,32 @@ def split_holdout(indices: np.ndarray, val_fraction: float, seed: int) -> tuple[
     return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
 
 
-def client_share(job: dict, partition_id: int, num_partitions: int) -> ClientShare:
+def client_share(job: Job, partition_id: int, num_partitions: int) -> ClientShare:
     """The share of partition ``partition_id`` in a simulated federation described by ``job``."""
-    seed = int(job["seed"])
-    dataset = dataset_from_config(job["dataset"], seed)
+    seed = job.seed
+    dataset = dataset_from_config(job.dataset, seed)
     train_idx, val_idx = split_holdout(
         partition_of(job, dataset, partition_id, num_partitions),
-        float(job["client"]["val_fraction"]),
+        job.client.val_fraction,
         seed_for(seed, Stream.HOLDOUT, partition_id),
     )
     # attack=edge_case: the source class's tail is held out from every client's clean data (the
     # attackers get their share back, relabelled, only in attack rounds: clients/malicious.py)
-    held_out = held_out_indices(dataset.train.images, dataset.train.labels, job.get("attack"), seed)
+    held_out = held_out_indices(dataset.train.images, dataset.train.labels, job.attack, seed)
     if len(held_out):
         train_idx = train_idx[~np.isin(train_idx, held_out)]
         val_idx = val_idx[~np.isin(val_idx, held_out)]
     shift = None
-    if job["partition"]["name"] == "site":
-        shift = site_shift(
-            partition_id, seed_for(seed, Stream.SITE_SHIFT), float(job["partition"].get("site_strength", 1.0))
-        )
+    if job.partition.name == "site":
+        shift = site_shift(partition_id, seed_for(seed, Stream.SITE_SHIFT), job.partition.site_strength)
     return ClientShare(dataset.train.images, dataset.train.labels, train_idx, val_idx, dataset.num_classes, shift)
 
 
-def site_share(data_path: str, job: dict) -> ClientShare:
+def site_share(data_path: str, job: Job) -> ClientShare:
     """A deployed hospital's own data (a MedMNIST-layout ``.npz`` or an image folder), checked
     against the federation's classes, channels and image size (``fedmed.site_data``)."""
     shape = FederationShape.from_job(job)
-    train, val = read_site(Path(data_path).expanduser(), shape, int(job["seed"]))
+    train, val = read_site(Path(data_path).expanduser(), shape, job.seed)
     images = np.concatenate([train.images, val.images])
     labels = np.concatenate([train.labels, val.labels])
     n = len(train)

@@ -36,6 +36,17 @@ class Options(dict):
             raise ValueError(f"{self.group}={name!r} is not known; use one of {', '.join(self)}")
         return self[name]
 
+    def checked_config(self, section, base: type, node=lambda option: option.config):
+        """The typed, checked config of a section of this group: a DictConfig, the plain dict a
+        client gets in its job, or a typed config (a ``base`` instance) already. Keys the option
+        does not have and values of the wrong type are refused with the key's name; ``node``
+        gives an option's structured config."""
+        if isinstance(section, base):
+            section.check()
+            return section
+        option = self.named(str(section["name"]))
+        return typed_config(self.group, option.name, node(option), section)
+
     def store_configs(self, config_store) -> None:
         """Every option's structured ``config`` as an option of Hydra's group ``group``."""
         for option in self.values():

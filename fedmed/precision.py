@@ -60,9 +60,9 @@ class Precision:
             )
 
     @classmethod
-    def of(cls, client: dict, device: torch.device) -> Precision:
-        """From a job's ``client`` section (keys absent in older jobs mean off)."""
-        return cls(str(client.get("amp", "off")), bool(client.get("channels_last", False)), device)
+    def of(cls, client, device: torch.device) -> Precision:
+        """From a job's typed ``client`` section (``fedmed.config.ClientConfig``)."""
+        return cls(client.amp, client.channels_last, device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "off":

@@ -82,7 +82,7 @@ def check_config(cfg: DictConfig) -> None:
     uses_shared_arrays(cfg.ray)
     from clients.faults import check_faults
 
-    check_faults(OmegaConf.to_container(cfg.fault, resolve=True), int(fed.num_clients))
+    check_faults(OmegaConf.to_object(cfg.fault), int(fed.num_clients))
     if not 1 <= fed.min_replies <= fed.clients_per_round:
         raise ValueError(
             f"federation.min_replies={fed.min_replies} must be between 1 and "

@@ -12,11 +12,15 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmed.dataset import Split
 from fedmed.logs import log
+
+if TYPE_CHECKING:
+    from fedmed.job import Job
 
 SITE_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 LAYOUT_HINT = (
@@ -38,14 +42,14 @@ class FederationShape:
     image_size: int
 
     @classmethod
-    def from_job(cls, job: dict) -> FederationShape:
-        missing = [key for key in ("num_classes", "channels", "image_size") if key not in job]
+    def from_job(cls, job: Job) -> FederationShape:
+        missing = [key for key in ("num_classes", "channels", "image_size") if getattr(job, key) is None]
         if missing:
             raise KeyError(
                 f"the server's job lacks {', '.join(missing)}: the server runs an older fedmed than "
                 "this site; run the same version on both"
             )
-        return cls(int(job["num_classes"]), int(job["channels"]), int(job["image_size"]))
+        return cls(job.num_classes, job.channels, job.image_size)
 
 
 def read_site(path: Path, shape: FederationShape, seed: int) -> tuple[Split, Split]:

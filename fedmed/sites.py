@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from fedmed.data import ClientShare, client_share, dataset_from_config
-from fedmed.job import job_from_config
+from fedmed.job import Job
 from fedmed.seeds import Stream, seed_for
 from fedmed.site_data import default_site_name, examples_per_class
 from fedmed.site_shift import SiteShift, apply_site_shift
@@ -62,9 +62,9 @@ def write_sites(cfg: DictConfig, output_dir: Path) -> dict:
             f"output_dir={output_dir} already holds {', '.join(existing)}; give an empty folder "
             "(old site files would mix with the new split)"
         )
-    job = job_from_config(cfg)
-    seed = int(job["seed"])
-    dataset = dataset_from_config(job["dataset"], seed)
+    job = Job.from_config(cfg)
+    seed = job.seed
+    dataset = dataset_from_config(job.dataset, seed)
     if dataset.num_classes > 256:
         raise ValueError(f"dataset {dataset.name} has {dataset.num_classes} classes; uint8 labels hold 256 at most")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -92,10 +92,10 @@ def write_sites(cfg: DictConfig, output_dir: Path) -> dict:
         "num_classes": dataset.num_classes,
         "class_names": list(dataset.class_names),
         "seed": seed,
-        "partition": job["partition"],
+        "partition": dataclasses.asdict(job.partition),
         "num_sites": num_sites,
-        "val_fraction": float(job["client"]["val_fraction"]),
-        "site_shift_baked": job["partition"]["name"] == "site",
+        "val_fraction": job.client.val_fraction,
+        "site_shift_baked": job.partition.name == "site",
         "sites": sites,
     }
     (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed.config import check_assimilation
 from fedmed.data import client_partitions
 from fedmed.datasets import dataset_config
-from fedmed.defenses import check_defense, model_norm_for
+from fedmed.defenses import defense_config, model_norm_for
 from fedmed.logs import log
 from strategies.aggregators import TooFewReplies, aggregator_from_config
 from strategies.global_assessment import check_eval_config
@@ -20,11 +20,10 @@ from strategies.global_assessment import check_eval_config
 def prepare_config(cfg: DictConfig) -> None:
     """Checks that need no data, and the model DP-SGD requires (GroupNorm, said once here)."""
     dataset = dataset_config(cfg.dataset)
-    check_defense(cfg.defense)
     check_assimilation(
         cfg.assimilation,
         str(cfg.model.assimilation),
-        cfg.defense,
+        defense_config(cfg.defense),
         freeze_backbone=bool(cfg.model.freeze_backbone),
         # `size`, the images' side in pixels: every option so far has it (None skips the check)
         image_size=getattr(dataset, "size", None),

@@ -28,9 +28,9 @@ from fedmed.checkpoint import (
     strategy_state,
     tensors_to_arrays,
 )
-from fedmed.data import PARTITIONS_FILE_KEY, dataset_from_config, write_partitions
+from fedmed.data import dataset_from_config, write_partitions
 from fedmed.detection import RoundDetection
-from fedmed.job import JOB_KEY, encode_job, job_from_config
+from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.logs import log, through_flower_handlers
 from fedmed.models import build_model
 from fedmed.partition import format_label_table, label_count_table, plot_label_counts
@@ -147,11 +147,11 @@ def global_model(cfg: DictConfig, dataset) -> torch.nn.Module:
 def client_job(cfg: DictConfig, dataset, partitions_file: Path | None) -> ConfigRecord:
     """What every client gets with its messages: the run's configuration for clients, and what
     deployed sites check their data against."""
-    job = job_from_config(cfg)
-    job["num_classes"] = dataset.num_classes  # deployed sites need it to build the same head
-    job["channels"], job["image_size"] = dataset.channels, dataset.image_size
+    job = Job.from_config(cfg)
+    job.num_classes = dataset.num_classes  # deployed sites need it to build the same head
+    job.channels, job.image_size = dataset.channels, dataset.image_size
     if partitions_file is not None:
-        job[PARTITIONS_FILE_KEY] = str(partitions_file)
+        job.partitions_file = str(partitions_file)
     return ConfigRecord({JOB_KEY: encode_job(job)})
 
 

@@ -20,6 +20,7 @@ from fedmed.adversarial_eval import assess_robustness, fixed_subset
 from fedmed.config import ClientConfig
 from fedmed.data import load_dataset
 from fedmed.defenses import defense_section
+from fedmed.job import Job
 from fedmed.models import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -29,7 +30,7 @@ def trained_and_attacked(defense_name: str, data, train_idx, test_idx) -> dict:
     client = OmegaConf.to_container(OmegaConf.structured(ClientConfig))
     client.update(augment=False)
     defense = defense_section(defense_name) if defense_name == "none" else defense_section(defense_name, eps=8 / 255)
-    job = {"defense": defense, "client": client, "rounds": 4}
+    job = Job.from_plain({"defense": defense, "client": client, "rounds": 4})
     torch.manual_seed(0)
     model = build_model("resnet18", 2, 1)
     share = LocalData(data.train.images, data.train.labels, train_idx)

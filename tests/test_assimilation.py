@@ -16,8 +16,9 @@ from clients.assimilation import TextureStep, backbone_frozen
 from clients.local_training import LocalData, train_round
 from fedmed.assimilation import FEATURES, glcm_features, glcm_offsets, soft_glcm, texture_loss
 from fedmed.config import AssimilationConfig, ClientConfig, check_assimilation
-from fedmed.defenses import defense_section
+from fedmed.defenses import defense_config, defense_section
 from fedmed.evasion import make_attack
+from fedmed.job import Job
 from fedmed.models import ARCHITECTURES, build_model
 from fedmed.synthetic import make_synthetic
 from tests.helpers import compose_config
@@ -188,24 +189,24 @@ def test_input_gradients_pass_through_the_modules(in_channels):
 # --- training ----------------------------------------------------------------------------
 
 
-def _settings(**changes) -> dict:
-    values = OmegaConf.to_container(OmegaConf.structured(AssimilationConfig))
-    values.update(changes)
-    return values
+def _settings(**changes) -> AssimilationConfig:
+    return AssimilationConfig(**changes)
 
 
-def _job(kind: str, defense_changes: dict | None = None, **assimilation) -> dict:
+def _job(kind: str, defense_changes: dict | None = None, **assimilation) -> Job:
     client = OmegaConf.to_container(OmegaConf.structured(ClientConfig))
     client.update(augment=False, batch_size=16)
     changes = dict(defense_changes or {})
     defense = defense_section(changes.pop("name", "none"), **changes)
-    return {
-        "defense": defense,
-        "client": client,
-        "rounds": 3,
-        "model": {"assimilation": kind},
-        "assimilation": _settings(**assimilation),
-    }
+    return Job.from_plain(
+        {
+            "defense": defense,
+            "client": client,
+            "rounds": 3,
+            "model": {"assimilation": kind},
+            "assimilation": dict(assimilation),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +314,7 @@ def test_frozen_backbone_context_restores_what_was_frozen_before():
     ],
 )
 def test_bad_assimilation_settings_are_refused_by_name(kind, changes, extra, message):
-    defense = defense_section("none")
+    defense = defense_config(defense_section("none"))
     with pytest.raises(ValueError, match=message):
         check_assimilation(_settings(**changes), kind, defense, **extra)
 
@@ -323,7 +324,7 @@ def test_texture_loss_under_dp_sgd_adversarial_training_is_refused(small_data):
     model = build_model("resnet18", 3, 1, norm="group", assimilation="both")
     with pytest.raises(ValueError, match="assimilation.texture_weight=1.0 with defense=dp_sgd"):
         train_round(model, small_data, job, server_round=1, seed=0, device=torch.device("cpu"), state=RecordDict())
-    job["assimilation"]["texture_weight"] = 0.0  # without the texture loss it trains
+    job.assimilation.texture_weight = 0.0  # without the texture loss it trains
     train_round(model, small_data, job, server_round=1, seed=0, device=torch.device("cpu"), state=RecordDict())
 
 

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from clients.client_app import train
-from fedmed.data import load_dataset
+from fedmed.data import load_config
 from fedmed.job import JOB_KEY, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.poisoning import backdoor_asr, backdoor_test_set, malicious_ids
@@ -88,7 +88,7 @@ ATTACKERS = ("attack.fraction=0.4", f"attack.start_round={HONEST_ROUNDS + 1}")
 def job_for(*overrides: str) -> dict:
     attacking = any(o.startswith("attack=") and o != "attack=none" for o in overrides)
     job = job_from_config(compose_config(*BASE, *(ATTACKERS if attacking else ()), *overrides))
-    job["num_classes"] = 3
+    job.num_classes = 3
     return job
 
 
@@ -139,7 +139,7 @@ def final_model(attack: tuple[str, ...], strategy: str = "fedavg") -> torch.nn.M
     job = job_for(*attack)
     arrays = run_rounds(
         job,
-        honest_phase(job["attack"]["name"] == "edge_case"),
+        honest_phase(job.attack.name == "edge_case"),
         range(HONEST_ROUNDS + 1, HONEST_ROUNDS + ATTACK_ROUNDS + 1),
         strategy,
     )
@@ -155,14 +155,14 @@ def clean_model(attack: tuple[str, ...]) -> torch.nn.Module:
 
 def accuracy(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
     job = job_for(*attack)
-    data = load_dataset(**job["dataset"], seed=job["seed"])
+    data = load_config(job.dataset, job.seed)
     return float(evaluate(model, data.test.images, data.test.labels, batch_size=128, device=CPU)["accuracy"])
 
 
 def asr(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
     job = job_for(*attack)
-    data = load_dataset(**job["dataset"], seed=job["seed"])
-    return backdoor_asr(model, backdoor_test_set(data, job["attack"], job["seed"]), 128, CPU)
+    data = load_config(job.dataset, job.seed)
+    return backdoor_asr(model, backdoor_test_set(data, job.attack, job.seed), 128, CPU)
 
 
 # Margins sit below what was measured here (seed 0, CPU, one thread, deterministic; the same before
@@ -179,7 +179,7 @@ def asr(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
     ],
 )
 def test_attack_against_fedavg_raises_asr_over_the_clean_model(attack, margin):
-    assert len(malicious_ids(job_for(*attack)["attack"], NUM_CLIENTS, 0)) == 2
+    assert len(malicious_ids(job_for(*attack).attack, NUM_CLIENTS, 0)) == 2
     clean = clean_model(attack)
     assert accuracy(clean, attack) > 0.45  # three classes: the honest federation has learned (0.52-0.55)
     clean_asr, attacked_asr = asr(clean, attack), asr(final_model(attack), attack)

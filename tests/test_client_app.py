@@ -27,8 +27,8 @@ def job(num_classes=3, *overrides):
         *overrides,
     )
     result = job_from_config(cfg)
-    result["num_classes"] = num_classes
-    result["channels"], result["image_size"] = 1, 28  # what the server sets from its test split
+    result.num_classes = num_classes
+    result.channels, result.image_size = 1, 28  # what the server sets from its test split
     return result
 
 

@@ -23,6 +23,7 @@ from fedmed.defenses import (
     register,
 )
 from fedmed.defenses.steps import AdversarialTraining, SoftLabelStep, round_eps
+from fedmed.job import Job
 from fedmed.models import build_model
 from fedmed.synthetic import make_synthetic
 from tests.helpers import compose_config
@@ -175,7 +176,7 @@ def test_soft_labels_of_an_identical_teacher_cost_nothing(small_data):
 def job_for(defense_values: dict, rounds: int = 3) -> dict:
     client = OmegaConf.to_container(OmegaConf.structured(ClientConfig))
     client.update(batch_size=16, augment=False)
-    return {"defense": defense_values, "client": client, "rounds": rounds}
+    return Job.from_plain({"defense": defense_values, "client": client, "rounds": rounds})
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.faults import GARBAGE, HUGE, check_faults, garbage_reply
+from fedmed.config import FaultConfig
 from strategies.findings import RoundFindings
 from strategies.replies import MAX_ABS_VALUE, outlying_counts, training_reply_problem, values_problem
 from strategies.rounds import NotEnoughReplies, RoundLoop, RunStopped, exchange
@@ -71,7 +72,7 @@ def test_magnitude_limit_is_an_explicit_bound():
 
 def test_fault_config_is_checked():
     ok = {"kind": "raise", "partitions": [1], "start_round": 1, "phase": "train", "garbage": "nan", "hang_s": None}
-    check_faults([ok], num_clients=2)
+    check_faults([FaultConfig(**ok)], num_clients=2)
     for bad, words in (
         ({"kind": "explode"}, "fault[0].kind"),
         ({"partitions": [2]}, "fault[0].partitions"),
@@ -80,7 +81,7 @@ def test_fault_config_is_checked():
         ({"start_round": 0}, "fault[0].start_round"),
     ):
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
-            check_faults([{**ok, **bad}], num_clients=2)
+            check_faults([FaultConfig(**{**ok, **bad})], num_clients=2)
 
 
 class FakeGrid:

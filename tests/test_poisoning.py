@@ -13,7 +13,7 @@ from clients.client_app import train
 from clients.malicious import PoolImages, ProjectedStep, float_parameters, malicious_round, poisoned_data, update_norm
 from fedmed.data import ClientShare, client_share, dataset_from_config, load_dataset
 from fedmed.dataset import ArrayDataset, Split
-from fedmed.job import JOB_KEY, encode_job, job_from_config
+from fedmed.job import JOB_KEY, Job, encode_job, job_from_config
 from fedmed.models import build_model
 from fedmed.poisoning import (
     ATTACKS,
@@ -176,7 +176,7 @@ def test_honest_shares_never_hold_the_edge_case_images(medmnist_root):
         seen += [share.train_indices, share.val_indices]
     assert np.array_equal(np.sort(np.concatenate(seen + [held])), np.arange(len(data.train.labels)))
     # with no attack, the same partitions hold the tail again
-    job["attack"] = {"name": "none"}
+    job.attack = attack_config({"name": "none"})
     assert sum(np.isin(client_share(job, pid, 3).train_indices, held).sum() for pid in range(3)) > 0
     # the server's backdoor test set is the held-out half, labelled with the source class
     test_set = backdoor_test_set(data, cfg.attack, seed=0)
@@ -296,24 +296,26 @@ def tiny_model(seed: int = 0) -> nn.Module:
     )
 
 
-def attack_job(name: str = "badnets", **attack) -> dict:
+def attack_job(name: str = "badnets", **attack) -> Job:
     if name == "badnets":
         attack = {"target_class": 2, **attack}
-    return {
-        "attack": attack_section(name, **{"fraction": 0.5, **attack}),
-        "client": {
-            "optimizer": "sgd",
-            "lr": 0.5,
-            "momentum": 0.0,
-            "weight_decay": 0.0,
-            "epochs": 2,
-            "batch_size": 8,
-            "augment": False,
-        },
-        "num_clients": 2,
-        "clients_per_round": 2,
-        "seed": 0,
-    }
+    return Job.from_plain(
+        {
+            "attack": attack_section(name, **{"fraction": 0.5, **attack}),
+            "client": {
+                "optimizer": "sgd",
+                "lr": 0.5,
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "epochs": 2,
+                "batch_size": 8,
+                "augment": False,
+            },
+            "num_clients": 2,
+            "clients_per_round": 2,
+            "seed": 0,
+        }
+    )
 
 
 def run_attack(job: dict, share: ClientShare | None = None) -> tuple[list[torch.Tensor], nn.Module]:
@@ -362,15 +364,15 @@ def test_projected_step_projects_before_every_kth_step():
 def honest_update(share: ClientShare, job: dict) -> tuple[list[torch.Tensor], nn.Module]:
     model = tiny_model()
     reference = [p.detach().clone() for p in float_parameters(model)]
-    client = job["client"]
-    optimizer = make_optimizer(model.parameters(), "sgd", client["lr"], 0.0, 0.0)
+    client = job.client
+    optimizer = make_optimizer(model.parameters(), "sgd", client.lr, 0.0, 0.0)
     train_local(
         model,
         share.images,
         share.labels,
         share.train_indices,
-        epochs=client["epochs"],
-        batch_size=client["batch_size"],
+        epochs=client.epochs,
+        batch_size=client.batch_size,
         optimizer=optimizer,
         device=torch.device("cpu"),
         seed=5,
@@ -403,7 +405,7 @@ def test_gaussian_sends_seeded_noise(one_thread):
 pytest_task = pytest.mark.usefixtures("task_identity")
 
 
-def client_job(*overrides: str) -> dict:
+def client_job(*overrides: str) -> Job:
     cfg = compose_config(
         "dataset.n_train=120",
         "dataset.n_val=30",
@@ -414,7 +416,7 @@ def client_job(*overrides: str) -> dict:
         *overrides,
     )
     job = job_from_config(cfg)
-    job["num_classes"] = 3
+    job.num_classes = 3
     return job
 
 
@@ -479,7 +481,7 @@ def test_train_handler_runs_an_edge_case_pgd_attack(one_thread):
     assert 0 < norm <= 0.5 + 1e-5
     assert np.isfinite(metrics["train_loss"])
     # the attacker reports its clean share, which lacks the tail like everyone's
-    data = dataset_from_config(job["dataset"], 0)
+    data = dataset_from_config(job.dataset, 0)
     split = edge_case_split(data.train.images, data.train.labels, 1, 0.3, 0.5, seed=0)
     share = client_share(job, 0, 2)
     assert metrics["num-examples"] == len(share.train_indices)

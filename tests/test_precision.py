@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from fedmed.config import check_client
 from fedmed.models import build_model
@@ -20,10 +19,10 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def client_section(**overrides) -> dict:
+def client_section(**overrides):
     from fedmed.config import ClientConfig
 
-    return {**OmegaConf.to_container(OmegaConf.structured(ClientConfig)), **overrides}
+    return ClientConfig(**overrides)
 
 
 def test_bad_values_name_the_key():

@@ -9,6 +9,7 @@ Ray (slow).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -24,7 +25,7 @@ from PIL import Image
 
 import fedmed.data
 from fedmed.data import client_partitions, client_share, read_partition, write_partitions
-from fedmed.job import job_from_config
+from fedmed.job import Job, encode_job, job_from_config
 from fedmed.partition import MAX_LISTED_CLIENTS, format_label_table, label_count_table, plot_label_counts
 from fedmed.simulation import add_pending_messages_to_queue
 from fedmed.site_shift import site_shift, site_shifts
@@ -66,7 +67,7 @@ def test_a_client_reads_its_own_slice_of_the_partitions_file(many_iid, tmp_path)
         read_partition(path, 0, 10)
 
 
-def small_job(num_clients: int, *overrides: str) -> dict:
+def small_job(num_clients: int, *overrides: str) -> Job:
     cfg = compose_config(
         f"federation.num_clients={num_clients}", f"federation.clients_per_round={num_clients}", *overrides
     )
@@ -78,9 +79,9 @@ def test_with_the_file_a_client_never_cuts_the_whole_split(partition, tmp_path, 
     # 10 images a client: dirichlet needs a flat alpha to give each at least two
     job = small_job(200, f"partition={partition}", "partition.alpha=5", "partition.min_partition_size=2")
     expected = client_share(job, 123, 200)  # cut here, every partition at once (the fallback)
-    dataset = fedmed.data.dataset_from_config(job["dataset"], job["seed"])
-    partitions = client_partitions(dataset.train.labels, 200, job["partition"], job["seed"], dataset.name)
-    job[fedmed.data.PARTITIONS_FILE_KEY] = str(write_partitions(partitions, tmp_path / "partitions.npy"))
+    dataset = fedmed.data.dataset_from_config(job.dataset, job.seed)
+    partitions = client_partitions(dataset.train.labels, 200, dataclasses.asdict(job.partition), job.seed, dataset.name)
+    job.partitions_file = str(write_partitions(partitions, tmp_path / "partitions.npy"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("a client with the partitions file cut the split itself")
@@ -95,12 +96,12 @@ def test_with_the_file_a_client_never_cuts_the_whole_split(partition, tmp_path, 
 def test_a_client_with_the_file_loads_no_partitioning_library(tmp_path):
     """flwr-datasets and what it pulls in (datasets, pandas, matplotlib) cost 190 MB in each Ray worker."""
     job = small_job(20)
-    dataset = fedmed.data.dataset_from_config(job["dataset"], job["seed"])
-    partitions = client_partitions(dataset.train.labels, 20, job["partition"], job["seed"], dataset.name)
-    job[fedmed.data.PARTITIONS_FILE_KEY] = str(write_partitions(partitions, tmp_path / "partitions.npy"))
+    dataset = fedmed.data.dataset_from_config(job.dataset, job.seed)
+    partitions = client_partitions(dataset.train.labels, 20, dataclasses.asdict(job.partition), job.seed, dataset.name)
+    job.partitions_file = str(write_partitions(partitions, tmp_path / "partitions.npy"))
     script = (
-        "import json, sys; from fedmed.data import client_share; "
-        f"share = client_share(json.loads({json.dumps(json.dumps(job))}), 3, 20); "
+        "import sys; from fedmed.data import client_share; from fedmed.job import decode_job; "
+        f"share = client_share(decode_job({encode_job(job)!r}), 3, 20); "
         "print(len(share.train_indices), sorted({m.split('.')[0] for m in sys.modules} "
         "& {'flwr_datasets', 'datasets', 'pandas', 'matplotlib'}))"
     )

@@ -1,6 +1,7 @@
 """A deployed site's data file checked before training: every bad file refused with one message
 naming the file, the key and what the federation expects; nothing unpickled."""
 
+import dataclasses
 import logging
 import os
 import re
@@ -127,12 +128,12 @@ def test_float_images_are_rescaled_not_truncated(tmp_path, caplog, scale):
 def test_rgb_site_in_an_rgb_federation_is_read_and_a_grey_one_refused(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (24, 28, 28, 3), dtype=np.uint8)
     path = write_site(tmp_path / "site.npz", train_images=rgb, val_images=rgb[:8])
-    share = site_share(str(path), {**job(), "channels": 3})
+    share = site_share(str(path), dataclasses.replace(job(), channels=3))
     np.testing.assert_array_equal(share.images[share.train_indices], rgb)
     assert share.labels.shape == (32,) and share.labels.dtype == np.int64
     grey = write_site(tmp_path / "grey.npz")
     with pytest.raises(SiteDataError, match=r"1 channel\(s\) \(grey\); the federation's have 3 \(RGB\)"):
-        site_share(str(grey), {**job(), "channels": 3})
+        site_share(str(grey), dataclasses.replace(job(), channels=3))
 
 
 class _MakesFolderWhenUnpickled:
@@ -200,7 +201,7 @@ def test_deployed_site_refuses_an_attack(tmp_path):
 
 def test_deployed_site_uses_its_own_device(tmp_path, monkeypatch):
     site = str(tmp_path / "site.npz")
-    gpu_job = {**job(), "device": "cuda"}
+    gpu_job = dataclasses.replace(job(), device="cuda")
     assert device_setting(gpu_job, {"data-path": site}) == "auto"
     assert device_setting(gpu_job, {"data-path": site, "device": "cpu"}) == "cpu"
     assert device_setting(gpu_job, {"partition-id": 0}) == "cuda"  # simulated clients follow the job
@@ -213,10 +214,11 @@ def test_deployed_site_uses_its_own_device(tmp_path, monkeypatch):
     asked = []
     real = client_app.resolve_device
     monkeypatch.setattr(client_app, "resolve_device", lambda device: asked.append(device) or real("cpu"))
-    cuda_message = message(MessageType.TRAIN, {**job(), "device": "cuda"})
+    cuda_message = message(MessageType.TRAIN, dataclasses.replace(job(), device="cuda"))
     train(cuda_message, context({"data-path": site, "device": "cpu"}))
     evaluate_local(
-        message(MessageType.EVALUATE, {**job(), "device": "cuda"}), context({"data-path": site, "device": "cpu"})
+        message(MessageType.EVALUATE, dataclasses.replace(job(), device="cuda")),
+        context({"data-path": site, "device": "cpu"}),
     )
     assert asked == ["cpu", "cpu"]
 
@@ -235,7 +237,7 @@ def test_site_name_and_class_counts(tmp_path):
 
 def test_job_from_an_older_server_is_named(tmp_path):
     path = write_site(tmp_path / "site.npz")
-    old = {k: v for k, v in job().items() if k not in ("channels", "image_size")}
+    old = dataclasses.replace(job(), channels=None, image_size=None)
     with pytest.raises(KeyError, match="lacks channels, image_size"):
         site_share(str(path), old)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedmed.data import client_share, dataset_from_config, site_share
-from fedmed.job import job_from_config
+from fedmed.job import Job, job_from_config
 from fedmed.seeds import Stream, seed_for
 from fedmed.site_shift import apply_site_shift, site_shifts
 from fedmed.sites import compose, main, write_sites
@@ -22,10 +22,10 @@ from fedmed.train import gather_batch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def site_job(cfg, dataset) -> dict:
-    job = job_from_config(cfg)
-    job.update(num_classes=dataset.num_classes, channels=dataset.channels, image_size=dataset.image_size)
-    return job
+def site_job(cfg, dataset) -> Job:
+    return dataclasses.replace(
+        job_from_config(cfg), num_classes=dataset.num_classes, channels=dataset.channels, image_size=dataset.image_size
+    )
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])
@@ -41,7 +41,7 @@ def test_site_files_hold_the_simulated_clients_shares(tmp_path, medmnist_root, p
     )
     manifest = write_sites(cfg, tmp_path)
     job = job_from_config(cfg)
-    dataset = dataset_from_config(job["dataset"], 5)
+    dataset = dataset_from_config(job.dataset, 5)
     assert (manifest["dataset"], manifest["image_size"], manifest["channels"], manifest["num_classes"]) == (
         "pneumoniamnist",
         28,

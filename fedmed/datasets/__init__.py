@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from fedmed import options
 from fedmed.datasets.base import Dataset, DatasetConfig
-from fedmed.options import Options, section_of, typed_config
+from fedmed.options import Options, section_of
 
 DATASETS: dict[str, Dataset] = Options("dataset")
 
@@ -24,12 +24,11 @@ register = DATASETS.register
 dataset_named = DATASETS.named
 
 
-def dataset_config(section: Mapping) -> DatasetConfig:
-    """The typed, checked config of a ``dataset`` section (a DictConfig, or the plain dict a
-    client gets in its job): keys the option does not have and values of the wrong type are
-    refused with the key's name."""
-    dataset = dataset_named(str(section["name"]))
-    return typed_config("dataset", dataset.name, dataset.node(), section)
+def dataset_config(section: Mapping | DatasetConfig) -> DatasetConfig:
+    """The typed, checked config of a ``dataset`` section (a DictConfig, the plain dict a client
+    gets in its job, or a typed config already): keys the option does not have and values of the
+    wrong type are refused with the key's name."""
+    return DATASETS.checked_config(section, DatasetConfig, node=Dataset.node)
 
 
 def check_dataset(section: Mapping) -> None:

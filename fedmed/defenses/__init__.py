@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fedmed.defenses.base import Defense, DefenseConfig, LocalData, LocalRound
-from fedmed.options import Options, section_of, typed_config
+from fedmed.options import Options, section_of
 
 DEFENSES: dict[str, Defense] = Options("defense")
 
@@ -23,12 +23,11 @@ defense_named = DEFENSES.named
 store_configs = DEFENSES.store_configs  # Hydra's group ``defense``
 
 
-def defense_config(section: Mapping) -> DefenseConfig:
-    """The typed, checked config of a ``defense`` section (a DictConfig, or the plain dict a
-    client gets in its job): keys the option does not have and values of the wrong type are
-    refused with the key's name."""
-    defense = defense_named(str(section["name"]))
-    return typed_config("defense", defense.name, defense.config, section)
+def defense_config(section: Mapping | DefenseConfig) -> DefenseConfig:
+    """The typed, checked config of a ``defense`` section (a DictConfig, the plain dict a client
+    gets in its job, or a typed config already): keys the option does not have and values of the
+    wrong type are refused with the key's name."""
+    return DEFENSES.checked_config(section, DefenseConfig)
 
 
 def check_defense(section: Mapping) -> None:
