@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     preload()
     from flwr.supercore.superexec import run_superexec as superexec
 
+    from fedmed.flower_waits import CLIENTAPP_PULLS, shorten_object_pull_backoff
+
+    # in this process, so that every forked ClientApp process inherits it: a message's arrays are
+    # still arriving at the SuperNode when its ClientApp asks for them (fedmed/flower_waits.py)
+    shorten_object_pull_backoff((CLIENTAPP_PULLS,))
+
     # Flower's executor looks for a new task every second by default; a fork is cheap, so look often
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     executor = make_fork_executor()

@@ -30,6 +30,7 @@ from fedmed.checkpoint import (
 )
 from fedmed.data import dataset_from_config, write_partitions
 from fedmed.detection import RoundDetection
+from fedmed.flower_waits import SERVERAPP_PULLS, shorten_object_pull_backoff
 from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.logs import log, through_flower_handlers
 from fedmed.models import build_model
@@ -377,6 +378,8 @@ def lifespan(context: Context) -> Iterator[None]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # replies' arrays are still arriving at the SuperLink when their message is announced
+    shorten_object_pull_backoff((SERVERAPP_PULLS,))
     cfg, output_dir = config_from_run_config(dict(context.run_config))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

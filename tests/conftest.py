@@ -41,3 +41,10 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow federations first (a stable sort keeps each group's order): under pytest-xdist
+    (`-n 2`, as CI runs) the quick tests then fill the gaps beside them, instead of the last
+    federations running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -117,7 +117,9 @@ class Deployment:
         self.processes.start(
             site,
             [
-                "flower-supernode",
+                "fedmed-supernode",  # flower-supernode with shorter waits, as the README starts it
+                "--poll-interval",
+                "0.2",
                 *security,
                 "--superlink",
                 self.address,

@@ -43,6 +43,73 @@ def test_flowers_superexec_and_clientapp_runner_are_what_fedmed_warm_exec_calls(
     assert not missing, f"Flower's run_clientapp lost {sorted(missing)}: update fedmed/warm_exec.py's _child"
 
 
+def test_flowers_supernode_loop_sleeps_where_fedmed_supernode_caps_it():
+    import importlib
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    flower_supernode = importlib.import_module("flwr.supernode.cli.flower_supernode")
+
+    source = inspect.getsource(start_client_internal)
+    assert start_client_internal.time is time and "time.sleep(3)" in source and "time.sleep(0.5)" in source, (
+        "Flower's SuperNode loop no longer waits with time.sleep(3) / time.sleep(0.5) through the time "
+        "module: fedmed/flower_waits.py's cap_supernode_sleeps must follow it"
+    )
+    assert callable(getattr(flower_supernode, "flower_supernode", None)), (
+        "Flower moved flower_supernode: update fedmed/supernode.py's main"
+    )
+
+
+def test_flowers_object_pulls_are_where_fedmed_shortens_their_backoff():
+    import importlib
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from fedmed.flower_waits import CLIENTAPP_PULLS, SERVERAPP_PULLS, SUPERNODE_PULLS
+
+    expected = {"initial_backoff", "backoff_cap"}
+    assert expected <= set(parameters(inflatable_utils.pull_objects)), (
+        "Flower's pull_objects lost initial_backoff/backoff_cap: update fedmed/flower_waits.py"
+    )
+    for name in (CLIENTAPP_PULLS, SUPERNODE_PULLS, SERVERAPP_PULLS):
+        module = importlib.import_module(name)
+        assert getattr(module, "pull_objects", None) is not None, (
+            f"{name} no longer calls pull_objects by that name: update fedmed/flower_waits.py"
+        )
+
+
+def test_the_short_backoff_changes_only_the_waits():
+    from fedmed.flower_waits import with_short_backoff
+
+    calls = []
+    pull = with_short_backoff(lambda ids, fn, **kwargs: calls.append(kwargs) or {}, 0.05, 0.5)
+    pull(["a"], None, initial_backoff=1, backoff_cap=10, max_time=60)
+    pull(["a"], None)
+    assert calls == [
+        {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_time": 60},
+        {"initial_backoff": 0.05, "backoff_cap": 0.5},
+    ]
+    assert with_short_backoff(pull, 0.05, 0.5) is pull  # applied once
+
+
+def test_fedmed_supernode_caps_only_the_waits():
+    from fedmed.flower_waits import CappedSleeps
+    from fedmed.supernode import parse_args
+
+    slept = []
+    clock = CappedSleeps(0.2, sleep=slept.append)
+    clock.sleep(3)
+    clock.sleep(0.5)
+    clock.sleep(0.05)
+    assert slept == [0.2, 0.2, 0.05]
+    assert clock.monotonic() > 0  # the rest of the time module unchanged
+    args, rest = parse_args(["--poll-interval", "0.5", "--insecure", "--superlink", "127.0.0.1:9092"])
+    assert args.poll_interval == 0.5 and rest == ["--insecure", "--superlink", "127.0.0.1:9092"]
+    with pytest.raises(SystemExit):
+        parse_args(["--poll-interval", "0"])
+
+
 def test_flowers_client_actor_class_is_the_one_fedmed_stopping_ends():
     from flwr.simulation.ray_transport.ray_actor import ClientAppActor
 
