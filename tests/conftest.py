@@ -42,9 +42,3 @@ def task_identity():
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
-
-def pytest_collection_modifyitems(config, items):
-    """The slow federations first (a stable sort keeps each group's order): under pytest-xdist
-    (`-n 2`, as CI runs) the quick tests then fill the gaps beside them, instead of the last
-    federations running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
