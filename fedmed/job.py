@@ -36,7 +36,7 @@ JOB_KEY = "fedmed-job"
 # set in an evaluate message's config on rounds where clients also assess robustness
 ASSESS_KEY = "assess-robustness"
 # the sections whose keys depend on the option chosen; typed by their registries
-_OPTION_SECTIONS = {"dataset": dataset_config, "defense": defense_config, "attack": attack_config}
+_OPTION_SECTIONS = ("dataset", "defense", "attack")
 
 
 @dataclass
@@ -118,11 +118,7 @@ class Job:
 
     def to_plain(self) -> dict:
         """The job as plain values (JSON-ready); :meth:`from_plain` reads it back."""
-        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {
-            name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-            for name, value in plain.items()
-        } | {"fault": [dataclasses.asdict(f) for f in self.fault]}
+        return dataclasses.asdict(self)
 
 
 _SECTIONS = ("dataset", "partition", "model", "client", "defense", "assimilation", "attack", "eval")
