@@ -5,6 +5,8 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
+from tests.ray_cluster import RayCluster
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
 
@@ -15,6 +17,17 @@ def _isolated_cache(tmp_path_factory):
     os.environ["FEDMED_CACHE"] = str(tmp_path_factory.mktemp("fedmed-cache"))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(_isolated_cache):
+    """The address of this test process's two-node Ray cluster (``tests/ray_cluster.py``), for
+    ``ray.address=``: started when a test first asks for it, stopped when the test run ends."""
+    cluster = RayCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

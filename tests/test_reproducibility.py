@@ -1,7 +1,7 @@
 """The same seed gives the same metrics when every source of randomness is in play at once:
 DP-SGD noise and Poisson sampling, random-start adversarial training, FLAME's noise on the
-aggregate, and an attacker's Gaussian update from its start round; and whichever way the models
-travel to the clients."""
+aggregate, and an attacker's Gaussian update from its start round; whichever way the models travel
+to the clients and wherever Ray places them."""
 
 import json
 
@@ -37,12 +37,13 @@ def metrics(out, seed, *overrides):
     return [without_timings(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_same_seed_same_metrics_with_every_source_of_noise(tmp_path):
+def test_same_seed_same_metrics_with_every_source_of_noise(tmp_path, ray_cluster):
     first = metrics(tmp_path / "a", 3)
     # every source was active: DP noise spent budget, FLAME scored the round the attacker sent noise
     assert first[2]["privacy/epsilon"] > 0
     assert first[2]["detection/tpr"] is not None and "3" in first[2]["detection/scores"]
-    # the first run's models travel as files in /dev/shm (auto); the same seed with the models
-    # inside Flower's messages: the transport changes no number either
-    assert metrics(tmp_path / "b", 3, "ray.model_transport=message") == first
-    assert metrics(tmp_path / "c", 4) != first
+    # the first run's models travel as files in /dev/shm (a Ray of its own: auto); the same seed on
+    # a two-node Ray cluster, with the models inside Flower's messages (auto there): neither the
+    # transport nor the placement changes a number
+    assert metrics(tmp_path / "b", 3, f"ray.address={ray_cluster}") == first
+    assert metrics(tmp_path / "c", 4, f"ray.address={ray_cluster}") != first
