@@ -196,7 +196,6 @@ def malicious_round(
     model: nn.Module,
     share: ClientShare,
     job: Job,
-    attack: AttackConfig | None = None,
     *,
     partition_id: int,
     seed: int,
@@ -204,9 +203,8 @@ def malicious_round(
     transform: BatchTransform | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place as an attacker in an attack round; returns the metrics an honest
-    client without a defence reports (train loss and accuracy). ``attack``: the typed config
-    (None: the job's ``attack`` section)."""
-    config = job.attack if attack is None else attack
+    client without a defence reports (train loss and accuracy); the attack is the job's."""
+    config = job.attack
     behaviour, client, num_clients = attack_named(config.name), job.client, job.num_clients
     params = float_parameters(model)
     reference = [p.detach().clone() for p in params]

@@ -7,12 +7,15 @@ on that path, and on this machine they were most of a deployed step's cost beyon
 
 * the SuperNode asks the SuperLink for a message and, when there is none, sleeps 3 s before
   asking again; it looks for its ClientApp's reply every 0.5 s (``start_client_internal``);
+* the SuperNode tells the SuperLink it is alive every 30 s, and the SuperLink declares a site
+  lost after two missed heartbeats: a site that died mid-round held the round about a minute
+  (``HEARTBEAT_DEFAULT_INTERVAL``, which the SuperNode both sends and reports);
 * a message is announced before its arrays have arrived (the SuperNode stores it, then pulls its
   objects), so the next process asks for objects that are not there yet and backs off 1 s, then
   2 s, then 4 s (``inflatable_utils.pull_objects``).
 
-``cap_supernode_sleeps`` and ``shorten_object_pull_backoff`` replace those waits in the process
-that calls them (``fedmed-supernode``, ``fedmed-warm-exec``'s ClientApp processes, the server
+``cap_supernode_sleeps``, ``set_heartbeat_interval`` and ``shorten_object_pull_backoff`` replace
+those waits in the process that calls them (``fedmed-supernode``, ``fedmed-warm-exec``'s ClientApp processes, the server
 app). ``tests/test_private_apis.py`` fails with a message naming this module when the pinned
 Flower changes what they replace.
 """
@@ -28,6 +31,8 @@ from collections.abc import Callable
 CLIENTAPP_PULLS = "flwr.supercore.inflatable.inflatable_utils"
 SUPERNODE_PULLS = "flwr.supernode.start_client_internal"
 SERVERAPP_PULLS = "flwr.superlink.grid.http_grid"
+# the SuperNode's heartbeat: what it reports to the SuperLink, and how often its sender sends
+HEARTBEAT_USERS = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
 
 
 class CappedSleeps:
@@ -54,6 +59,22 @@ def cap_supernode_sleeps(poll_s: float) -> None:
             "fedmed/flower_waits.py does not fit this Flower version; use flower-supernode"
         )
     start_client_internal.time = CappedSleeps(poll_s)
+
+
+def set_heartbeat_interval(seconds: float) -> None:
+    """Make this process's SuperNode send a heartbeat, and report its interval, every ``seconds``
+    (the SuperLink accepts 10 to 1800): a site that dies is then declared lost after about
+    2 x ``seconds``."""
+    import importlib
+
+    for name in HEARTBEAT_USERS:
+        module = importlib.import_module(name)
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
+            raise RuntimeError(
+                f"{name} no longer reads HEARTBEAT_DEFAULT_INTERVAL: fedmed/flower_waits.py does not fit this "
+                "Flower version; use flower-supernode"
+            )
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds
 
 
 def with_short_backoff(pull_objects: Callable, initial_s: float, cap_s: float) -> Callable:

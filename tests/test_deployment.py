@@ -110,7 +110,11 @@ class Deployment:
     def register(self, site: str) -> None:
         self.flwr("supernode", "register", str(self.root / "certs" / f"{site}.pub"), CONNECTION, "--name", site)
 
-    def start_site(self, site: str, *extra: str, key: str | None = None, tls: bool = True, auth: bool = True) -> None:
+    def start_site(
+        self, site: str, *extra: str, key: str | None = None, tls: bool = True, auth: bool = True, warm: bool = True
+    ) -> None:
+        """The site's SuperNode as the README starts it; with ``warm``, ``--isolation process`` and
+        `fedmed-warm-exec` beside it (its ClientApp processes forked with PyTorch imported)."""
         port = self.node_ports.setdefault(site, free_port(self.port + 1 + 10 * len(self.node_ports)))
         data = self.site_files.get(site, next(iter(self.site_files.values())))
         security = ["--root-certificates", str(self.certs["ca"])] if tls else ["--insecure"]
@@ -120,6 +124,8 @@ class Deployment:
                 "fedmed-supernode",  # flower-supernode with shorter waits, as the README starts it
                 "--poll-interval",
                 "0.2",
+                "--heartbeat-interval",
+                "10",
                 *security,
                 "--superlink",
                 self.address,
@@ -128,10 +134,23 @@ class Deployment:
                 str(port),
                 "--node-config",
                 f'data-path="{data}" site="{site}"',
+                *(["--isolation", "process"] if warm else []),
                 *extra,
             ],
             cwd=self.root,
         )
+        if warm:
+            self.processes.start(
+                f"{site}-exec",
+                ["fedmed-warm-exec", "--runtime-api-address", f"{HOST}:{port}"],
+                cwd=self.root,
+            )
+
+    def stop_site(self, site: str, sig: int = signal.SIGTERM) -> None:
+        """The site's SuperNode, and its executor if it has one."""
+        self.processes.stop(site, sig=sig)
+        if f"{site}-exec" in self.processes.running:
+            self.processes.stop(f"{site}-exec", sig=sig)
 
     def activated(self, site: str) -> bool:
         return "SuperNode ID:" in self.processes.log(site)
@@ -238,8 +257,8 @@ def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back
     )
     wait_until(lambda: len(rows_so_far(metrics)) >= 1, 300, "round 0's evaluation")
     time.sleep(3)  # round 1's training has started at both sites
-    deployment.processes.stop("site-b", sig=signal.SIGKILL)
-    # Flower declares a node lost after two missed heartbeats (30 s each)
+    deployment.stop_site("site-b", sig=signal.SIGKILL)
+    # the SuperLink declares a node lost after two missed heartbeats (--heartbeat-interval 10)
     wait_until(lambda: len(rows_so_far(metrics)) >= 2, 300, "round 1 to end without site-b")
     deployment.start_site("site-b")
     wait_until(lambda: run.poll() is not None, RUN_TIMEOUT, "the run to end")
@@ -255,7 +274,7 @@ def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back
 
 def assert_refused(deployment: Deployment, name: str, **start: object) -> None:
     """Start a SuperNode that must not get in; give it a bounded time, then check it never joined."""
-    deployment.start_site(name, "--max-wait-time", "20", **start)
+    deployment.start_site(name, "--max-wait-time", "20", warm=False, **start)
     try:
         process = deployment.processes.running[name]
         with contextlib.suppress(TimeoutError):  # still retrying is refused too

@@ -108,6 +108,30 @@ def test_fedmed_supernode_caps_only_the_waits():
     assert args.poll_interval == 0.5 and rest == ["--insecure", "--superlink", "127.0.0.1:9092"]
     with pytest.raises(SystemExit):
         parse_args(["--poll-interval", "0"])
+    assert parse_args([])[0].heartbeat_interval == 30  # Flower's own
+    assert parse_args(["--heartbeat-interval", "10"])[0].heartbeat_interval == 10
+    with pytest.raises(SystemExit):
+        parse_args(["--heartbeat-interval", "5"])  # the SuperLink refuses under 10 s
+
+
+def test_flowers_supernode_reports_and_sends_the_heartbeat_fedmed_supernode_sets(monkeypatch):
+    import importlib
+
+    from flwr.common import constant
+
+    from fedmed.flower_waits import HEARTBEAT_USERS, set_heartbeat_interval
+
+    for name in HEARTBEAT_USERS:
+        module = importlib.import_module(name)
+        assert module.HEARTBEAT_DEFAULT_INTERVAL == constant.HEARTBEAT_DEFAULT_INTERVAL, (
+            f"{name} no longer reads Flower's HEARTBEAT_DEFAULT_INTERVAL: update fedmed/flower_waits.py"
+        )
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    assert (constant.HEARTBEAT_MIN_INTERVAL, constant.HEARTBEAT_MAX_INTERVAL) == (10, 1800), (
+        "update fedmed/supernode.py's HEARTBEAT_RANGE_S"
+    )
+    set_heartbeat_interval(10.0)
+    assert [importlib.import_module(n).HEARTBEAT_DEFAULT_INTERVAL for n in HEARTBEAT_USERS] == [10.0, 10.0]
 
 
 def test_flowers_client_actor_class_is_the_one_fedmed_stopping_ends():
