@@ -27,9 +27,9 @@ No module uses a non-differentiable operation (tanh, convolutions, GroupNorm, bi
 resizing), so the attacks need no BPDA.
 
 Configurations (CONFIGS below)
-    quick  CPU: ResNet18 from scratch at 28 px, BreastMNIST (ultrasound, 546 training images)
-           unless --datasets says otherwise, 3 rounds x 2 local epochs (Adam 1e-3), attacks with 5
-           steps on 64 test images, seed 0.
+    quick  CPU: ResNet18 from scratch at 28 px, PneumoniaMNIST (X-ray), RetinaMNIST (fundus) and
+           BreastMNIST (ultrasound) unless --datasets says otherwise, 3 rounds x 2 local epochs
+           (Adam 1e-3), attacks with 5 steps on 64 test images, seed 0.
     full   GPU: DenseNet121, MobileNetV2 and ResNet50 (--models), 64 px (the *_64.npz MedMNIST+
            files in --root), ImageNet weights (torchvision's cache, or `--weights ARCH=PATH`,
            passed as model.weights_path), backbone frozen for the first 2 rounds
@@ -110,7 +110,7 @@ COMMON = {
 CONFIGS = {
     "quick": {
         "models": ["resnet18"],
-        "datasets": ["breastmnist"],
+        "datasets": DATASETS,
         "seeds": [0],
         "samples": 64,
         "steps": 5,
