@@ -14,26 +14,17 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from tests.deployment import free_port
+
 START_S = 120
+# the head's port: below Ray's worker port range (10002-19999), which its GCS may not use
+HEAD_PORTS_FROM = 6400
 OBJECT_STORE_BYTES = 500_000_000  # per node; a test run's models are tens of MB
 _PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    """A free port below Ray's worker port range (10002-19999), which its GCS may not use."""
-    for port in range(6400, 9000):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 6400-8999 for Ray's head node")
 
 
 def _stop_with_parent() -> None:
@@ -104,7 +95,7 @@ class RayCluster:
         self.address = ""
 
     def start(self) -> str:
-        port = free_port()
+        port = free_port(HEAD_PORTS_FROM)
         self.address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + START_S
         self.nodes.append(_ray_node("--head", f"--port={port}", "--include-dashboard=false"))
