@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 import numpy as np  # noqa: E402
 
 from fedmed.data import client_share  # noqa: E402
-from fedmed.job import job_from_config  # noqa: E402
+from fedmed.job import Job  # noqa: E402
 from fedmed.report import read_metrics  # noqa: E402
 from tests.deployment import HOST, Processes, free_port, tool_env, wait_until  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
@@ -67,7 +67,7 @@ def workload(rounds: int, train: int) -> list[str]:
 
 def write_sites(overrides: list[str], directory: Path) -> list[Path]:
     """The simulation's partitions (local train and hold-out) as site files."""
-    job = job_from_config(compose_config(*overrides))
+    job = Job.from_config(compose_config(*overrides))
     paths = []
     for pid, site in enumerate(SITES):
         share = client_share(job, pid, len(SITES))

@@ -124,10 +124,6 @@ class Job:
 _SECTIONS = ("dataset", "partition", "model", "client", "defense", "assimilation", "attack", "eval")
 
 
-def job_from_config(cfg: DictConfig) -> Job:
-    return Job.from_config(cfg)
-
-
 def encode_job(job: Job) -> str:
     return json.dumps(job.to_plain(), sort_keys=True)
 

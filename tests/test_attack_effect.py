@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from clients.client_app import train
 from fedmed.data import load_config
-from fedmed.job import JOB_KEY, encode_job, job_from_config
+from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.models import build_model
 from fedmed.poisoning import backdoor_asr, backdoor_test_set, malicious_ids
 from fedmed.serialization import load_arrays, model_to_arrays
@@ -87,7 +87,7 @@ ATTACKERS = ("attack.fraction=0.4", f"attack.start_round={HONEST_ROUNDS + 1}")
 
 def job_for(*overrides: str) -> dict:
     attacking = any(o.startswith("attack=") and o != "attack=none" for o in overrides)
-    job = job_from_config(compose_config(*BASE, *(ATTACKERS if attacking else ()), *overrides))
+    job = Job.from_config(compose_config(*BASE, *(ATTACKERS if attacking else ()), *overrides))
     job.num_classes = 3
     return job
 

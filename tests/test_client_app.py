@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from clients.client_app import evaluate_local, query, train
-from fedmed.job import JOB_KEY, encode_job, job_from_config
+from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.models import build_model
 from fedmed.serialization import model_to_arrays
 from tests.helpers import compose_config
@@ -26,7 +26,7 @@ def job(num_classes=3, *overrides):
         "client.batch_size=16",
         *overrides,
     )
-    result = job_from_config(cfg)
+    result = Job.from_config(cfg)
     result.num_classes = num_classes
     result.channels, result.image_size = 1, 28  # what the server sets from its test split
     return result

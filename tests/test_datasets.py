@@ -26,7 +26,7 @@ from fedmed.datasets import (
 from fedmed.datasets.imagefolder import ImageFolderConfig
 from fedmed.datasets.medmnist import MedMNISTConfig
 from fedmed.datasets.synthetic import SyntheticConfig
-from fedmed.job import job_from_config
+from fedmed.job import Job
 from fedmed.medmnist import SUPPORTED_NAMES
 from strategies.preflight import prepare_config
 from tests.helpers import compose_config
@@ -64,7 +64,7 @@ def test_every_option_composes_with_its_own_keys(name):
     config = dataset_config(cfg.dataset)
     assert type(config) is option.config and config.name == name
     # a client rebuilds the same typed config from the plain dict its job carries
-    assert job_from_config(cfg).dataset == config
+    assert Job.from_config(cfg).dataset == config
 
 
 def test_options_have_their_documented_defaults():
@@ -196,7 +196,7 @@ def test_a_new_dataset_is_one_config_one_loader_and_its_registration(stripes_dat
     assert (
         cfg.client.batch_size == 4 and compose_config("dataset=stripes", "client.batch_size=2").client.batch_size == 2
     )
-    data = dataset_from_config(job_from_config(cfg).dataset, int(cfg.seed))
+    data = dataset_from_config(Job.from_config(cfg).dataset, int(cfg.seed))
     assert (data.name, len(data.train), data.num_classes) == ("stripes", 6, 2)
     with pytest.raises(ValueError, match="dataset.n=1 must be >= 2"):
         check_dataset({"name": "stripes", "n": 1})

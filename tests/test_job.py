@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedmed.config import ClientConfig, FaultConfig, PartitionConfig
 from fedmed.defenses import DefenseConfig
-from fedmed.job import JOB_KEY, Job, decode_job, encode_job, job_from_config
+from fedmed.job import JOB_KEY, Job, decode_job, encode_job
 from fedmed.poisoning import AttackConfig
 from tests.helpers import compose_config
 
@@ -25,7 +25,7 @@ def test_a_run_configuration_becomes_a_typed_job_and_survives_the_wire():
         "client.lr=0.05",
         "fault=[{kind: raise, partitions: [1], start_round: 2}]",
     )
-    job = job_from_config(cfg)
+    job = Job.from_config(cfg)
     assert isinstance(job.attack, AttackConfig) and job.attack.name == "badnets" and job.attack.fraction == 0.5
     assert isinstance(job.defense, DefenseConfig) and job.defense.steps == 2
     assert isinstance(job.client, ClientConfig) and job.client.lr == 0.05

@@ -13,7 +13,7 @@ from clients.client_app import train
 from clients.malicious import PoolImages, ProjectedStep, float_parameters, malicious_round, poisoned_data, update_norm
 from fedmed.data import ClientShare, client_share, dataset_from_config, load_dataset
 from fedmed.dataset import ArrayDataset, Split
-from fedmed.job import JOB_KEY, Job, encode_job, job_from_config
+from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.models import build_model
 from fedmed.poisoning import (
     ATTACKS,
@@ -165,7 +165,7 @@ def test_honest_shares_never_hold_the_edge_case_images(medmnist_root):
         "attack.ids=[1]",
         "federation.num_clients=3",
     )
-    job = job_from_config(cfg)
+    job = Job.from_config(cfg)
     data = load_dataset("pneumoniamnist", seed=0, root=str(medmnist_root))
     split = edge_case_split(data.train.images, data.train.labels, 1, 0.1, 0.5, seed=0)
     held = split.held_out
@@ -415,7 +415,7 @@ def client_job(*overrides: str) -> Job:
         "client.augment=false",
         *overrides,
     )
-    job = job_from_config(cfg)
+    job = Job.from_config(cfg)
     job.num_classes = 3
     return job
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 import fedmed.data
 from fedmed.data import client_partitions, client_share, read_partition, write_partitions
-from fedmed.job import Job, encode_job, job_from_config
+from fedmed.job import Job, encode_job
 from fedmed.partition import MAX_LISTED_CLIENTS, format_label_table, label_count_table, plot_label_counts
 from fedmed.simulation import add_pending_messages_to_queue
 from fedmed.site_shift import site_shift, site_shifts
@@ -71,7 +71,7 @@ def small_job(num_clients: int, *overrides: str) -> Job:
     cfg = compose_config(
         f"federation.num_clients={num_clients}", f"federation.clients_per_round={num_clients}", *overrides
     )
-    return job_from_config(cfg)
+    return Job.from_config(cfg)
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "site"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedmed.data import client_share, dataset_from_config, site_share
-from fedmed.job import Job, job_from_config
+from fedmed.job import Job
 from fedmed.seeds import Stream, seed_for
 from fedmed.site_shift import apply_site_shift, site_shifts
 from fedmed.sites import compose, main, write_sites
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def site_job(cfg, dataset) -> Job:
     return dataclasses.replace(
-        job_from_config(cfg), num_classes=dataset.num_classes, channels=dataset.channels, image_size=dataset.image_size
+        Job.from_config(cfg), num_classes=dataset.num_classes, channels=dataset.channels, image_size=dataset.image_size
     )
 
 
@@ -40,7 +40,7 @@ def test_site_files_hold_the_simulated_clients_shares(tmp_path, medmnist_root, p
         ]
     )
     manifest = write_sites(cfg, tmp_path)
-    job = job_from_config(cfg)
+    job = Job.from_config(cfg)
     dataset = dataset_from_config(job.dataset, 5)
     assert (manifest["dataset"], manifest["image_size"], manifest["channels"], manifest["num_classes"]) == (
         "pneumoniamnist",
@@ -80,7 +80,7 @@ def test_site_partition_bakes_each_sites_scanner_into_its_images(tmp_path):
     write_sites(compose(overrides), tmp_path / "shifted")
     write_sites(compose([*overrides, "partition.site_strength=0"]), tmp_path / "identity")
     manifest = json.loads((tmp_path / "shifted" / "manifest.json").read_text())
-    job = job_from_config(compose(overrides))
+    job = Job.from_config(compose(overrides))
     assert manifest["site_shift_baked"]
     shifts = site_shifts(2, seed_for(1, Stream.SITE_SHIFT), 1.0)  # the run's (seed=1) site-shift stream
     for i in range(2):
