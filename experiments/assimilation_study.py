@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 import sys
 import textwrap
 import time
@@ -64,7 +63,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from experiments.study_runs import overrides, report, run_once, study_parser  # noqa: E402
+from experiments.study_runs import cell, mean_sd, overrides, report, run_once, study_parser  # noqa: E402
 from fedmed.adversarial_eval import fixed_subset  # noqa: E402
 from fedmed.data import load_dataset  # noqa: E402
 from fedmed.evasion import eval_mode  # noqa: E402
@@ -211,20 +210,6 @@ def assess(model, baseline, x, y, steps: int, seed: int) -> dict:
     return result
 
 
-def summarise(values: list) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def cell(values: list) -> str:
-    mean, sd = summarise(values)
-    if mean is None:
-        return ""
-    return f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
-
-
 def plot(groups: dict, path: Path, title: str) -> bool:
     panels = sorted({key[:3] for key in groups})
     if not panels:
@@ -233,15 +218,15 @@ def plot(groups: dict, path: Path, title: str) -> bool:
     xs = [0] + [e * 255 for e in EPS]
     colours = {row: plt.get_cmap("tab10")(i) for i, row in enumerate(ROWS)}
     for ax, panel in zip(axes.flat, panels):
-        majority = summarise([r["majority_share"] for row in ROWS for r in groups.get((*panel, row), [])])[0]
+        majority = mean_sd([r["majority_share"] for row in ROWS for r in groups.get((*panel, row), [])])[0]
         ax.axhline(majority, color="grey", ls=":", lw=1, label="majority class")
         for row in ROWS:
             results = groups.get((*panel, row))
             if not results:
                 continue
             for attack, style in (("pgd", "-"), ("fgsm", "--")):
-                ys = [summarise([r["accuracy"] for r in results])[0]]
-                ys += [summarise([r[f"{attack}@{eps_label(e)}"] for r in results])[0] for e in EPS]
+                ys = [mean_sd([r["accuracy"] for r in results])[0]]
+                ys += [mean_sd([r[f"{attack}@{eps_label(e)}"] for r in results])[0] for e in EPS]
                 ax.plot(
                     xs,
                     ys,
@@ -403,7 +388,7 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         )
         base = groups.get((*key[:3], "baseline"))
         ratio = (
-            (summarise([r["input_grad_norm"] for r in results])[0] / summarise([r["input_grad_norm"] for r in base])[0])
+            (mean_sd([r["input_grad_norm"] for r in results])[0] / mean_sd([r["input_grad_norm"] for r in base])[0])
             if base
             else None
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +51,22 @@ def tail(path: Path, n: int = 30) -> str:
 
 def fmt(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def mean_sd(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample sd of the values that are not None (sd None for fewer than two)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values: list) -> str:
+    """mean +- sd over seeds, 3 decimals (the sd left out for one seed; empty for none)."""
+    mean, sd = mean_sd(values)
+    if mean is None:
+        return ""
+    return fmt(mean) + ("" if sd is None else f" ± {fmt(sd)}")
 
 
 def run_once(run_dir: Path, args: list[str], tag: str) -> str | None:

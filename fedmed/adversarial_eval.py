@@ -1,12 +1,17 @@
-"""Robustness assessment: accuracy and AUC of a model under evasion attacks.
+"""Robustness assessment: accuracy, balanced accuracy, AUC and attack success of a model under
+evasion attacks.
 
 Used by the server (global model on the test split) and by clients (their model on their
 validation share). Images stay uint8 arrays (N, H, W, C) until a batch is drawn (docs/architecture.md);
 each clean batch is gathered once and attacked with every (attack, eps) pair.
 
 Metric names are part of the public contract (README, metrics.jsonl):
-``adv/<attack>/<eps_key(eps)>/accuracy`` and ``adv/<attack>/<eps_key(eps)>/auc``, e.g.
-``adv/fgsm/0.0314/accuracy`` for eps = 8/255.
+``adv/<attack>/<eps_key(eps)>/<metric>`` with metric ``accuracy``, ``balanced_accuracy``, ``auc``
+and ``success_rate``, e.g. ``adv/fgsm/0.0314/accuracy`` for eps = 8/255.
+
+Accuracy alone can flatter a model that answers one class for nearly everything: it keeps the
+majority class's share under any attack. Balanced accuracy and AUC under attack, and the attack's
+success on the images the model got right, are what say whether it resisted.
 """
 
 from __future__ import annotations
@@ -84,16 +89,19 @@ def assess_robustness(
     seed: int,
     transform: BatchTransform | None = None,
 ) -> dict[str, float | None]:
-    """Accuracy and AUC of ``model`` on ``images[indices]`` under each attack at each eps.
+    """Accuracy, balanced accuracy, AUC and attack success of ``model`` on ``images[indices]``
+    under each attack at each eps.
 
     Every batch is gathered once (``transform``, if given, applied to the clean batch as in
     :func:`fedmed.train.predict_probs`), attacked with each (attack, eps) pair (an attack's
     epsilons together in one batch, ``attack_each_eps``), and each adversarial batch classified
     in eval mode. The attack on batch ``b`` is seeded with
     ``derive_seed(seed, attack, eps, b)``, so the result depends only on the inputs and ``seed``.
-    Returns ``{metric_key(attack, eps, "accuracy"): float, metric_key(attack, eps, "auc"):
-    float | None}`` (AUC is None where it is undefined, e.g. a single class among the labels),
-    and the clean scores on the same images as ``adv/none/0.0000/...`` — with a subset
+    Returns, for each attack and eps, ``metric_key(attack, eps, m)`` for m in ``accuracy``,
+    ``balanced_accuracy``, ``auc`` (None where it is undefined, e.g. a single class among the
+    labels) and ``success_rate``: the share of the images classified correctly when clean that
+    the attack makes wrong (None when none was correct). The clean scores on the same images are
+    ``adv/none/0.0000/...`` (accuracy, balanced accuracy, AUC) — with a subset
     (``eval.max_samples``) they, not the whole split's, are what the attacks should be compared to.
     The model's train/eval mode is restored afterwards.
     """
@@ -133,13 +141,19 @@ def assess_robustness(
                     with torch.no_grad():
                         probs[name, eps_key(e)].append(torch.softmax(model(x_adv).double(), dim=1).cpu())
 
-    clean = classification_metrics(true_labels, torch.cat(clean_probs).numpy())
+    clean_scores = torch.cat(clean_probs).numpy()
+    clean = classification_metrics(true_labels, clean_scores)
+    right_when_clean = clean_scores.argmax(axis=1) == true_labels
     results: dict[str, float | None] = {
-        metric_key(CLEAN, 0.0, "accuracy"): clean["accuracy"],
-        metric_key(CLEAN, 0.0, "auc"): clean["auc"],
+        metric_key(CLEAN, 0.0, metric): clean[metric] for metric in ("accuracy", "balanced_accuracy", "auc")
     }
     for name, e in pairs:
-        metrics = classification_metrics(true_labels, torch.cat(probs[name, eps_key(e)]).numpy())
-        results[metric_key(name, e, "accuracy")] = metrics["accuracy"]
-        results[metric_key(name, e, "auc")] = metrics["auc"]
+        scores = torch.cat(probs[name, eps_key(e)]).numpy()
+        metrics = classification_metrics(true_labels, scores)
+        for metric in ("accuracy", "balanced_accuracy", "auc"):
+            results[metric_key(name, e, metric)] = metrics[metric]
+        wrong_after = scores.argmax(axis=1) != true_labels
+        results[metric_key(name, e, "success_rate")] = (
+            float(wrong_after[right_when_clean].mean()) if right_when_clean.any() else None
+        )
     return results

@@ -443,9 +443,13 @@ def test_assess_robustness_keys_values_determinism_and_clean_bound(trained, data
     eps = [0.0, 2 / 255, 8 / 255]
     kwargs = dict(attacks=["fgsm", "pgd"], eps=eps, batch_size=8, device=CPU, seed=0)
     result = assess_robustness(trained, images, labels, indices, **kwargs)
+    scores = ("accuracy", "balanced_accuracy", "auc")
     assert set(result) == {
-        f"adv/{a}/{k}/{m}" for a in ("fgsm", "pgd") for k in ("0.0000", "0.0078", "0.0314") for m in ("accuracy", "auc")
-    } | {"adv/none/0.0000/accuracy", "adv/none/0.0000/auc"}
+        f"adv/{a}/{k}/{m}"
+        for a in ("fgsm", "pgd")
+        for k in ("0.0000", "0.0078", "0.0314")
+        for m in (*scores, "success_rate")
+    } | {f"adv/none/0.0000/{m}" for m in scores}
     for key, value in result.items():
         assert value is None or 0.0 <= value <= 1.0, key
     assert all(isinstance(result[k], float) for k in result if k.endswith("accuracy"))
@@ -458,8 +462,16 @@ def test_assess_robustness_keys_values_determinism_and_clean_bound(trained, data
         # eps = 0 is the clean model: same accuracy and AUC as fedmed.train.evaluate.
         assert result[f"adv/{attack}/0.0000/accuracy"] == clean["accuracy"]
         assert result[f"adv/{attack}/0.0000/auc"] == pytest.approx(clean["auc"])
+        assert result[f"adv/{attack}/0.0000/balanced_accuracy"] == clean["balanced_accuracy"]
+        assert result[f"adv/{attack}/0.0000/success_rate"] == 0.0
         for key in ("0.0078", "0.0314"):
-            assert result[f"adv/{attack}/{key}/accuracy"] <= clean["accuracy"], (attack, key)
+            accuracy, success = result[f"adv/{attack}/{key}/accuracy"], result[f"adv/{attack}/{key}/success_rate"]
+            assert accuracy <= clean["accuracy"], (attack, key)
+            # the images right when clean that the attack left right are right under attack;
+            # only the ones wrong when clean can add to that
+            kept = clean["accuracy"] * (1 - success)
+            assert kept - 1e-9 <= accuracy <= kept + (1 - clean["accuracy"]) + 1e-9, (attack, key)
+    assert result["adv/pgd/0.0314/success_rate"] > 0  # PGD at 8/255 turns some right answers wrong
     assert result["adv/pgd/0.0314/accuracy"] < clean["accuracy"]  # PGD at 8/255 does break it
 
 

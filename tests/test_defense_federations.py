@@ -38,7 +38,7 @@ def test_robustness_keys_follow_the_contract(tmp_path, ray_cluster):
         f"adv/{attack}/{eps_key(eps)}/{metric}"
         for attack in ("fgsm", "pgd")
         for eps in (1 / 255, 2 / 255, 4 / 255, 8 / 255)
-        for metric in ("accuracy", "auc")
+        for metric in ("accuracy", "balanced_accuracy", "auc", "success_rate")
     }
     assert list(cfg.eval.attacks) == ["fgsm", "pgd"]
     assert "adv/fgsm/0.0314/accuracy" in rows[2]  # the contract's own spelling of 8/255
@@ -48,6 +48,7 @@ def test_robustness_keys_follow_the_contract(tmp_path, ray_cluster):
     for key in expected:
         if key.endswith("accuracy"):
             assert 0 <= rows[2][key] <= 1
+    assert rows[2]["adv/none/0.0000/balanced_accuracy"] is not None
     # every client assessed its own validation share; the weakest is in the row
     assert [c["partition-id"] for c in rows[2]["client_eval"]] == [0, 1, 2]
     worst = rows[2]["adv/pgd/0.0314/worst_client_accuracy"]
