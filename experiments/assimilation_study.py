@@ -63,7 +63,19 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from experiments.study_runs import cell, mean_sd, overrides, report, run_once, study_parser  # noqa: E402
+from experiments.study_runs import (  # noqa: E402
+    LEARNED_AUC,
+    LEARNED_MARGIN,
+    cell,
+    has_learned,
+    learned_mark,
+    mean_sd,
+    num_classes,
+    overrides,
+    report,
+    run_once,
+    study_parser,
+)
 from fedmed.adversarial_eval import fixed_subset  # noqa: E402
 from fedmed.data import load_dataset  # noqa: E402
 from fedmed.evasion import eval_mode  # noqa: E402
@@ -368,6 +380,7 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         "setting",
         "row",
         "seeds",
+        "learned",
         "majority",
         "ACC",
         "BACC",
@@ -375,17 +388,22 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in EPS],
         "ASR PGD 2/255",
     ]
-    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
+    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * 6 + "---:|" * (len(header) - 6)]
     top = eps_label(EPS[-1])
     checks = [
         "| model | dataset | setting | row | PGD <= BIM <= FGSM | PGD 64/255 | PGD 8/255 | PGD 10x steps "
         "8/255 | transfer PGD 8/255 | input-grad norm (x baseline) |",
         "|" + "---|" * 10,
     ]
+
+    def learned(key) -> bool | None:
+        results = groups.get(key, [])
+        return has_learned([r["balanced_accuracy"] for r in results], [r["auc"] for r in results], num_classes(key[1]))
+
     for key, results in groups.items():
-        markdown.append(
-            "| " + " | ".join([*key, str(len(results)), *(cell([r.get(c) for r in results]) for c in shown)]) + " |"
-        )
+        mark = learned_mark(learned(key), None if key[3] == "baseline" else learned((*key[:3], "baseline")))
+        values = [cell([r.get(c) for r in results]) for c in shown]
+        markdown.append("| " + " | ".join([*key, str(len(results)), mark, *values]) + " |")
         base = groups.get((*key[:3], "baseline"))
         ratio = (
             (mean_sd([r["input_grad_norm"] for r in results])[0] / mean_sd([r["input_grad_norm"] for r in base])[0])
@@ -414,6 +432,9 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         f"{config['samples'] or 'all'} test images"
     )
     note = (
+        f"learned: the row's balanced accuracy on the attacked images is at least {LEARNED_MARGIN:.2f} above "
+        f"chance and its AUC at least {LEARNED_AUC:.2f}; a row whose baseline did not learn says nothing "
+        "about the modules' robustness. "
         "majority: accuracy of a model that answers the majority class everywhere, on the attacked images. "
         "Accuracy under attack, white-box through the whole model (modules included), pixel-space L-inf "
         "eps; ASR: share of the correctly classified images the attack turns wrong; mean ± sd over seeds."

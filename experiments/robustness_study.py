@@ -96,20 +96,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from experiments.study_runs import cell, fmt, mean_sd, overrides, report, run_once, study_parser  # noqa: E402
+from experiments.study_runs import (  # noqa: E402
+    LEARNED_AUC,
+    LEARNED_MARGIN,
+    cell,
+    fmt,
+    has_learned,
+    learned_mark,
+    mean_sd,
+    num_classes,
+    overrides,
+    report,
+    run_once,
+    study_parser,
+)  # noqa: E402
 
 MODELS = ["densenet121", "mobilenet_v2", "resnet50", "resnet18"]
 DATASETS = ["pneumoniamnist", "breastmnist", "retinamnist"]
-CLASSES = {"pneumoniamnist": 2, "breastmnist": 2, "retinamnist": 5}
 DEFENSES = ["none", "fgsm_at", "fast_at", "distillation"]
 ATTACKS = ["fgsm", "pgd"]
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]  # assessment epsilons (pixel scale)
 # what the server's assessment writes per attack and eps (fedmed.adversarial_eval), as headed here
 SCORES = {"accuracy": "ACC", "balanced_accuracy": "BACC", "auc": "AUC", "success_rate": "ASR"}
-# A model has learned when its clean balanced accuracy on the test split is at least this much
-# above chance (1 / classes); a dataset whose undefended model has not is marked in the table.
-LEARNED_MARGIN = 0.10
-
 CONFIGS = {
     # CPU: ResNet18 from scratch at 28 px, 4 IID clients (two waves of actors on 2 cores), the
     # passes over its data each dataset needs for the undefended model to learn it (README: probe
@@ -199,14 +207,6 @@ def read_run(run_dir: Path, eps_values: list[float]) -> dict:
     return result
 
 
-def has_learned(balanced_accuracies: list, classes: int | None) -> bool | None:
-    """Mean clean balanced accuracy at least LEARNED_MARGIN above chance; None if unknown."""
-    mean, _ = mean_sd(balanced_accuracies)
-    if mean is None or not classes:
-        return None
-    return mean >= 1.0 / classes + LEARNED_MARGIN
-
-
 def tables(runs: dict, eps_values: list[float], defenses: list[str]) -> tuple[list[str], list[list]]:
     """Markdown tables (clean scores, then one per score under attack) and the csv records.
 
@@ -214,18 +214,10 @@ def tables(runs: dict, eps_values: list[float], defenses: list[str]) -> tuple[li
     """
     groups = sorted({(m, d) for (m, d, _) in runs}, key=lambda g: (_order(MODELS, g[0]), _order(DATASETS, g[1])))
     keyed = [(m, d, f) for m, d in groups for f in defenses if (m, d, f) in runs]
-    baseline_learned = {
-        (m, d): has_learned([r["balanced_accuracy"] for r in runs.get((m, d, "none"), [])], CLASSES.get(d))
-        for m, d in groups
-    }
 
-    def learned_mark(key) -> str:
-        model, dataset, _ = key
-        own = has_learned([r["balanced_accuracy"] for r in runs[key]], CLASSES.get(dataset))
-        text = {True: "yes", False: "**no**", None: "?"}[own]
-        if baseline_learned[(model, dataset)] is False:
-            text += " (baseline did not learn)"
-        return text
+    def learned(key) -> bool | None:
+        seeds = runs.get(key, [])
+        return has_learned([r["balanced_accuracy"] for r in seeds], [r["auc"] for r in seeds], num_classes(key[1]))
 
     head = ["model", "dataset", "defense", "seeds", "learned", "ACC", "BACC", "AUC", "wall s"]
     markdown = ["**Clean, whole test split**", "", "| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * 4]
@@ -233,7 +225,8 @@ def tables(runs: dict, eps_values: list[float], defenses: list[str]) -> tuple[li
         seeds = runs[key]
         values = [cell([r[k] for r in seeds]) for k in ("accuracy", "balanced_accuracy", "auc")]
         wall = mean_sd([r["wall_time_s"] for r in seeds])[0]
-        markdown.append("| " + " | ".join([*key, str(len(seeds)), learned_mark(key), *values, fmt(wall, 0)]) + " |")
+        mark = learned_mark(learned(key), None if key[2] == "none" else learned((*key[:2], "none")))
+        markdown.append("| " + " | ".join([*key, str(len(seeds)), mark, *values, fmt(wall, 0)]) + " |")
     for score, short in SCORES.items():
         what = "attack success on the images right when clean" if score == "success_rate" else f"{short} under attack"
         cols = [(a, e) for a in ATTACKS for e in eps_values]
@@ -291,8 +284,8 @@ def plot(runs: dict, eps_values: list[float], defenses: list[str], path: Path, t
                     pts = [(x + dodge[defense], y) for x, y in zip(xs, ys) if y is not None]
                     if len(pts) >= 2:
                         ax.plot(*zip(*pts), color=colours[defense], ls=styles[attack], marker=markers[attack], ms=4)
-            if score == "balanced_accuracy" and dataset in CLASSES:
-                ax.axhline(1 / CLASSES[dataset], color="grey", lw=0.8, ls=":")
+            if score == "balanced_accuracy" and num_classes(dataset):
+                ax.axhline(1 / num_classes(dataset), color="grey", lw=0.8, ls=":")
             ax.set_title(f"{model} / {dataset}", fontsize=10)
             ax.set_xlabel("epsilon (x/255; 0 = clean)")
             ax.set_xticks(xs)
@@ -393,7 +386,8 @@ def main() -> int:
     )
     note = (
         f"learned: the model's clean balanced accuracy (mean over seeds) is at least "
-        f"{LEARNED_MARGIN:.2f} above chance; a dataset whose undefended model did not learn says "
+        f"{LEARNED_MARGIN:.2f} above chance and its AUC at least {LEARNED_AUC:.2f}; a dataset whose "
+        "undefended model did not learn says "
         "nothing about the defences. distillation = defensive distillation (Papernot et al. 2016), "
         "which masks gradients (Carlini & Wagner 2016): read its FGSM numbers with PGD beside them."
     )

@@ -61,6 +61,39 @@ def mean_sd(values: list) -> tuple[float | None, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+# A model has learned when its clean balanced accuracy is at least LEARNED_MARGIN above chance
+# (1 / classes) and its AUC at least LEARNED_AUC (means over seeds): a model that answers the
+# majority class for most images can keep the first above chance with a few lucky answers, but its
+# scores do not rank the classes. A study's rows on a dataset whose undefended model has not
+# learned say nothing about robustness: they attack a near-constant classifier.
+LEARNED_MARGIN = 0.10
+LEARNED_AUC = 0.70
+
+
+def num_classes(dataset: str) -> int | None:
+    """The number of classes of a MedMNIST dataset (fedmed's table), None for any other."""
+    from fedmed.medmnist import DATASETS
+
+    info = DATASETS.get(dataset)
+    return len(info.class_names) if info is not None else None
+
+
+def has_learned(balanced_accuracies: list, aucs: list, classes: int | None) -> bool | None:
+    """Whether the mean balanced accuracy and the mean AUC clear the bars above; None when unknown
+    (no balanced accuracy, or an unknown number of classes). A missing AUC is not held against it."""
+    balanced, _ = mean_sd(balanced_accuracies)
+    auc, _ = mean_sd(aucs)
+    if balanced is None or not classes:
+        return None
+    return balanced >= 1.0 / classes + LEARNED_MARGIN and (auc is None or auc >= LEARNED_AUC)
+
+
+def learned_mark(own: bool | None, baseline: bool | None) -> str:
+    """A table cell: whether this row's model learned, and whether its baseline did."""
+    text = {True: "yes", False: "**no**", None: "?"}[own]
+    return text + (" (baseline did not learn)" if baseline is False else "")
+
+
 def cell(values: list) -> str:
     """mean +- sd over seeds, 3 decimals (the sd left out for one seed; empty for none)."""
     mean, sd = mean_sd(values)

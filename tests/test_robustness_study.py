@@ -8,6 +8,7 @@ import json
 import pytest
 
 from experiments import robustness_study as study
+from experiments.study_runs import has_learned, num_classes
 
 EPS = [2 / 255, 8 / 255]
 
@@ -58,7 +59,7 @@ def test_tables_average_seeds_and_mark_a_baseline_that_did_not_learn(tmp_path):
     assert clean["pneumoniamnist", "none", "2"][4] == "yes"
     assert clean["pneumoniamnist", "fgsm_at", "2"][4] == "**no**"
     # BreastMNIST's undefended model did not learn: both its rows say so, even the one that did
-    assert clean["breastmnist", "none", "1"][4] == "**no** (baseline did not learn)"
+    assert clean["breastmnist", "none", "1"][4] == "**no**"
     assert clean["breastmnist", "fgsm_at", "1"][4] == "yes (baseline did not learn)"
     text = "\n".join(markdown)
     for short in study.SCORES.values():
@@ -71,6 +72,17 @@ def test_tables_average_seeds_and_mark_a_baseline_that_did_not_learn(tmp_path):
     assert row["seed"] == 0 and row["pgd@8/255/success_rate"] == 0.5 and row["pgd@8/255/auc"] is None
 
 
-@pytest.mark.parametrize(("values", "classes", "expected"), [([0.62], 2, True), ([0.58], 2, False), ([0.31], 5, True)])
-def test_learned_is_a_margin_above_chance(values, classes, expected):
-    assert study.has_learned(values, classes) is expected
+@pytest.mark.parametrize(
+    ("balanced", "auc", "classes", "expected"),
+    [
+        ([0.62], [0.8], 2, True),
+        ([0.58], [0.9], 2, False),  # balanced accuracy too close to chance
+        ([0.31], [0.75], 5, True),
+        ([0.31], [0.57], 5, False),  # its scores do not rank the classes
+        ([0.31], [None], 5, True),  # AUC undefined: judged on balanced accuracy alone
+        ([0.9], [0.9], None, None),  # classes unknown
+    ],
+)
+def test_learned_is_balanced_accuracy_above_chance_and_auc(balanced, auc, classes, expected):
+    assert num_classes("retinamnist") == 5 and num_classes("breastmnist") == 2 and num_classes("folder") is None
+    assert has_learned(balanced, auc, classes) is expected
