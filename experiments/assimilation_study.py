@@ -64,6 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from experiments.study_runs import (  # noqa: E402
+    FINISHED,
     LEARNED_AUC,
     LEARNED_MARGIN,
     cell,
@@ -74,6 +75,7 @@ from experiments.study_runs import (  # noqa: E402
     overrides,
     report,
     run_once,
+    run_status,
     study_parser,
 )
 from fedmed.adversarial_eval import fixed_subset  # noqa: E402
@@ -320,7 +322,7 @@ def main() -> int:
                             *args.overrides,
                         ]
                         tag = f"{'/'.join(key)} seed {seed}"
-                        if args.table_only and not (run_dir / "summary.json").exists():
+                        if args.table_only and run_status(run_dir) not in FINISHED:
                             continue
                         status = run_once(run_dir, run_args, tag)
                         if status is None:

@@ -64,9 +64,10 @@ defense.temperature=50 client.lr=0.05`). `--table-only` tabulates the runs alrea
 What gets written to --out:
 
 * `<model>/<dataset>/<defense>/seed<k>/`  each run's fedmed outputs (config.yaml, metrics.jsonl,
-  summary.json, plots/, the model) plus stdout.log / stderr.log. A run whose summary.json
-  exists is skipped, so an interrupted study resumes where it stopped (delete the folder, or use
-  another --out, after changing the configuration).
+  summary.json, plots/, the model) plus stdout.log / stderr.log. A finished run is skipped and
+  one stopped part-way is continued from its checkpoint (fedmed's `resume=`), so an interrupted
+  study resumes where it stopped (delete the folder, or use another --out, after changing the
+  configuration).
 * `table.csv`  one row per run and seed: clean accuracy, balanced accuracy and AUC, then every
   score under fgsm@1/255 ... pgd@8/255, wall_time_s -- from the last row of metrics.jsonl and
   summary.json.
@@ -97,6 +98,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from experiments.study_runs import (  # noqa: E402
+    FINISHED,
     LEARNED_AUC,
     LEARNED_MARGIN,
     cell,
@@ -108,6 +110,7 @@ from experiments.study_runs import (  # noqa: E402
     overrides,
     report,
     run_once,
+    run_status,
     study_parser,
 )  # noqa: E402
 
@@ -143,7 +146,7 @@ CONFIGS = {
         },
         # (rounds, local epochs) per dataset (eval.every follows the rounds): the small sets need
         # more passes over their data
-        "schedule": {"pneumoniamnist": (5, 2), "breastmnist": (10, 3), "retinamnist": (10, 2)},
+        "schedule": {"pneumoniamnist": (5, 2), "breastmnist": (10, 3), "retinamnist": (20, 1)},
     },
     # GPU (documented, not run here): ImageNet-pretrained at 224 px as in the seed paper, needs
     # the 224 px MedMNIST files and torchvision's weights; whole test split; 4 clients per GPU.
@@ -351,7 +354,7 @@ def main() -> int:
         }
         run_args = [f"model={model}", f"dataset={dataset}", f"seed={seed}", *overrides(run_settings), *common]
         if args.table_only:
-            status = "table only" if (run_dir / "summary.json").exists() else None
+            status = "table only" if run_status(run_dir) in FINISHED else None
             if status is None:
                 continue
         else:

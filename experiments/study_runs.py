@@ -1,12 +1,14 @@
 """What the study scripts share: running one fedmed federation per grid cell, resumably.
 
-Each run is a `python -m fedmed` subprocess writing into its own folder; a folder whose
-summary.json exists is skipped, so an interrupted study resumes where it stopped.
+Each run is a `python -m fedmed` subprocess writing into its own folder. A run whose summary.json
+says it finished is skipped and one stopped part-way is continued from its checkpoint, so an
+interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import subprocess
@@ -102,21 +104,40 @@ def cell(values: list) -> str:
     return fmt(mean) + ("" if sd is None else f" ± {fmt(sd)}")
 
 
+FINISHED = ("completed", "degraded")  # summary.json statuses of a run that reached its last round
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The run's summary.json status (None: no readable summary)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_once(run_dir: Path, args: list[str], tag: str) -> str | None:
     """Run `python -m fedmed *args` into ``run_dir`` unless it has finished before.
 
-    Returns a status ("skipped ...", "<wall> s") or None when the run failed (its command and
-    the end of its stderr are printed).
+    A run stopped part-way (SIGINT/SIGTERM: summary.json says ``interrupted`` and a checkpoint is
+    there) is continued with fedmed's own ``resume=``; a run that left no checkpoint starts
+    again. Returns a status ("skipped ...", "<wall> s") or None when the run failed (its command
+    and the end of its stderr are printed).
     """
-    if (run_dir / "summary.json").exists():
-        return "skipped (summary.json exists)"
+    status = run_status(run_dir)
+    if status in FINISHED:
+        return f"skipped ({status} before)"
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "fedmed", *args, f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    resuming = status == "interrupted" and (run_dir / "checkpoint.pt").exists()
+    if resuming:
+        cmd = [sys.executable, "-m", "fedmed", f"resume={run_dir}"]
+    else:
+        cmd = [sys.executable, "-m", "fedmed", *args, f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     started = time.monotonic()
-    with (run_dir / "stdout.log").open("w") as so, (run_dir / "stderr.log").open("w") as se:
+    mode = "a" if resuming else "w"
+    with (run_dir / "stdout.log").open(mode) as so, (run_dir / "stderr.log").open(mode) as se:
         proc = subprocess.run(cmd, cwd=REPO, stdout=so, stderr=se)
     wall = time.monotonic() - started
-    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+    if proc.returncode != 0 or run_status(run_dir) not in FINISHED:
         print(
             f"{tag}: FAILED (exit {proc.returncode}, {wall:.0f} s)\n  command: "
             + shlex.join(cmd)
@@ -125,7 +146,7 @@ def run_once(run_dir: Path, args: list[str], tag: str) -> str | None:
             flush=True,
         )
         return None
-    return f"{wall:.0f} s"
+    return f"{wall:.0f} s" + (" (resumed)" if resuming else "")
 
 
 def study_parser(doc: str, configs: list[str], default_out: str) -> argparse.ArgumentParser:

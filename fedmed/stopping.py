@@ -43,7 +43,9 @@ def release_client_actors() -> int:
 
     if not ray.is_initialized():
         return 0
-    handles = [o for o in gc.get_objects() if isinstance(o, ray.actor.ActorHandle) and CLIENT_ACTOR in repr(o)]
+    # type(o), not isinstance: isinstance reads o.__class__, and on some of torch's module-level
+    # objects (torch.distributed.reduce_op) that prints a deprecation warning
+    handles = [o for o in gc.get_objects() if issubclass(type(o), ray.actor.ActorHandle) and CLIENT_ACTOR in repr(o)]
     # Flower logs each call the kill ends with its traceback: noise, the server is done with them
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
     for handle in handles:
