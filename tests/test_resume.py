@@ -193,6 +193,7 @@ def test_a_signal_stops_the_run_within_seconds(tmp_path, signum):
     assert stopped_in < STOP_WITHIN_S, stopped_in
     assert f"continue it with: fedmed-sim resume={tmp_path.resolve()}" in output.strip().splitlines()[-1]
     assert "Traceback" not in output
+    assert "FutureWarning" not in output and "DeprecationWarning" not in output, output[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds"] == 1
     assert summary["stop_reason"] == f"stopped by {signal.Signals(signum).name}"
