@@ -15,8 +15,9 @@ model is attacked here, in pixel space, through the whole model (modules include
 subset of the test split:
 
 * clean accuracy, balanced accuracy, AUC;
-* accuracy under FGSM, BIM, MI-FGSM and PGD (L-inf) at 1, 2, 4 and 8/255, and the attack success
-  rate on the images the model classifies correctly (share of them the attack turns wrong);
+* accuracy, balanced accuracy and AUC under FGSM, BIM, MI-FGSM and PGD (L-inf) at 1, 2, 4 and
+  8/255, and the attack success rate on the images the model classifies correctly (share of them
+  the attack turns wrong);
 * gradient-masking checks (Athalye et al. 2018; Carlini et al. 2019): PGD <= BIM <= FGSM
   accuracy at every eps (0.02 of slack for sampling noise), PGD accuracy at 64/255 (should be
   near zero), PGD with 10x the steps at 8/255 not above PGD, a transfer attack (PGD crafted on
@@ -202,8 +203,12 @@ def assess(model, baseline, x, y, steps: int, seed: int) -> dict:
     correct = clean.argmax(1) == y
     for name in ATTACKS:
         for eps in EPS:
-            wrong_after = predictions(run(name, eps)).argmax(1) != y
+            attacked = predictions(run(name, eps))
+            wrong_after = attacked.argmax(1) != y
             result[f"{name}@{eps_label(eps)}"] = float((~wrong_after).float().mean())
+            scores = classification_metrics(labels, attacked.numpy())
+            result[f"bacc_{name}@{eps_label(eps)}"] = scores["balanced_accuracy"]
+            result[f"auc_{name}@{eps_label(eps)}"] = scores["auc"]
             result[f"asr_{name}@{eps_label(eps)}"] = (
                 float(wrong_after[correct].float().mean()) if correct.any() else None
             )
@@ -375,6 +380,8 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         "auc",
         *[f"{a}@{eps_label(e)}" for a in ATTACKS for e in EPS],
         "asr_pgd@2/255",
+        "bacc_pgd@8/255",
+        "auc_pgd@8/255",
     ]
     header = [
         "model",
@@ -389,6 +396,8 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         "AUC",
         *[f"{a.upper()} {eps_label(e)}" for a in ATTACKS for e in EPS],
         "ASR PGD 2/255",
+        "BACC PGD 8/255",
+        "AUC PGD 8/255",
     ]
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * 6 + "---:|" * (len(header) - 6)]
     top = eps_label(EPS[-1])
