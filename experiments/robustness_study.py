@@ -295,7 +295,9 @@ def plot(runs: dict, eps_values: list[float], defenses: list[str], path: Path, t
             ax.set_xticklabels([f"{x:g}" for x in xs])
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
-        axes[row, 0].set_ylabel({"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy (: chance)"}[score])
+        axes[row, 0].set_ylabel(
+            {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy (dotted: chance)"}[score]
+        )
     handles = [Line2D([], [], color=colours[d], lw=2, label=d) for d in defenses if any(k[2] == d for k in runs)]
     handles += [Line2D([], [], color="k", ls=styles[a], marker=markers[a], ms=4, label=a.upper()) for a in ATTACKS]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
