@@ -11,6 +11,11 @@ way Flower's backend passes it, in the environment, but without a ``runtime_env`
 runtime environment cannot use the workers Ray starts in advance, and each ClientApp actor then
 waits for a fresh Python process. A cluster's workers do not inherit it: there the runtime
 environment carries it, as in Flower.
+
+A Ray instance of its own runs without the autoscaler monitor, as `ray start --head --no-monitor`
+would start it (``ray.init`` has no such argument): a fixed instance on one machine never scales,
+and ``ray.shutdown`` stops the monitor after the GCS it reports to, so the monitor never exits on
+its own and every shutdown waited the full second Ray allows it before killing it.
 """
 
 from __future__ import annotations
@@ -46,8 +51,21 @@ def _init(init_args: dict) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     if init_args.get("address") == "local":
         ray.init(**init_args)
+        stop_autoscaler_monitor()
     else:
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+def stop_autoscaler_monitor() -> None:
+    """Kill this process's own Ray instance's autoscaler monitor (private: Ray's node object)."""
+    from ray._private import ray_constants, worker
+
+    node = worker._global_node
+    if node is None or not node.is_head():
+        return
+    for process_info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        process_info.process.kill()  # SIGKILL: on SIGTERM it reports its end to the GCS first
+        process_info.process.wait()
 
 
 class RayStart:

@@ -163,6 +163,18 @@ def test_rays_message_from_a_thread_is_the_one_fedmed_ray_start_drops():
     )
 
 
+def test_rays_node_lists_the_autoscaler_monitor_fedmed_ray_start_stops():
+    from ray._private import node, ray_constants, worker
+
+    assert hasattr(worker, "_global_node") and ray_constants.PROCESS_TYPE_MONITOR == "monitor", (
+        "Ray moved its node object or renamed the monitor process: update fedmed/ray_start.py's stop_autoscaler_monitor"
+    )
+    source = inspect.getsource(node.Node)
+    assert "self.all_processes[ray_constants.PROCESS_TYPE_MONITOR]" in source and "def is_head" in source, (
+        "Ray's Node no longer records the monitor in all_processes: update fedmed/ray_start.py"
+    )
+
+
 @pytest.mark.parametrize("name", ["cleanup"])
 def test_opacus_releases_a_grad_sample_module_through_a_public_method(name):
     from opacus import GradSampleModule
