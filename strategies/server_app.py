@@ -185,21 +185,41 @@ def run_federation(
     seed_everything(seed)
     prepare_config(cfg)
 
-    # Ask the nodes first: in simulation this waits until Ray has started its processes, and
-    # heavy numpy/torch work in this thread while Ray forks them can deadlock the fork.
+    dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
+    device = resolve_device(str(cfg.device))
+    model = global_model(cfg, dataset)
+    aggregator = aggregator_from_config(cfg.strategy)
+    attacks, eps = list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps]
+    # ground truth of the attack, for scoring detection only: never handed to the strategy
+    attack = attack_config(cfg.attack)
+    evaluation = GlobalEvaluation(
+        model,
+        dataset.test,
+        device=device,
+        batch_size=int(cfg.eval.batch_size),
+        assess=lambda server_round: assessment_round(cfg, server_round),
+        attacks=attacks,
+        eps=eps,
+        max_samples=cfg.eval.max_samples,
+        assessment_seed=seed_for(seed, Stream.ASSESSMENT),
+        backdoor_set=backdoor_test_set(dataset, attack, seed),
+        keep_weights=aggregator.needs_root_update,  # FLTrust's root update copies the model
+    )
+    initial_arrays = model_to_arrays(model)
+    # The initial model is scored while the nodes come up (in simulation, while the clients' Ray
+    # workers import their libraries); it needs nothing from them. Ray's own processes are
+    # already running (fedmed.ray_start), so no fork happens under this thread's torch work.
+    initial_scores = evaluation(0, initial_arrays) if resume_from is None else None
+
     federation = discover(grid, int(cfg.federation.num_clients), float(cfg.federation.connect_timeout_s))
     if stop is not None:
         stop.take_signals_back()
     cfg = sized_to_federation(cfg, len(federation.partition_of_node))
-    dataset = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed)
     log_partitions(cfg, dataset, federation, output_dir / "plots", console)
-    device = resolve_device(str(cfg.device))
-    model = global_model(cfg, dataset)
-    aggregator = aggregator_from_config(cfg.strategy)
     reference_update = None
     if aggregator.needs_root_update:  # the rule's server-side input (FLTrust's root update)
         reference_update = make_root_update(
-            model,
+            evaluation.load(initial_arrays),
             dataset.val,
             aggregator.root_samples,
             OmegaConf.to_container(cfg.client, resolve=True),
@@ -207,7 +227,6 @@ def run_federation(
             seed=seed,
             iterations=aggregator.root_iterations,
         )
-    initial_arrays = model_to_arrays(model)
     shared_arrays = None
     if share_arrays:
         model_bytes = sum(len(array.data) for array in initial_arrays.values())
@@ -224,23 +243,7 @@ def run_federation(
     )
     keeper = keeper or CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
 
-    attacks, eps = list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps]
-    # ground truth of the attack, for scoring detection only: never handed to the strategy
-    attack = attack_config(cfg.attack)
     malicious = malicious_ids(attack, int(cfg.federation.num_clients), seed)
-    evaluation = GlobalEvaluation(
-        model,
-        dataset.test,
-        device=device,
-        batch_size=int(cfg.eval.batch_size),
-        assess=lambda server_round: assessment_round(cfg, server_round),
-        attacks=attacks,
-        eps=eps,
-        max_samples=cfg.eval.max_samples,
-        assessment_seed=seed_for(seed, Stream.ASSESSMENT),
-        backdoor_set=backdoor_test_set(dataset, attack, seed),
-        keep_weights=reference_update is not None,  # FLTrust's root update copies the model
-    )
     if resume_from is not None:
         started -= float(resume_from["elapsed_s"])
     recorder = RoundRecorder(
@@ -285,7 +288,7 @@ def run_federation(
     job = client_job(cfg, dataset, partitions_file)
     if resume_from is None:
         arrays, first_round = initial_arrays, 1
-        evaluate_round(0, arrays, RoundFindings(0))
+        recorder.record(0, initial_scores, RoundFindings(0))
         end_of_round(0, arrays)
     else:
         arrays, first_round = tensors_to_arrays(resume_from["arrays"]), int(resume_from["round"]) + 1
