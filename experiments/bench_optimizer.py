@@ -37,9 +37,10 @@ def seconds_per_call(call, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def unfused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same optimizer with torch's CPU default, the per-tensor loop."""
-    params = optimizer.param_groups[0]["params"]
+def unfused(optimizer: torch.optim.Optimizer, params=None) -> torch.optim.Optimizer:
+    """The same optimizer with torch's CPU default, the per-tensor loop, over ``params`` (default:
+    the same parameters)."""
+    params = optimizer.param_groups[0]["params"] if params is None else params
     accepted = inspect.signature(type(optimizer)).parameters
     settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("fused", "foreach")}
     return type(optimizer)(params, **settings, foreach=False)

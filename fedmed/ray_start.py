@@ -57,13 +57,11 @@ def _init(init_args: dict) -> None:
 
 
 def stop_autoscaler_monitor() -> None:
-    """Kill this process's own Ray instance's autoscaler monitor (private: Ray's node object)."""
+    """Kill the autoscaler monitor of the Ray instance this process just started (private: Ray's
+    node object)."""
     from ray._private import ray_constants, worker
 
-    node = worker._global_node
-    if node is None or not node.is_head():
-        return
-    for process_info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+    for process_info in worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
         process_info.process.kill()  # SIGKILL: on SIGTERM it reports its end to the GCS first
         process_info.process.wait()
 

@@ -2,12 +2,12 @@
 default implementation does."""
 
 import copy
-import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from experiments.bench_optimizer import unfused
 from fedmed.models import build_model
 from fedmed.train import make_optimizer
 
@@ -19,9 +19,7 @@ def test_cpu_optimizers_are_fused_and_step_like_torchs_default(name, one_thread)
     reference = copy.deepcopy(model)
     optimizer = make_optimizer(model.parameters(), name, 1e-2, 0.9, 5e-4)
     assert optimizer.defaults["fused"] is True
-    accepted = inspect.signature(type(optimizer)).parameters
-    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("fused", "foreach")}
-    plain = type(optimizer)(reference.parameters(), **settings, foreach=False)
+    plain = unfused(optimizer, reference.parameters())
     x, y = torch.rand(8, 1, 28, 28), torch.tensor([0, 1] * 4)
     for _ in range(3):
         for net, opt in ((model, optimizer), (reference, plain)):
