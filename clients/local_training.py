@@ -49,7 +49,11 @@ def train_round(
         epochs=client.epochs,
         batch_size=client.batch_size,
         new_optimizer=new_optimizer,
-        train_options={"augment": client.augment, "precision": Precision.of(client, device)},
+        train_options={
+            "augment": client.augment,
+            "precision": Precision.of(client, device),
+            "balanced": client.balanced_sampling,
+        },
         with_texture_loss=lambda step: with_texture_loss(step, model, assimilation),
     )
     with backbone_frozen(model, server_round <= assimilation.freeze_backbone_rounds):

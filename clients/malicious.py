@@ -217,6 +217,7 @@ def malicious_round(
         seed=seed,
         augment=client.augment,
         transform=transform,
+        balanced=client.balanced_sampling,
     )
     malicious = malicious_ids(config, num_clients, job.seed)
     scale = update_scale(

@@ -27,7 +27,7 @@ Configurations (CONFIGS below; edit the override dicts to change any value):
 
 * quick  CPU: ResNet18 from scratch at 28 px, 4 IID clients, Adam 1e-3, as many passes over
          the data as the undefended model needs to learn each dataset (CONFIGS, rounds x local
-         epochs: PneumoniaMNIST 5 x 2, BreastMNIST 10 x 3, RetinaMNIST 10 x 2), training eps 4/255
+         epochs: PneumoniaMNIST 5 x 2, BreastMNIST 10 x 3, RetinaMNIST 20 x 1), training eps 4/255
          reached by a linear warm-up over 3 rounds (defense.warmup_rounds), robustness assessed at
          round 0 and after the last round on a fixed 128-image subset of the test split, seeds 0,
          1 and 2.

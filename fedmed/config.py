@@ -87,6 +87,10 @@ class ClientConfig:
     amp: str = "off"
     # model and batches in the channels-last memory layout
     channels_last: bool = False
+    # draw each epoch's batches with every class of the client's share equally likely (with
+    # replacement, one epoch = as many draws as the share has images): the sampling form of class
+    # weights. Small, skewed medical shares otherwise pull the model to the majority class
+    balanced_sampling: bool = False
 
 
 @dataclass

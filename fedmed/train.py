@@ -99,6 +99,22 @@ def batch_order(indices: np.ndarray, batch_size: int, generator: torch.Generator
     return batches
 
 
+def balanced_batch_order(
+    indices: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator
+) -> list[np.ndarray]:
+    """One epoch of ``len(indices)`` draws with replacement in which every class present among
+    ``labels[indices]`` is equally likely (each image weighted by 1 / its class's count), in
+    batches as ``batch_order`` cuts them."""
+    own = np.asarray(labels)[indices]
+    _, inverse, counts = np.unique(own, return_inverse=True, return_counts=True)
+    weights = torch.from_numpy(1.0 / counts[inverse])
+    drawn = torch.multinomial(weights, len(indices), replacement=True, generator=generator).numpy()
+    batches = [indices[drawn[i : i + batch_size]] for i in range(0, len(drawn), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
 def train_local(
     model: nn.Module,
     images: np.ndarray,
@@ -115,15 +131,21 @@ def train_local(
     step: TrainStep = cross_entropy_step,
     batches: Callable[[], Iterable[np.ndarray]] | None = None,
     precision: Precision | None = None,
+    balanced: bool = False,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` over ``images[indices]``; returns mean loss and accuracy.
 
     ``step`` computes each batch's gradients (a defence's loss); ``batches``, if given, yields one
-    epoch's index batches instead of the shuffled ones (DP-SGD's Poisson sampling); ``precision``:
-    ``client.amp`` and ``client.channels_last`` (default float32, contiguous).
+    epoch's index batches instead of the shuffled ones (DP-SGD's Poisson sampling); ``balanced``:
+    class-balanced batches instead (``client.balanced_sampling``, ``balanced_batch_order``);
+    ``precision``: ``client.amp`` and ``client.channels_last`` (default float32, contiguous).
     """
     if len(indices) < 2:
         raise ValueError(f"a client needs at least 2 training images, got {len(indices)}")
+    if balanced and batches is not None:
+        raise ValueError(
+            "balanced sampling and a training's own batches (DP-SGD's Poisson sampling) exclude each other"
+        )
     batch_seed = seed_for(seed, Stream.BATCH_ORDER)
     generator = torch.Generator().manual_seed(batch_seed)
     device_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(batch_seed)
@@ -133,7 +155,12 @@ def train_local(
     total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
     with precision.training(model) as optimizer_step:
         for _ in range(epochs):
-            epoch = batches() if batches is not None else batch_order(np.asarray(indices), batch_size, generator)
+            if batches is not None:
+                epoch = batches()
+            elif balanced:
+                epoch = balanced_batch_order(np.asarray(indices), labels, batch_size, generator)
+            else:
+                epoch = batch_order(np.asarray(indices), batch_size, generator)
             for batch in epoch:
                 x = gather_batch(images, batch, device)
                 y = label_tensor[batch].to(device, non_blocking=True)

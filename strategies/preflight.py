@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed.config import check_assimilation
 from fedmed.data import client_partitions
 from fedmed.datasets import dataset_config
-from fedmed.defenses import defense_config, model_norm_for
+from fedmed.defenses import defense_config, defense_named, model_norm_for
 from fedmed.logs import log
 from strategies.aggregators import TooFewReplies, aggregator_from_config
 from strategies.global_assessment import check_eval_config
@@ -35,6 +35,11 @@ def prepare_config(cfg: DictConfig) -> None:
     except TooFewReplies as error:
         raise ValueError(f"{error} (federation.clients_per_round={cfg.federation.clients_per_round})") from None
     check_eval_config(list(cfg.eval.attacks), [float(e) for e in cfg.eval.eps], cfg.eval.max_samples)
+    if cfg.client.balanced_sampling and defense_named(str(cfg.defense.name)).per_example_gradients:
+        raise ValueError(
+            f"client.balanced_sampling=true with defense={cfg.defense.name}: DP-SGD's privacy accounting "
+            "assumes Poisson sampling at one rate for every example; set client.balanced_sampling=false"
+        )
     norm = model_norm_for(str(cfg.model.norm), str(cfg.defense.name))
     if norm != cfg.model.norm:
         log.warning(

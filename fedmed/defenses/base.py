@@ -57,7 +57,7 @@ class LocalRound:
     epochs: int
     batch_size: int
     new_optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer]
-    # train_local's remaining arguments: augment, transform, precision
+    # train_local's remaining arguments: augment, precision, balanced
     train_options: dict
     # adds the domain-assimilation modules' texture loss to a training step (identity without them)
     with_texture_loss: Callable[[TrainStep | None], TrainStep | None]
