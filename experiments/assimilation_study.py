@@ -167,6 +167,11 @@ CONFIGS = {
 }
 
 
+def schedule_of(config: dict, dataset: str) -> tuple[int, int]:
+    """(rounds, local epochs) of ``dataset`` in ``config`` (10 x 1 for a dataset it does not list)."""
+    return config["schedule"].get(dataset, (10, 1))
+
+
 def eps_label(eps: float) -> str:
     return f"{round(eps * 255)}/255"
 
@@ -321,7 +326,7 @@ def main() -> int:
                     for row in rows:
                         key = (model_name, dataset, setting, row)
                         run_dir = out / model_name / dataset / setting / f"seed{seed}" / row
-                        rounds, epochs = config["schedule"].get(dataset, (10, 1))
+                        rounds, epochs = schedule_of(config, dataset)
                         schedule = {"federation.rounds": rounds, "eval.every": rounds, "client.epochs": epochs}
                         settings = {**config["overrides"], **schedule, **SETTINGS[setting], **ROWS[row]}
                         if model_name in weights:
@@ -447,7 +452,7 @@ def write_outputs(out: Path, records: list[dict], failed: list, name: str, confi
         )
     markdown += ["", "Gradient-masking checks:", "", *checks]
     datasets = sorted({r["dataset"] for r in records})
-    schedule = ", ".join("{} {} x {}".format(d, *config["schedule"].get(d, (10, 1))) for d in datasets)
+    schedule = ", ".join("{} {} x {}".format(d, *schedule_of(config, d)) for d in datasets)
     title = (
         f"assimilation study, config {name}: rounds x local epochs {schedule}; attacks with "
         f"{config['steps']} steps on {config['samples'] or 'all'} test images"

@@ -92,7 +92,11 @@ def make_optimizer(
 def batch_order(indices: np.ndarray, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
     """Shuffled batches of ``indices``; a last batch of one image is dropped because BatchNorm
     cannot normalise a single sample in training mode (it rotates out with the shuffle)."""
-    order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    return cut_batches(indices[torch.randperm(len(indices), generator=generator).numpy()], batch_size)
+
+
+def cut_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` in batches of ``batch_size``, without a last batch of one image."""
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches.pop()
@@ -109,10 +113,7 @@ def balanced_batch_order(
     _, inverse, counts = np.unique(own, return_inverse=True, return_counts=True)
     weights = torch.from_numpy(1.0 / counts[inverse])
     drawn = torch.multinomial(weights, len(indices), replacement=True, generator=generator).numpy()
-    batches = [indices[drawn[i : i + batch_size]] for i in range(0, len(drawn), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches.pop()
-    return batches
+    return cut_batches(indices[drawn], batch_size)
 
 
 def train_local(
