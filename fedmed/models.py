@@ -19,15 +19,18 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
-from torchvision.models import densenet as _tv_densenet
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from fedmed.architectures import ARCHITECTURES as _REGISTRY
-from fedmed.architectures import Architecture, architecture
-from fedmed.assimilation import ColourModule, TextureModule, build_modules, check_kind
+from fedmed.torchvision_import import import_torchvision
+
+torchvision = import_torchvision()
+from torchvision.models import WeightsEnum  # noqa: E402 (after import_torchvision, whose comment says why)
+from torchvision.models import densenet as _tv_densenet  # noqa: E402
+from torchvision.models.resnet import BasicBlock, Bottleneck  # noqa: E402
+
+from fedmed.architectures import ARCHITECTURES as _REGISTRY  # noqa: E402
+from fedmed.architectures import Architecture, architecture  # noqa: E402
+from fedmed.assimilation import ColourModule, TextureModule, build_modules, check_kind  # noqa: E402
 
 __all__ = ["ARCHITECTURES", "MedicalClassifier", "build_model", "min_input_size"]
 

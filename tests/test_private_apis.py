@@ -181,3 +181,30 @@ def test_opacus_releases_a_grad_sample_module_through_a_public_method(name):
 
     message = f"fedmed/defenses/privacy.py calls GradSampleModule.{name}()"
     assert callable(getattr(GradSampleModule, name, None)), message
+
+
+def test_torchvision_loads_without_torchdynamo_and_roi_align_still_asks_the_real_check():
+    """fedmed/torchvision_import.py: in a fresh interpreter, building on fedmed.models leaves
+    TorchDynamo unloaded; roi_align's `is_compile_supported` gives the real answer; torch.compile's
+    module loads for real afterwards."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import fedmed.models
+assert "torch._dynamo" not in sys.modules, "torch._dynamo loaded by importing fedmed.models"
+source = open(sys.modules["torchvision.ops.roi_align"].__file__).read()
+assert "from torch._dynamo.utils import is_compile_supported" in source, "TORCHVISION_CHANGED"
+stand_in_answer = sys.modules["torchvision.ops.roi_align"].is_compile_supported("cpu")
+from torch._dynamo.utils import is_compile_supported
+assert type(sys.modules["torch._dynamo.utils"]).__name__ == "module", "the stand-in was left in sys.modules"
+assert stand_in_answer == is_compile_supported("cpu"), (stand_in_answer, is_compile_supported("cpu"))
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "TORCHVISION_CHANGED" not in result.stderr, (
+        "torchvision no longer imports torch._dynamo.utils in ops/roi_align.py: "
+        "fedmed/torchvision_import.py may be removed (import torchvision directly)"
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
