@@ -21,17 +21,22 @@ with open({calls!r}, "a") as f:
 if args[0] == "run":
     print(json.dumps({{"success": True, "run-id": 42}}))
 elif args[0] == "ls":
-    print(json.dumps({{"success": True, "runs": [{{"run-id": "42", "status": {status!r}}}]}}))
+    asked = sum(1 for line in open({calls!r}) if json.loads(line)[0] == "ls")
+    status = {status!r} if asked > {running_for} else "running"
+    print(json.dumps({{"success": True, "runs": [{{"run-id": "42", "status": status}}]}}))
 """
 
 
 @pytest.fixture
 def fake_flwr(tmp_path, monkeypatch):
-    def install(status: str) -> Path:
+    def install(status: str, running_for: int = 0) -> Path:
+        """`flwr ls` answers "running" its first ``running_for`` times, then ``status``."""
         calls = tmp_path / "calls.jsonl"
         script = tmp_path / "bin" / "flwr"
         script.parent.mkdir(exist_ok=True)
-        script.write_text(FAKE_FLWR.format(python=sys.executable, calls=str(calls), status=status))
+        script.write_text(
+            FAKE_FLWR.format(python=sys.executable, calls=str(calls), status=status, running_for=running_for)
+        )
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
         monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
         return calls
@@ -54,8 +59,9 @@ def test_a_failed_run_exits_non_zero(fake_flwr, tmp_path, capsys):
     )
     assert code == 1
     assert "finished:failed" in capsys.readouterr().err
-    run, ls = [json.loads(line) for line in calls.read_text().splitlines()]
+    run, log, ls = [json.loads(line) for line in calls.read_text().splitlines()]
     assert run[:3] == ["run", ".", "hospitals"]
+    assert log == ["log", "42", "hospitals"]  # followed once, not polled
     assert run[run.index("--run-config") + 1] == f'overrides="dataset=pneumoniamnist output_dir={tmp_path / "out"}"'
     assert ls[:4] == ["ls", "hospitals", "--run-id", "42"]
 
@@ -99,3 +105,9 @@ def test_the_app_package_holds_the_configs_and_no_tests():
         "strategies/server_app.py",
     } <= names
     assert not [n for n in names if n.startswith(("tests/", "experiments/", "outputs/"))]
+
+
+def test_a_log_stream_that_drops_before_the_end_is_followed_again(fake_flwr, tmp_path, capsys):
+    calls = fake_flwr("finished:failed", running_for=1)
+    assert main(["--wait", "--poll", "0", f"output_dir={tmp_path / 'out'}"]) == 1
+    assert [json.loads(line)[0] for line in calls.read_text().splitlines()] == ["run", "log", "ls", "log", "ls"]
