@@ -1,9 +1,9 @@
 """Does the edge-case backdoor's rise hold beyond seed 0?
 
-``tests/test_attack_effect.py`` measures the edge-case attack (blackbox and PGD modes) against
-FedAvg, and FedMedian against it, on one seed. There the outcome depends on floating-point order:
-it passes on one machine and fails on CI, so those tests are non-strict xfails marked "needs
-seeds". This script runs the same in-process federations (5 clients, 2 of them attackers, rounds
+``tests/test_attack_effect.py`` asserts what BadNets, label flipping and the untargeted attacks do
+to FedAvg, but not the edge-case attack (blackbox and PGD modes): on its seed 0 the rise depended
+on floating-point order (it held on one machine and not on CI). This script runs the same
+in-process federations (5 clients, 2 of them attackers, rounds
 1-3 honest, rounds 4-6 attacked; one intra-op thread, CPU) for several values of ``seed``. The
 seed changes the data, the split, the attackers and the clients' training; the model's
 initial weights stay the test's. For each seed it prints the clean model's accuracy and

@@ -48,38 +48,16 @@ BASE = (
     "client.batch_size=32",
     "client.augment=false",
     "seed=0",
-    "device=cpu",  # the outcomes below are this numerics' (see the note on the edge case)
+    "device=cpu",  # the outcomes below are this numerics' (device=auto would train on a GPU if any)
 )
 
 
-# The edge-case outcomes are one seed's, and they hang on floating-point order: with two intra-op
-# threads instead of one the same federation measured clean 0.12, blackbox 0.24 (+0.12), pgd 0.21
-# (+0.09) and FedMedian 1.00 (accuracy 0.37). A run once reported blackbox 0.00 and pgd 0.12 against
-# 0.18 clean after wave 2's merges; re-measured here (CPU, one thread) every edge-case number equals
-# the pre-merge commit 0bff2e9's to the last digit, so the merges changed nothing in this path. The
-# federation is pinned to the CPU (device=auto trains the clients on a GPU where there is one).
-# The attack is weak against the noise here: after one attack round an attacker's own model misreads
-# the held-out tail little more than the same client trained honestly (0.56/0.59 against 0.71/0.50 in
-# round 4; honest client 4 reached 0.76 in round 6), so only the federation-level rise is asserted.
-# The median's margin is 0.03 above what one thread measured and it fails with two: it stays open.
-# CI's 2-core machine, running this code with one thread, reported all three edge-case tests as
-# XFAIL (the rises did not hold there; its kernels may order the sums differently), so the FedAvg
-# rises are not asserted either. Over seeds they do not hold: `python -m experiments.edge_case_seeds`
-# (seeds 0-4, this setup, one thread) measured the blackbox rise +0.29, -0.09, +0.03, -0.09, 0.00
-# and the PGD rise +0.35, -0.06, 0.00, -0.09, +0.09 (`edge_case_rise_holds=1/5`), on 34 held-out
-# tail images. In a federation this small and short the edge-case attack is not an effect to test;
-# these cases stay as measurements of seed 0 (XPASS here, XFAIL on CI).
-EDGE_FRAGILE = pytest.mark.xfail(
-    strict=False,
-    reason="seed 0 only: over seeds 0-4 the rise held on 1 of 5 (experiments/edge_case_seeds.py)",
-)
-EDGE_MEDIAN_FRAGILE = pytest.mark.xfail(
-    strict=False,
-    reason="seed 0 only: over seeds 0-4 FedMedian's ASR ranged 0.00-0.94 (experiments/edge_case_seeds.py)",
-)
-
+# The edge-case attack (blackbox, PGD) is not among them: in a federation this small and short its
+# effect does not hold over seeds (`python -m experiments.edge_case_seeds`, seeds 0-4: the ASR rise
+# held on 1 of 5, FedMedian's ASR ranged 0.00-0.94; the README has the figures), so it is measured
+# there, not asserted here, with this module's federations and ``EDGE``. tests/test_backdoor_federations.py
+# runs edge-case replacement against Krum.
 EDGE = ("attack=edge_case", "attack.source_class=0", "attack.target_class=1", "attack.tail_fraction=0.2")
-
 
 # with an attack chosen: who attacks, and from when (attack=none has neither key)
 ATTACKERS = ("attack.fraction=0.4", f"attack.start_round={HONEST_ROUNDS + 1}")
@@ -149,8 +127,13 @@ def final_model(attack: tuple[str, ...], strategy: str = "fedavg") -> torch.nn.M
 
 
 def clean_model(attack: tuple[str, ...]) -> torch.nn.Module:
-    """The same federation and data, nobody attacking: the attack starts after the last round."""
-    return final_model((*attack, f"attack.start_round={HONEST_ROUNDS + ATTACK_ROUNDS + 1}"))
+    """The same federation and data, nobody attacking. Attackers train honestly before
+    ``attack.start_round`` (a clean run of BadNets' setting, attack starting after the last round,
+    equals ``attack=none``'s to the bit), so one clean run serves every attack that leaves the data
+    as it is; the edge case holds the source class's tail out of every client, so it has its own."""
+    if job_for(*attack).attack.name == "edge_case":
+        return final_model((*attack, f"attack.start_round={HONEST_ROUNDS + ATTACK_ROUNDS + 1}"))
+    return final_model(())
 
 
 def accuracy(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
@@ -165,15 +148,11 @@ def asr(model: torch.nn.Module, attack: tuple[str, ...]) -> float:
     return backdoor_asr(model, backdoor_test_set(data, job.attack, job.seed), 128, CPU)
 
 
-# Margins sit below what was measured here (seed 0, CPU, one thread, deterministic; the same before
-# and after wave 2's merges): ASR over the clean model's +0.29 (edge case, blackbox), +0.35 (pgd),
-# +0.44 (badnets), +0.64 (label_flip).
+# Margins sit below what was measured here (seed 0, CPU, one thread, deterministic): ASR over the
+# clean model's +0.44 (badnets), +0.64 (label_flip).
 @pytest.mark.parametrize(
     "attack, margin",
     [
-        pytest.param((*EDGE, "attack.mode=blackbox"), 0.2, marks=EDGE_FRAGILE),
-        # honest updates here have norms 17-21 (Adam): a radius of 8 makes the projection bite
-        pytest.param((*EDGE, "attack.mode=pgd", "attack.eps=8.0"), 0.2, marks=EDGE_FRAGILE),
         (("attack=badnets", "attack.target_class=0"), 0.3),
         (("attack=label_flip", "attack.source_class=1", "attack.target_class=2"), 0.4),
     ],
@@ -192,14 +171,3 @@ def test_untargeted_attack_against_fedavg_breaks_the_main_task(attack):
     clean_accuracy = accuracy(clean_model(attack), attack)
     attacked_accuracy = accuracy(final_model(attack), attack)
     assert attacked_accuracy <= clean_accuracy - 0.1, (attacked_accuracy, clean_accuracy)
-
-
-@EDGE_MEDIAN_FRAGILE
-def test_the_coordinate_wise_median_lowers_the_edge_case_backdoor():
-    # measured: ASR 0.00 clean, 0.29 under FedAvg, 0.12 under FedMedian (accuracy 0.57)
-    attack = (*EDGE, "attack.mode=blackbox")
-    fedavg_asr = asr(final_model(attack), attack)
-    median = final_model(attack, "fedmedian")
-    median_asr = asr(median, attack)
-    assert median_asr <= fedavg_asr - 0.15, (median_asr, fedavg_asr)
-    assert accuracy(median, attack) > 0.45
