@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from tests.ray_cluster import RayCluster
+from tests.ray_cluster import ONE_ACTOR, RayCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
@@ -28,6 +28,12 @@ def ray_cluster(_isolated_cache):
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def on_cluster(ray_cluster) -> tuple[str, str]:
+    """Overrides that run a federation on the test run's Ray cluster with one ClientApp actor."""
+    return f"ray.address={ray_cluster}", ONE_ACTOR
 
 
 @pytest.fixture

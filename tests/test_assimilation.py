@@ -343,7 +343,7 @@ def test_configuration_keys():
 
 
 @pytest.mark.slow
-def test_federation_aggregates_the_module_weights_and_assesses_robustness(tmp_path, ray_cluster):
+def test_federation_aggregates_the_module_weights_and_assesses_robustness(tmp_path, on_cluster):
     import json
 
     from safetensors.torch import load_file
@@ -351,7 +351,7 @@ def test_federation_aggregates_the_module_weights_and_assesses_robustness(tmp_pa
     from fedmed.runner import run
 
     cfg = compose_config(
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "model.assimilation=both",
         "federation.num_clients=2",
         "federation.clients_per_round=2",

@@ -29,10 +29,10 @@ def federation(tmp_path, *overrides):
     return summary, rows
 
 
-def test_edge_case_replacement_against_krum(tmp_path, ray_cluster):
+def test_edge_case_replacement_against_krum(tmp_path, on_cluster):
     summary, rows = federation(
         tmp_path,
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "attack=edge_case",
         "attack.mode=replacement",
         "attack.fraction=0.2",
@@ -62,10 +62,10 @@ def test_edge_case_replacement_against_krum(tmp_path, ray_cluster):
     assert (tmp_path / "plots" / "asr.png").is_file()
 
 
-def test_flame_flags_gaussian_noise_updates(tmp_path, ray_cluster):
+def test_flame_flags_gaussian_noise_updates(tmp_path, on_cluster):
     summary, rows = federation(
         tmp_path,
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "attack=gaussian",
         "attack.ids=[1,3]",
         "attack.start_round=2",
@@ -80,10 +80,10 @@ def test_flame_flags_gaussian_noise_updates(tmp_path, ray_cluster):
     assert summary["detection"]["recall"] == 1.0
 
 
-def test_fltrust_scores_every_client_against_the_servers_own_update(tmp_path, ray_cluster):
+def test_fltrust_scores_every_client_against_the_servers_own_update(tmp_path, on_cluster):
     summary, rows = federation(
         tmp_path,
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "attack=badnets",
         "attack.fraction=0.2",
         "attack.start_round=1",
@@ -105,12 +105,12 @@ def test_fltrust_scores_every_client_against_the_servers_own_update(tmp_path, ra
     assert per_round[0] != per_round[1] != per_round[2]  # a new server update each round
 
 
-def test_bulyan_with_its_compiled_stage_in_a_federation(tmp_path, ray_cluster):
+def test_bulyan_with_its_compiled_stage_in_a_federation(tmp_path, on_cluster):
     # the fused kernel compiled and run inside the ServerApp; compile_stage=true turns a failure
     # to compile into an error rather than the eager fallback
     summary, rows = federation(
         tmp_path,
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "federation.num_clients=7",
         "federation.clients_per_round=7",
         "attack=gaussian",

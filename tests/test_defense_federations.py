@@ -32,8 +32,8 @@ def federation(tmp_path, *overrides):
     return cfg, summary, rows
 
 
-def test_robustness_keys_follow_the_contract(tmp_path, ray_cluster):
-    cfg, summary, rows = federation(tmp_path, f"ray.address={ray_cluster}", "defense=fast_at")
+def test_robustness_keys_follow_the_contract(tmp_path, on_cluster):
+    cfg, summary, rows = federation(tmp_path, *on_cluster, "defense=fast_at")
     expected = {
         f"adv/{attack}/{eps_key(eps)}/{metric}"
         for attack in ("fgsm", "pgd")
@@ -63,10 +63,10 @@ ONE_ATTACK = ("eval.attacks=[fgsm]", "eval.eps=[0.0314]")
 
 
 @pytest.fixture(scope="module")
-def undefended(tmp_path_factory, ray_cluster):
+def undefended(tmp_path_factory, on_cluster):
     """The same federation and seed with plain local training: what each defence must change."""
     out = tmp_path_factory.mktemp("undefended")
-    _, _, rows = federation(out, f"ray.address={ray_cluster}", *ONE_ATTACK)
+    _, _, rows = federation(out, *on_cluster, *ONE_ATTACK)
     return rows, load_file(str(out / "model.safetensors"))
 
 
@@ -80,9 +80,9 @@ def undefended(tmp_path_factory, ray_cluster):
     ],
 )
 def test_defense_changes_the_training_in_a_federation(
-    tmp_path, ray_cluster, undefended, overrides, reports_robust_check
+    tmp_path, on_cluster, undefended, overrides, reports_robust_check
 ):
-    _, summary, rows = federation(tmp_path, f"ray.address={ray_cluster}", *ONE_ATTACK, *overrides)
+    _, summary, rows = federation(tmp_path, *on_cluster, *ONE_ATTACK, *overrides)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [c["partition-id"] for c in rows[2]["clients"]] == [0, 1, 2]
     assert rows[2]["rejected"] == []
@@ -100,10 +100,10 @@ def test_defense_changes_the_training_in_a_federation(
     assert summary["final"]["accuracy"] == rows[2]["accuracy"]
 
 
-def test_dp_sgd_federation_reports_growing_epsilon_with_groupnorm(tmp_path, ray_cluster):
+def test_dp_sgd_federation_reports_growing_epsilon_with_groupnorm(tmp_path, on_cluster):
     cfg, _, rows = federation(
         tmp_path,
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "defense=dp_sgd",
         "defense.adversarial=fast_at",
         "eval.attacks=[fgsm]",

@@ -210,7 +210,7 @@ GARBAGE_FAULTS = ",".join(f"{{kind:garbage,garbage:{g},partitions:[{i}]}}" for i
 
 
 @pytest.mark.slow
-def test_faulty_clients_inside_a_federation(tmp_path, ray_cluster):
+def test_faulty_clients_inside_a_federation(tmp_path, on_cluster):
     """11 clients in one federation: partitions 0-7 send each kind of garbage, 8 raises in
     training, 9 raises in its local evaluation and 10 is honest; from round 2 on, 10 raises
     too, which leaves one valid reply: fewer than federation.min_replies=2, so the run stops
@@ -222,7 +222,7 @@ def test_faulty_clients_inside_a_federation(tmp_path, ray_cluster):
         ",{kind:raise,partitions:[10],start_round:2}"
     )
     cfg = compose_config(
-        f"ray.address={ray_cluster}",
+        *on_cluster,
         "federation.num_clients=11",
         "federation.clients_per_round=11",
         "federation.rounds=2",

@@ -1,7 +1,7 @@
 """A federation on the test run's real two-node Ray cluster (``tests/ray_cluster.py``: `ray start
---head` and a second node joined with `ray start --address`, each with one CPU, so that two
-clients at a time must sit on different nodes). The run joins it with `ray.address=` and must
-equal a local run's numbers."""
+--head` with two CPUs and a second node joined with `ray start --address` with one). With one CPU
+per client the run has three ClientApp actors, so the cluster must place one on the second node.
+The run joins it with `ray.address=` and must equal a local run's numbers."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def metrics(out, seed, *overrides):
     return [without_timings(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_same_seed_same_metrics_with_every_source_of_noise(tmp_path, ray_cluster):
+def test_same_seed_same_metrics_with_every_source_of_noise(tmp_path, on_cluster):
     first = metrics(tmp_path / "a", 3)
     # every source was active: DP noise spent budget, FLAME scored the round the attacker sent noise
     assert first[2]["privacy/epsilon"] > 0
@@ -45,7 +45,7 @@ def test_same_seed_same_metrics_with_every_source_of_noise(tmp_path, ray_cluster
     # the first run's models travel as files in /dev/shm (a Ray of its own: auto); the same seed on
     # a two-node Ray cluster, with the models inside Flower's messages (auto there): neither the
     # transport nor the placement changes a number
-    assert metrics(tmp_path / "b", 3, f"ray.address={ray_cluster}") == first
+    assert metrics(tmp_path / "b", 3, *on_cluster) == first
     # another seed, one round: its first training round already differs
-    other = metrics(tmp_path / "c", 4, f"ray.address={ray_cluster}", "federation.rounds=1")
+    other = metrics(tmp_path / "c", 4, *on_cluster, "federation.rounds=1")
     assert other[1] != first[1]

@@ -73,10 +73,10 @@ RESUMED_SETUPS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", sorted(RESUMED_SETUPS))
-def test_killed_and_resumed_run_equals_uninterrupted_one(tmp_path, setup, ray_cluster):
+def test_killed_and_resumed_run_equals_uninterrupted_one(tmp_path, setup, on_cluster):
     # on the test run's Ray cluster: the killed driver's actors must go with it, or the resumed
     # run would wait for their CPUs
-    overrides = [*TINY, *RESUMED_SETUPS[setup], f"ray.address={ray_cluster}"]
+    overrides = [*TINY, *RESUMED_SETUPS[setup], *on_cluster]
     code, output = fedmed(*overrides, f"output_dir={tmp_path / 'whole'}", hydra_dir(tmp_path / "whole"))
     assert code == 0, output[-3000:]
     killed = tmp_path / "killed"
