@@ -33,7 +33,7 @@ def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
 def binary_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve: the Mann-Whitney statistic, ties counted half (what the
     trapezoidal area of scikit-learn's ``roc_auc_score`` equals). Both classes must occur."""
-    values, value_of_sample, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    _, value_of_sample, counts = np.unique(scores, return_inverse=True, return_counts=True)
     average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, ties share their mean rank
     positives = int(is_positive.sum())
     negatives = len(is_positive) - positives

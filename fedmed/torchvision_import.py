@@ -5,8 +5,8 @@ torchvision 0.29's ``ops/roi_align.py`` imports ``is_compile_supported`` from
 so every process that builds a model loads all of TorchDynamo although only ``roi_align``'s
 compiled path, which fedmed never calls, uses it. The server, which builds and scores models but
 trains none, is spared it (a process that trains loads TorchDynamo anyway: torch.optim's
-optimizers import it on first use). torchvision means to avoid this: its ``lazy_compile`` in the same file exists, its
-docstring says, to avoid "eagerly importing dynamo" (pytorch/vision#8436).
+optimizers import it on first use). torchvision means to avoid this: its ``lazy_compile`` in the
+same file exists, its docstring says, to avoid "eagerly importing dynamo" (pytorch/vision#8436).
 
 :func:`import_torchvision` gives ``roi_align`` a stand-in module for that one import: its
 ``is_compile_supported`` imports the real function on first call, and any other name asked of it
