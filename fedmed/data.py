@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ import numpy as np
 
 from fedmed.dataset import ArrayDataset
 from fedmed.datasets import DatasetConfig, dataset_config, dataset_named
+from fedmed.logs import log
+from fedmed.medmnist import resolve_cache_dir
+from fedmed.partition_cache import partition_key, read_cached
 from fedmed.poisoning import held_out_indices
 from fedmed.seeds import Stream, seed_for
 from fedmed.site_data import FederationShape, read_site
@@ -78,10 +82,23 @@ def _partitions(
     min_partition_size: int,
 ) -> list[np.ndarray]:
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    key = partition_key(labels, num_clients, method, seed, alpha, min_partition_size)
+    cached = resolve_cache_dir(None) / "partitions" / f"{key}.npy"
+    partitions = read_cached(cached, len(labels), num_clients)
+    if partitions is not None:
+        return partitions
     # imported here: Flower Datasets (and pandas, matplotlib) only where a simulated split is cut
     from fedmed.partition import partition_indices
 
-    return partition_indices(labels, num_clients, method, seed=seed, alpha=alpha, min_partition_size=min_partition_size)
+    partitions = partition_indices(
+        labels, num_clients, method, seed=seed, alpha=alpha, min_partition_size=min_partition_size
+    )
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_partitions(partitions, cached)
+    except OSError as error:  # a cache that cannot be written only costs the next run the time
+        log.debug("fedmed: partition cache %s not written: %s", cached, error)
+    return partitions
 
 
 def client_partitions(
@@ -111,9 +128,14 @@ def write_partitions(partitions: list[np.ndarray], path: Path) -> Path:
     sizes = np.array([len(p) for p in partitions], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     table = np.concatenate([[len(partitions)], offsets, *partitions]).astype(np.int64)
-    partial = path.with_name(path.name + ".partial.npy")
-    np.save(partial, table)
-    os.replace(partial, path)  # a client never reads half a file
+    # a name of its own: runs writing the same cached split at once must not share a partial file
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".partial", delete=False) as partial:
+        try:
+            np.save(partial, table)
+        except BaseException:
+            os.unlink(partial.name)
+            raise
+    os.replace(partial.name, path)  # a client never reads half a file
     return path
 
 

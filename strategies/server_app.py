@@ -34,7 +34,7 @@ from fedmed.flower_waits import SERVERAPP_PULLS, shorten_object_pull_backoff
 from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.logs import log, through_flower_handlers
 from fedmed.models import build_model
-from fedmed.partition import format_label_table, label_count_table, plot_label_counts
+from fedmed.partition_report import format_label_table, label_count_table, plot_label_counts
 from fedmed.poisoning import attack_config, attacks_in_round, backdoor_test_set, malicious_ids
 from fedmed.report import MetricsLog
 from fedmed.seeds import Stream, seed_for
@@ -102,7 +102,7 @@ def assessment_round(cfg: DictConfig, server_round: int) -> bool:
 
 def log_partitions(cfg: DictConfig, dataset, federation: Federation, plots_dir: Path, console: Console) -> None:
     """Examples per client and class: deployed sites' own counts, or the simulated split (a
-    summary over the clients in large federations: ``fedmed.partition``)."""
+    summary over the clients in large federations: ``fedmed.partition_report``)."""
     names = None
     if federation.deployed:
         counts = federation.label_counts(dataset.num_classes)

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed.partition import (
-    METHODS,
-    format_label_table,
-    label_count_table,
-    partition_indices,
-    plot_label_counts,
-)
+from fedmed.partition import METHODS, partition_indices
+from fedmed.partition_report import format_label_table, label_count_table, plot_label_counts
 from fedmed.site_shift import SiteShift, apply_site_shift, site_shifts
 
 NUM_CLASSES = 10

@@ -26,7 +26,7 @@ from PIL import Image
 import fedmed.data
 from fedmed.data import client_partitions, client_share, read_partition, write_partitions
 from fedmed.job import Job, encode_job
-from fedmed.partition import MAX_LISTED_CLIENTS, format_label_table, label_count_table, plot_label_counts
+from fedmed.partition_report import MAX_LISTED_CLIENTS, format_label_table, label_count_table, plot_label_counts
 from fedmed.simulation import add_pending_messages_to_queue
 from fedmed.site_shift import site_shift, site_shifts
 from strategies.nodes import MAX_NAMED, discover
