@@ -139,6 +139,8 @@ def run(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
         if cfg.progress:  # the round lines say it; warnings still show
             for name in quieted:
                 logging.getLogger(name).setLevel(logging.WARNING)
+        else:  # log lines instead, without Flower's DEBUG records (run ids, object stores)
+            logging.getLogger("flwr").setLevel(logging.INFO)
         keeper = CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
         server_app = make_server_app(
             cfg, output_dir, uses_shared_arrays(cfg.ray), resume_from, stop := StopControl(), keeper

@@ -206,15 +206,33 @@ def run_federation(
         keep_weights=aggregator.needs_root_update,  # FLTrust's root update copies the model
     )
     initial_arrays = model_to_arrays(model)
-    # The initial model is scored while the nodes come up (in simulation, while the clients' Ray
-    # workers import their libraries); it needs nothing from them. Ray's own processes are
-    # already running (fedmed.ray_start), so no fork happens under this thread's torch work.
-    initial_scores = evaluation(0, initial_arrays) if resume_from is None else None
+    if resume_from is not None:
+        started -= float(resume_from["elapsed_s"])
+    total_rounds = int(cfg.federation.rounds)
+    recorder = RoundRecorder(
+        MetricsLog(output_dir / "metrics.jsonl", json.loads(resume_from["rows"]) if resume_from else []),
+        total_rounds=total_rounds,
+        malicious=[],  # the attack's ground truth follows the federation's size, known below
+        attacks_in_round=lambda server_round: attacks_in_round(attack, server_round),
+        attacks=attacks,
+        eps=eps,
+        started=started,
+        console=console if cfg.progress else None,
+        detections=[RoundDetection(**d) for d in json.loads(resume_from["detections"])] if resume_from else None,
+        largest_epsilon=list(resume_from["largest_epsilon"]) if resume_from else None,
+    )
+    if resume_from is None:
+        # The initial model is scored, and its line shown, while the nodes come up (in
+        # simulation, while the clients' Ray workers import their libraries): it needs nothing
+        # from them. Ray's own processes are already running (fedmed.ray_start), so no fork
+        # happens under this thread's torch work.
+        recorder.record(0, evaluation(0, initial_arrays), RoundFindings(0))
 
     federation = discover(grid, int(cfg.federation.num_clients), float(cfg.federation.connect_timeout_s))
     if stop is not None:
         stop.take_signals_back()
     cfg = sized_to_federation(cfg, len(federation.partition_of_node))
+    malicious = recorder.malicious = malicious_ids(attack, int(cfg.federation.num_clients), seed)
     log_partitions(cfg, dataset, federation, output_dir / "plots", console)
     reference_update = None
     if aggregator.needs_root_update:  # the rule's server-side input (FLTrust's root update)
@@ -233,7 +251,6 @@ def run_federation(
         shared_arrays = SharedArrays(shared_directory(model_bytes * (int(cfg.federation.clients_per_round) + 2)))
     strategy = build_strategy(cfg, federation.partition_of_node, aggregator, reference_update, shared_arrays)
     strategy.federation = federation
-    total_rounds = int(cfg.federation.rounds)
     loop = RoundLoop(
         strategy,
         grid,
@@ -242,22 +259,6 @@ def run_federation(
         stop=stop.requested if stop else None,
     )
     keeper = keeper or CheckpointKeeper(output_dir / CHECKPOINT_FILE, int(cfg.checkpoint.every))
-
-    malicious = malicious_ids(attack, int(cfg.federation.num_clients), seed)
-    if resume_from is not None:
-        started -= float(resume_from["elapsed_s"])
-    recorder = RoundRecorder(
-        MetricsLog(output_dir / "metrics.jsonl", json.loads(resume_from["rows"]) if resume_from else []),
-        total_rounds=total_rounds,
-        malicious=malicious,
-        attacks_in_round=lambda server_round: attacks_in_round(attack, server_round),
-        attacks=attacks,
-        eps=eps,
-        started=started,
-        console=console if cfg.progress else None,
-        detections=[RoundDetection(**d) for d in json.loads(resume_from["detections"])] if resume_from else None,
-        largest_epsilon=list(resume_from["largest_epsilon"]) if resume_from else None,
-    )
 
     def evaluate_round(server_round: int, arrays: ArrayRecord, findings: RoundFindings) -> MetricRecord:
         row = recorder.record(server_round, evaluation(server_round, arrays), findings)
@@ -288,7 +289,6 @@ def run_federation(
     job = client_job(cfg, dataset, partitions_file)
     if resume_from is None:
         arrays, first_round = initial_arrays, 1
-        recorder.record(0, initial_scores, RoundFindings(0))
         end_of_round(0, arrays)
     else:
         arrays, first_round = tensors_to_arrays(resume_from["arrays"]), int(resume_from["round"]) + 1

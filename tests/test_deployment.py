@@ -256,6 +256,8 @@ def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back
         "run-killed", deployment.fedmed_run_command(overrides(out, 3)), cwd=deployment.root
     )
     wait_until(lambda: len(rows_so_far(metrics)) >= 1, 300, "round 0's evaluation")
+    # round 0 is scored before the sites are asked who they are; round 1 follows their answers
+    wait_until(lambda: "2 of 2 sites connected" in deployment.processes.log("run-killed"), 300, "both sites")
     time.sleep(3)  # round 1's training has started at both sites
     deployment.stop_site("site-b", sig=signal.SIGKILL)
     # the SuperLink declares a node lost after two missed heartbeats (--heartbeat-interval 10)
