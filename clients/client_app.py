@@ -20,7 +20,7 @@ from fedmed.client_state import STATE_RECORD, records_of, restore_state, state_t
 from fedmed.config import FaultConfig
 from fedmed.defenses import model_norm_for
 from fedmed.job import ASSESS_KEY, JOB_KEY, Job, decode_job
-from fedmed.logs import through_flower_handlers
+from fedmed.logs import through_flower_handlers, without_actor_end_notice
 from fedmed.memory import return_free_memory
 from fedmed.models import build_model
 from fedmed.poisoning import attacks_now
@@ -97,6 +97,7 @@ SITE_RECORD = "site"
 def lifespan(context: Context) -> Iterator[None]:
     # in the processes Flower starts nothing configures logging: fedmed.logs
     through_flower_handlers()
+    without_actor_end_notice()
     yield
 
 

@@ -24,3 +24,20 @@ def through_flower_handlers() -> None:
             log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+# Flower's ClientAppActor logs this at WARNING as it ends; fedmed's simulation ends its actors on
+# purpose after every run, and Ray forwarded the line to the console when it came in time.
+ACTOR_END_NOTICE = "Manually terminating"
+
+
+class _DropActorEndNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(ACTOR_END_NOTICE))
+
+
+def without_actor_end_notice() -> None:
+    """Drop Flower's notice that a simulation actor is ending, in this process (once)."""
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropActorEndNotice) for f in flower.filters):
+        flower.addFilter(_DropActorEndNotice())

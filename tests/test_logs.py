@@ -44,3 +44,24 @@ def test_no_module_logs_through_flowers_logger():
         or 'getLogger("flwr").warning' in path.read_text()
     ]
     assert offenders == []
+
+
+def test_flowers_notice_that_an_actor_ends_is_dropped_and_nothing_else(monkeypatch):
+    import inspect
+
+    from flwr.simulation.ray_transport.ray_actor import ClientAppActor
+
+    assert logs.ACTOR_END_NOTICE in inspect.getsource(ClientAppActor.terminate), (
+        "Flower's ClientAppActor.terminate logs something else now: update fedmed.logs.ACTOR_END_NOTICE"
+    )
+    flower = logging.getLogger("flwr")
+    monkeypatch.setattr(flower, "filters", [])
+    stream = io.StringIO()
+    monkeypatch.setattr(flower, "handlers", [logging.StreamHandler(stream)])
+    monkeypatch.setattr(flower, "propagate", False)
+    logs.without_actor_end_notice()
+    logs.without_actor_end_notice()
+    assert len(flower.filters) == 1
+    flower.warning("Manually terminating %s", "ClientAppActor")
+    flower.warning("a client raised")
+    assert stream.getvalue() == "a client raised\n"

@@ -31,6 +31,42 @@ def test_flowers_simulation_queue_filler_is_where_fedmed_simulation_replaces_it(
     )
 
 
+def test_flowers_simulation_workers_stop_when_fedmed_wakes_them():
+    """fedmed/simulation.py replaces Flower's reply poller and wakes its workers with an item whose
+    ``metadata`` raises ``queue.Empty``; Flower's worker must take that as its poll timing out."""
+    import threading
+    import time
+    from queue import Queue
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+
+    from fedmed.simulation import _StopWaiting, put_replies_into_state
+
+    assert hasattr(vce_api, "put_message_into_state") and hasattr(vce_api, "worker"), (
+        "Flower's simulation runtime changed: fedmed/simulation.py's pending_messages_only must follow it"
+    )
+    assert parameters(vce_api.put_message_into_state) == parameters(put_replies_into_state), (
+        "Flower changed vce_api.put_message_into_state's parameters: update fedmed/simulation.py"
+    )
+    queue, replies, stop = Queue(), Queue(), threading.Event()
+    workers = [
+        threading.Thread(target=vce_api.worker, args=(queue, replies, {}, None, stop, VceMetrics()), daemon=True)
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.05)  # each is waiting in queue.get(timeout=1.0)
+    stop.set()
+    queue.put(_StopWaiting(queue))
+    for worker in workers:
+        worker.join(timeout=0.6)  # Flower's own timeout is 1 s
+    assert not any(worker.is_alive() for worker in workers), (
+        "Flower's simulation worker no longer stops on fedmed/simulation.py's _StopWaiting"
+    )
+    assert replies.empty()  # nothing was handed on as a message or an error reply
+
+
 def test_flowers_superexec_and_clientapp_runner_are_what_fedmed_warm_exec_calls():
     from flwr.supercore.superexec import run_superexec
     from flwr.supernode.runtime.run_clientapp import run_clientapp

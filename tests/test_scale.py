@@ -27,7 +27,7 @@ import fedmed.data
 from fedmed.data import client_partitions, client_share, read_partition, write_partitions
 from fedmed.job import Job, encode_job
 from fedmed.partition_report import MAX_LISTED_CLIENTS, format_label_table, label_count_table, plot_label_counts
-from fedmed.simulation import add_pending_messages_to_queue
+from fedmed.simulation import _StopWaiting, add_pending_messages_to_queue
 from fedmed.site_shift import site_shift, site_shifts
 from strategies.nodes import MAX_NAMED, discover
 from tests.helpers import BOUNDED_WAITS, compose_config
@@ -170,7 +170,9 @@ def test_the_simulation_asks_only_nodes_with_a_waiting_message():
         time.sleep(0.05)
     stop.set()
     poller.join()
-    assert queue.qsize() == 3 and set(state.asked) == {5, 9}  # not the 998 nodes without one
+    *messages, wake_up = list(queue.queue)
+    assert len(messages) == 3 and set(state.asked) == {5, 9}  # not the 998 nodes without one
+    assert isinstance(wake_up, _StopWaiting)  # then the runtime's workers are woken to stop
 
 
 @pytest.mark.slow
