@@ -25,6 +25,8 @@ from fedmed.serialization import array_view
 from strategies.aggregators import AGGREGATORS, TooFewReplies, aggregator_from_config, make_aggregator
 from strategies.aggregators.foolsgold import FoolsGold
 from strategies.aggregators.ops import (
+    GRAM_CHUNK_COLUMNS,
+    _block_gram,
     batcher_runs,
     closest_window,
     gram,
@@ -458,6 +460,24 @@ def test_gram_distances_on_updates_are_exact_enough():
     np.testing.assert_allclose(sq_distances(gram(u)).numpy(), exact.numpy(), rtol=1e-5, atol=1e-12)
     rows = list(u)
     np.testing.assert_allclose(gram(rows, block=777).numpy(), gram(u).numpy(), rtol=1e-6, atol=1e-10)
+
+
+def test_gram_over_chunks_and_blocks_matches_float64():
+    """Whole chunks (one batched GEMM), a shorter rest, a last short block, and rows as a list."""
+    gen = torch.Generator().manual_seed(1)
+    u = 1e-3 * torch.randn(7, 3 * GRAM_CHUNK_COLUMNS + 1234, generator=gen)
+    exact = exact_of(u)
+    within = {"rtol": 0, "atol": 1e-5 * exact.diagonal().max()}  # float32 sums, against the norms
+    np.testing.assert_allclose(gram(u).numpy(), exact, **within)
+    np.testing.assert_allclose(gram(list(u), block=2 * GRAM_CHUNK_COLUMNS).numpy(), exact, **within)
+    short = u[:, :1000]
+    np.testing.assert_allclose(
+        _block_gram(short, chunk=64).numpy(), exact_of(short), rtol=0, atol=1e-5 * exact_of(short).diagonal().max()
+    )
+
+
+def exact_of(x: torch.Tensor) -> np.ndarray:
+    return (x.double() @ x.double().T).numpy()
 
 
 # ---- RobustAggregation on Messages -------------------------------------------------------------
