@@ -23,6 +23,7 @@ from fedmed.job import ASSESS_KEY, JOB_KEY, Job, decode_job
 from fedmed.logs import through_flower_handlers, without_actor_end_notice
 from fedmed.memory import return_free_memory
 from fedmed.models import build_model
+from fedmed.packed_arrays import pack, unpack
 from fedmed.poisoning import attacks_now
 from fedmed.precision import Precision
 from fedmed.seeds import Stream, seed_for
@@ -65,7 +66,7 @@ def _received_arrays(msg: Message, node_config: dict) -> ArrayRecord:
     """The global model: in the message, or (simulation on one machine) in the file it names."""
     path = arrays_file(msg.content["config"])
     if path is None:
-        return msg.content["arrays"]
+        return unpack(msg.content["arrays"])
     if not is_simulated(node_config):
         raise ValueError(
             f"the server sent a file path ({path}) instead of the model; only simulated "
@@ -78,7 +79,7 @@ def _arrays_reply(arrays: ArrayRecord, msg: Message) -> dict:
     """The reply's arrays, the way the global model came: in the message or in a file beside it."""
     path = arrays_file(msg.content["config"])
     if path is None:
-        return {"arrays": arrays}
+        return {"arrays": pack(arrays)}
     reply_path = write_arrays(arrays, reply_file_for(path, msg))
     return {"arrays-file": ConfigRecord({ARRAYS_FILE_KEY: str(reply_path)})}
 

@@ -39,14 +39,41 @@ _FORMAT = "fedmed-arrayrecord-1"
 _PREFIX = "fedmed-arrays-"
 
 
-def write_arrays(arrays: ArrayRecord, path: Path) -> Path:
-    """Write ``arrays`` to ``path`` (via a temporary name, so a reader never sees half a file)."""
+Entry = tuple[str, str, tuple[int, ...], str, int]  # key, dtype, shape, stype, number of bytes
+
+
+def header_bytes(arrays: ArrayRecord) -> bytes:
+    """The format's start for ``arrays``: the header's length (8 bytes) and the JSON header; the
+    Arrays' own bytes follow it back to back."""
     entries = [[key, array.dtype, list(array.shape), array.stype, len(array.data)] for key, array in arrays.items()]
     header = json.dumps({"format": _FORMAT, "arrays": entries}).encode()
+    return len(header).to_bytes(8, "little") + header
+
+
+def parse_header(start: bytes, length: int) -> tuple[list[Entry], int]:
+    """The entries of the header at the beginning of ``start`` (at least the header's bytes) in
+    data of ``length`` bytes, and where the Arrays' bytes begin. ValueError when it is not one."""
+    try:
+        size = int.from_bytes(start[:8], "little")
+        header = json.loads(start[8 : 8 + size]) if 0 < size < length and len(start) >= 8 + size else None
+        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+            raise ValueError
+        entries = [
+            (str(key), str(dtype), tuple(int(s) for s in shape), str(stype), int(nbytes))
+            for key, dtype, shape, stype, nbytes in header["arrays"]
+        ]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("not a fedmed arrays file") from None
+    if any(nbytes < 0 for *_, nbytes in entries):
+        raise ValueError("not a fedmed arrays file")
+    return entries, 8 + size
+
+
+def write_arrays(arrays: ArrayRecord, path: Path) -> Path:
+    """Write ``arrays`` to ``path`` (via a temporary name, so a reader never sees half a file)."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as file:
-        file.write(len(header).to_bytes(8, "little"))
-        file.write(header)
+        file.write(header_bytes(arrays))
         for array in arrays.values():
             file.write(array.data)
     os.replace(partial, path)
@@ -67,19 +94,12 @@ class ArraysFile:
         with open(self.path, "rb") as file:
             length = file.seek(0, os.SEEK_END)
             file.seek(0)
-            try:
-                size = int.from_bytes(file.read(8), "little")
-                header = json.loads(file.read(size)) if 0 < size < length else None
-                if not isinstance(header, dict) or header.get("format") != _FORMAT:
-                    raise ValueError
-                entries = [
-                    (str(key), str(dtype), tuple(int(s) for s in shape), str(stype), int(nbytes))
-                    for key, dtype, shape, stype, nbytes in header["arrays"]
-                ]
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{self.path} is not a fedmed arrays file") from None
-        self.entries = entries
-        self._start = 8 + size
+            size = int.from_bytes(file.read(8), "little")
+            start = file.read(size) if 0 < size < length else b""
+        try:
+            self.entries, self._start = parse_header(size.to_bytes(8, "little") + start, length)
+        except ValueError:
+            raise ValueError(f"{self.path} is not a fedmed arrays file") from None
 
     def layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(key, dtype, shape) of each Array, in the file's order."""

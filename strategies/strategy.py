@@ -31,6 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, vali
 
 from fedmed.job import ASSESS_KEY
 from fedmed.logs import log
+from fedmed.packed_arrays import pack, unpack_reply
 from fedmed.seeds import Stream, seed_for
 from fedmed.serialization import array_from_numpy
 from fedmed.shared_arrays import ARRAYS_FILE_KEY, SharedArrays
@@ -150,7 +151,7 @@ class FedMedStrategy(FedAvg):
             config[ARRAYS_FILE_KEY] = str(self.shared_arrays.publish(arrays))
             record = RecordDict({self.configrecord_key: config})
         else:
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            record = RecordDict({self.arrayrecord_key: pack(arrays), self.configrecord_key: config})
         return self._construct_messages(record, node_ids, kind)
 
     def configure_train(
@@ -194,7 +195,7 @@ class FedMedStrategy(FedAvg):
         accepted, rejected = [], []
         for msg in replies:
             pid = reply_partition_id(msg, self.partition_of_node)
-            problem = self.shared_arrays.collect(msg) if self.shared_arrays is not None else None
+            problem = self.shared_arrays.collect(msg) if self.shared_arrays is not None else unpack_reply(msg)
             problem = problem or training_reply_problem(msg, self._global_arrays)
             if problem is None:
                 accepted.append((pid, msg))

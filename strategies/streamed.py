@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from fedmed.packed_arrays import unpack_reply
 from fedmed.serialization import array_view
 from fedmed.shared_arrays import ArraysFile, SharedArrays
 from strategies.replies import array_problem, content_problem, layout_problem
@@ -98,6 +99,9 @@ def open_reply(
     done, whatever the outcome; files elsewhere are never touched)."""
     if msg.has_error():
         return None, content_problem(msg, 1), []
+    problem = unpack_reply(msg)
+    if problem is not None:
+        return None, problem, []
     files = shared.reply_files(msg) if shared is not None else []
     owned = [path for _, path in files if shared.owns(path)]
     outside = [path for _, path in files if not shared.owns(path)]

@@ -25,6 +25,7 @@ from clients.client_app import train
 from fedmed.data import load_config
 from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.models import build_model
+from fedmed.packed_arrays import unpack
 from fedmed.poisoning import backdoor_asr, backdoor_test_set, malicious_ids
 from fedmed.serialization import load_arrays, model_to_arrays
 from fedmed.train import evaluate
@@ -81,7 +82,7 @@ def client_update(job: dict, global_arrays: ArrayRecord, pid: int, server_round:
         state=RecordDict(),
         run_config={},
     )
-    return train(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context).content["arrays"]
+    return unpack(train(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context).content["arrays"])
 
 
 def run_rounds(job: dict, global_arrays: ArrayRecord, rounds: range, strategy: str = "fedavg") -> ArrayRecord:

@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from clients.client_app import evaluate_local, query, train
 from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.models import build_model
+from fedmed.packed_arrays import unpack
 from fedmed.serialization import model_to_arrays
 from tests.helpers import compose_config
 
@@ -52,7 +53,7 @@ def test_simulated_client_trains_its_partition():
     assert metrics["partition-id"] == 1
     assert metrics["num-examples"] == 54  # half of 120, less the 10% local hold-out
     assert np.isfinite(metrics["train_loss"])
-    sent, returned = msg.content["arrays"], reply.content["arrays"]
+    sent, returned = msg.content["arrays"], unpack(reply.content["arrays"])
     assert set(sent.keys()) == set(returned.keys())
     assert any(not np.array_equal(sent[k].numpy(), returned[k].numpy()) for k in sent.keys())
 

@@ -9,7 +9,6 @@ import json
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from tests.helpers import compose_config
 
 # the module's SuperLink and SuperNodes start once, in the first test's setup; each run is
 # bounded by RUN_TIMEOUT on its own
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.xdist_group("deployment")]
 
 SITES = ["site-a", "site-b"]
 CONNECTION = "hospitals"
@@ -245,6 +244,9 @@ def test_deployed_run_writes_complete_reproducible_outputs(deployment):
     ]
 
 
+TRAIN_RECEIVED = "Receiving: train message"  # what a SuperNode logs when a training step reaches it
+
+
 def rows_so_far(path: Path) -> list[dict]:
     return read_metrics(path) if path.exists() else []
 
@@ -252,13 +254,22 @@ def rows_so_far(path: Path) -> list[dict]:
 def test_a_site_killed_mid_round_is_recorded_by_name_skipped_while_gone_and_back_later(deployment):
     out = deployment.root / "run-killed"
     metrics = out / "metrics.jsonl"
+    trained_before = deployment.processes.log("site-b").count(TRAIN_RECEIVED)
     run = deployment.processes.start(
         "run-killed", deployment.fedmed_run_command(overrides(out, 3)), cwd=deployment.root
     )
     wait_until(lambda: len(rows_so_far(metrics)) >= 1, 300, "round 0's evaluation")
     # round 0 is scored before the sites are asked who they are; round 1 follows their answers
     wait_until(lambda: "2 of 2 sites connected" in deployment.processes.log("run-killed"), 300, "both sites")
-    time.sleep(3)  # round 1's training has started at both sites
+    # killed as soon as it has round 1's message, before it can train and reply (a second or
+    # two): a site killed while its reply is on the way holds the round until Flower gives up
+    # on the reply's objects (about 3 minutes), not two heartbeats
+    wait_until(
+        lambda: deployment.processes.log("site-b").count(TRAIN_RECEIVED) > trained_before,
+        300,
+        "site-b to receive round 1's training",
+        interval=0.05,
+    )
     deployment.stop_site("site-b", sig=signal.SIGKILL)
     # the SuperLink declares a node lost after two missed heartbeats (--heartbeat-interval 10)
     wait_until(lambda: len(rows_so_far(metrics)) >= 2, 300, "round 1 to end without site-b")

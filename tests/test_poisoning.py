@@ -15,6 +15,7 @@ from fedmed.data import ClientShare, client_share, dataset_from_config, load_dat
 from fedmed.dataset import ArrayDataset, Split
 from fedmed.job import JOB_KEY, Job, encode_job
 from fedmed.models import build_model
+from fedmed.packed_arrays import unpack
 from fedmed.poisoning import (
     ATTACKS,
     AttackConfig,
@@ -435,7 +436,7 @@ def train_reply(job: dict, model: nn.Module, pid: int, server_round: int = 1) ->
         run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(), run_config={}
     )
     reply = train(train_message(job, model, server_round), context)
-    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    arrays = {k: v.numpy() for k, v in unpack(reply.content["arrays"]).items()}
     return arrays, dict(reply.content["metrics"])
 
 

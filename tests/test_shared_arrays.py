@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from omegaconf import OmegaConf
 
 from clients.client_app import train
+from fedmed.packed_arrays import unpack
 from fedmed.runner import uses_shared_arrays
 from fedmed.shared_arrays import (
     ARRAYS_FILE_KEY,
@@ -238,7 +239,7 @@ def test_simulated_client_reads_the_file_and_replies_with_one_beside_it(tmp_path
     reply_path = reply.content["arrays-file"][ARRAYS_FILE_KEY]
     assert reply_path.startswith(str(tmp_path))
     returned = read_arrays(Path(reply_path))
-    in_message = train(msg, context({"partition-id": 1, "num-partitions": 2})).content["arrays"]
+    in_message = unpack(train(msg, context({"partition-id": 1, "num-partitions": 2})).content["arrays"])
     for key in global_arrays.keys():  # the same training either way: same seed, same data
         np.testing.assert_array_equal(returned[key].numpy(), in_message[key].numpy())
 
