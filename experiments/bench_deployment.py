@@ -16,7 +16,7 @@ A step's overhead is the server's time for a training step (``train_step_time_s`
 messages until every reply is in) minus the slowest client's own ``train_time_s``, the median
 over rounds 2.. (round 1 pays Ray's start in simulation and the FAB's first install when deployed).
 
-    python -m experiments.bench_deployment [--rounds 3] [--modes subprocess,process] [--train 512]
+    python -m experiments.bench_deployment [--rounds 3] [--modes subprocess,process] [--train 512] [--model resnet18]
 
 Last line: deployment_step_overhead_s=<the fastest deployed mode's overhead>.
 """
@@ -46,13 +46,13 @@ SITES = ["site-0", "site-1"]
 MODES = ("subprocess", "process", "process-fast")
 
 
-def workload(rounds: int, train: int) -> list[str]:
+def workload(rounds: int, train: int, model: str = "resnet18") -> list[str]:
     return [
         "dataset=synthetic",
         f"dataset.n_train={train}",
         "dataset.n_val=64",
         "dataset.n_test=128",
-        "model=resnet18",
+        f"model={model}",
         "partition=iid",
         f"federation.num_clients={len(SITES)}",
         f"federation.clients_per_round={len(SITES)}",
@@ -180,9 +180,10 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--train", type=int, default=512, help="training images in the whole federation")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs, outputs)")
+    parser.add_argument("--model", default="resnet18", help="the model= option (ResNet18's 45 MB by default)")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
-    overrides = workload(args.rounds, args.train)
+    overrides = workload(args.rounds, args.train, args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
     try:
         site_files = write_sites(overrides, work)
