@@ -40,7 +40,7 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
     if not is_packed(record):
         return record
     data = record[PACKED_KEY].data
-    entries, position = parse_header(data[: 8 + min(int.from_bytes(data[:8], "little"), len(data))], len(data))
+    entries, position = parse_header(data, len(data))
     view = memoryview(data)
     unpacked = ArrayRecord()
     for key, dtype, shape, stype, nbytes in entries:

@@ -51,8 +51,9 @@ def header_bytes(arrays: ArrayRecord) -> bytes:
 
 
 def parse_header(start: bytes, length: int) -> tuple[list[Entry], int]:
-    """The entries of the header at the beginning of ``start`` (at least the header's bytes) in
-    data of ``length`` bytes, and where the Arrays' bytes begin. ValueError when it is not one."""
+    """The entries of the header at the beginning of ``start`` (the data's first bytes, at least
+    the header's, or all of it) in data of ``length`` bytes, and where the Arrays' bytes begin.
+    ValueError when it is not one."""
     try:
         size = int.from_bytes(start[:8], "little")
         header = json.loads(start[8 : 8 + size]) if 0 < size < length and len(start) >= 8 + size else None
@@ -94,10 +95,11 @@ class ArraysFile:
         with open(self.path, "rb") as file:
             length = file.seek(0, os.SEEK_END)
             file.seek(0)
-            size = int.from_bytes(file.read(8), "little")
-            start = file.read(size) if 0 < size < length else b""
+            start = file.read(8)
+            size = int.from_bytes(start, "little")
+            start += file.read(size) if 0 < size < length else b""
         try:
-            self.entries, self._start = parse_header(size.to_bytes(8, "little") + start, length)
+            self.entries, self._start = parse_header(start, length)
         except ValueError:
             raise ValueError(f"{self.path} is not a fedmed arrays file") from None
 

@@ -19,12 +19,17 @@ FIRST_PORT = 19000
 PORTS_PER_WORKER = 500
 
 
-def first_port() -> int:
-    """Where this process looks for free ports: each pytest-xdist worker (gw0, gw1, ...) in a
-    range of its own, since two workers starting a deployment at once both found 19000 free."""
+def xdist_worker_index() -> int:
+    """0, 1, ... for pytest-xdist's workers gw0, gw1, ... (0 outside `pytest -n`): each worker
+    looks for free ports in a range of its own, or two starting servers at the same moment both
+    find the same port free and one fails to bind it."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    return FIRST_PORT + PORTS_PER_WORKER * index
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
+
+def first_port() -> int:
+    """Where this process looks for free ports for a deployment."""
+    return FIRST_PORT + PORTS_PER_WORKER * xdist_worker_index()
 
 
 def free_port(start: int | None = None) -> int:

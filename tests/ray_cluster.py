@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from tests.deployment import free_port
+from tests.deployment import free_port, xdist_worker_index
 
 START_S = 120
 # the head's port: below Ray's worker port range (10002-19999), which its GCS may not use; each
@@ -36,9 +36,7 @@ HEAD_PORTS_PER_WORKER = 50
 
 
 def head_ports_from() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... under `pytest -n`
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    return HEAD_PORTS_FROM + HEAD_PORTS_PER_WORKER * index
+    return HEAD_PORTS_FROM + HEAD_PORTS_PER_WORKER * xdist_worker_index()
 
 
 OBJECT_STORE_BYTES = 500_000_000  # per node; a test run's models are tens of MB
