@@ -49,8 +49,10 @@ def client_actor_nodes(address: str, until: threading.Event) -> set[str]:
     try:
         while not until.is_set():
             for actor in state.actors().values():
-                if actor.get("ActorClassName") == "ClientAppActor":
-                    nodes.add(actor["Address"]["NodeID"])
+                node = actor["Address"]["NodeID"]
+                # an actor not placed yet (or no longer) shows Ray's nil id, all "f": on no node
+                if actor.get("ActorClassName") == "ClientAppActor" and node.strip("f"):
+                    nodes.add(node)
             until.wait(0.5)
     finally:
         ray.shutdown()
